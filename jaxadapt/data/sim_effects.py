@@ -1,0 +1,217 @@
+"""Biological and technical factors of the simulator, per design unit, as per-site arrays.
+
+Every random factor is drawn from a key derived by `fold_in` of the root key with a level
+tag and a stable hash of the unit's name (source, source/batch, plate, plate/well, compound,
+site id), so it does not depend on which other units exist or on their order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxadapt.data import design
+from jaxadapt.data.schema import SiteTable
+
+#: Phenotype parameters (log-scale shifts from DMSO, except rounding: a logit).
+PHENO: tuple[str, ...] = (
+    "nuc_size", "nuc_aspect", "cell_size", "cell_aspect", "dna", "er", "rna", "nucleoli",
+    "agp", "golgi", "mito", "mito_spread", "ring", "rounding", "density",
+)
+P = {name: i for i, name in enumerate(PHENO)}
+
+#: Class directions of the 8 JUMP positive controls, written from their known biology
+#: (e.g. Aurora inhibition -> mitotic arrest: big round nuclei, fewer cells; NAMPT
+#: inhibition -> energy crisis: toxicity, dim mitochondria). Weak classes (dexamethasone,
+#: quinidine) move a few intensities by ~10%, below the batch-to-batch stain spread.
+POSCON_DIRECTIONS: dict[str, dict[str, float]] = {
+    "JCP2022_037716": {"nuc_size": 0.40, "dna": 0.25, "rounding": 2.5, "density": -0.35, "nucleoli": -0.2},
+    "JCP2022_046054": {"density": -0.55, "mito": -0.35, "rna": -0.25, "cell_size": -0.12, "dna": 0.15},
+    "JCP2022_035095": {"agp": -0.22, "cell_aspect": -0.35, "cell_size": 0.12, "ring": 0.15},
+    "JCP2022_025848": {"cell_size": 0.14, "er": 0.12, "agp": 0.10},
+    "JCP2022_064022": {"agp": 0.22, "cell_aspect": 0.40, "ring": -0.15, "golgi": 0.15},
+    "JCP2022_050797": {"mito": 0.14, "er": 0.10, "mito_spread": 0.25},
+    "JCP2022_012818": {"nuc_size": 0.12, "nucleoli": 0.35, "rna": 0.15},
+    "JCP2022_085227": {"er": 0.18, "rna": 0.14, "golgi": 0.40, "mito": -0.1},
+}
+
+# Level tags (>= 2**31 so they never collide with the high word of a site id).
+TAG_SOURCE, TAG_BATCH, TAG_PLATE, TAG_WELL, TAG_COMPOUND, TAG_SITE = (
+    0xF0000001 + i for i in range(6)
+)
+N_SOURCE, N_BATCH, N_PLATE, N_SITE = 30, 8, 10, 10  # normals used per unit
+UNIT_DIM = 32  # normals drawn per unit (>= every N_*, and len(PHENO))
+
+
+def site_key(seed: int, site_id: np.ndarray) -> jax.Array:
+    """Returns the PRNG key of a site: fold_in of the root key with the 62-bit site id.
+
+    fold_in takes 32-bit data, so the id is folded in as two words (high 31 bits, then low
+    31 bits). Works on a scalar or a vector of ids.
+    """
+    ids = np.asarray(site_id, np.int64)
+    hi = (ids >> 31).astype(np.uint32)
+    lo = (ids & 0x7FFFFFFF).astype(np.uint32)
+    root = jax.random.PRNGKey(seed)
+    fold = lambda h, l: jax.random.fold_in(jax.random.fold_in(root, h), l)
+    return jax.vmap(fold)(hi.reshape(-1), lo.reshape(-1)).reshape(ids.shape + (2,))
+
+
+def unit_normals(seed: int, tag: int, names: np.ndarray, dim: int) -> np.ndarray:
+    """Returns normals [len(names), dim], row i drawn from fold_in(fold_in(root, tag), hash(name_i))."""
+    ids = np.array([design.stable_hash(str(n)) for n in names], np.uint32)
+    keys = jax.random.fold_in(jax.random.PRNGKey(seed), tag)
+    # one compiled shape for every level: draw UNIT_DIM normals, keep the first `dim`
+    return _padded(_tagged_normals, np.asarray(keys), ids, UNIT_DIM)[:, :dim]
+
+
+def _padded(fn, key, ids: np.ndarray, dim: int) -> np.ndarray:
+    """Applies a jitted per-id draw on ids padded to a power of two (few compiled shapes)."""
+    n = len(ids)
+    if n == 0:
+        return np.zeros((0, dim))
+    m = 1 << int(np.ceil(np.log2(max(n, 64))))
+    out = fn(key, np.concatenate([ids, np.zeros((m - n,) + ids.shape[1:], ids.dtype)]), dim)
+    return np.asarray(out, np.float64)[:n]
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _tagged_normals(key, ids, dim):
+    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (dim,)))(ids)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _site_tech_normals(root, hilo, dim):
+    def draw(hl):
+        k = jax.random.fold_in(jax.random.fold_in(root, hl[0]), hl[1])
+        return jax.random.normal(jax.random.fold_in(k, TAG_SITE), (dim,))
+
+    return jax.vmap(draw)(hilo)
+
+
+def _per_site(seed: int, tag: int, keys: np.ndarray, dim: int) -> np.ndarray:
+    """Draws unit normals for the distinct `keys` and gathers them back to sites."""
+    uniq, inv = np.unique(keys, return_inverse=True)
+    return unit_normals(seed, tag, uniq, dim)[inv]
+
+
+def phenotype(table: SiteTable, cfg: ml_collections.ConfigDict, strength: np.ndarray) -> np.ndarray:
+    """Returns the well-level phenotype [n, len(PHENO)] of each site's well.
+
+    A class moves its direction (scaled by effect_size and the batch's phenotype strength),
+    plus a compound-specific deviation on the same parameters; wells add biological noise.
+    """
+    b = cfg.biology
+    comp = np.asarray(table["compound"])
+    direction = np.zeros((len(comp), len(PHENO)))
+    uniq, inv = np.unique(comp, return_inverse=True)
+    dev = unit_normals(cfg.seed, TAG_COMPOUND, uniq, len(PHENO))
+    for u, c in enumerate(uniq):
+        d = np.zeros(len(PHENO))
+        for name, v in POSCON_DIRECTIONS.get(str(c), {}).items():
+            d[P[name]] = v
+        # deviation lives on the class's own parameters, so a class keeps its signature
+        d = d + b.compound_deviation * np.abs(d) * dev[u]
+        direction[inv == u] = d
+    wells = np.char.add(np.char.add(np.asarray(table["plate"]), "/"), np.asarray(table["well"]))
+    well_noise = _per_site(cfg.seed, TAG_WELL, wells, len(PHENO)) * b.well_sd
+    return b.effect_size * strength[:, None] * direction + well_noise
+
+
+def _source_facts(src: str, cfg: ml_collections.ConfigDict) -> tuple[float, float, float, float]:
+    """Returns (pixel um, blur px, photons, widefield) of a real source, scaled by severity."""
+    row = design.microscopes()[src]
+    sev, t = cfg.severity.source, cfg.technical
+    pixel = float(row["Metadata_Pixel_Size_Microns"]) * cfg.binning
+    ref = cfg.reference_pixel_um * cfg.binning
+    widefield = row["Metadata_Widefield_vs_Confocal"] == "Widefield"
+    blur = t.widefield_blur_px * (1.0 if widefield else 0.5) / float(row["Metadata_Objective_NA"])
+    photons = t.photons * (1.0 if row["Metadata_Excitation_Type"] == "Laser" else 0.5)
+    neutral_blur = 0.5 * t.widefield_blur_px
+    return (
+        ref * (pixel / ref) ** sev,
+        neutral_blur + sev * (blur - neutral_blur),
+        photons,
+        float(widefield),
+    )
+
+
+def technical(table: SiteTable, cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """Returns per-site technical factors (all neutral when cfg.clean)."""
+    n, t, sv = len(table), cfg.technical, cfg.severity
+    src = np.asarray(table["source"])
+    batch = np.char.add(np.char.add(src, "/"), np.asarray(table["batch"]))
+    zs = _per_site(cfg.seed, TAG_SOURCE, src, N_SOURCE) * sv.source
+    zb = _per_site(cfg.seed, TAG_BATCH, batch, N_BATCH) * sv.batch
+    zp = _per_site(cfg.seed, TAG_PLATE, np.asarray(table["plate"]), N_PLATE) * sv.plate
+    zw = np.asarray(_site_normals(cfg.seed, table["site_id"])) * sv.well
+    uniq_src, src_inv = np.unique(src, return_inverse=True)
+    facts = np.array([_source_facts(s, cfg) for s in uniq_src]).reshape(-1, 4)[src_inv]
+    edge = np.asarray(table["is_edge"], np.float64) * sv.plate
+    u = lambda z: 0.5 * (1.0 + np.tanh(z))  # smooth map of a normal to (0, 1)
+    gain = np.exp(zs[:, 0:5] * t.source_gain_sd + zb[:, 0:5] * t.batch_stain_sd
+                  + zp[:, 0:5] * t.plate_gain_sd + zw[:, 0:5] * t.site_intensity_sd)
+    gain *= 1.0 + t.edge_intensity * edge[:, None]
+    xtalk = np.tile(np.eye(5), (n, 1, 1))
+    for k in range(4):  # spectral neighbours bleed into each other (e.g. RNA/AGP share a band)
+        xtalk[:, k + 1, k] = t.source_crosstalk * u(zs[:, 5 + k]) * sv.source
+        xtalk[:, k, k + 1] = t.source_crosstalk * u(zs[:, 9 + k]) * sv.source
+    focus = np.hypot(zb[:, 5] * t.batch_focus_sd, zw[:, 5] * t.site_focus_sd)
+    debris_u, empty_u = 0.5 * (1 + _erf(zw[:, 6] / np.sqrt(2))), 0.5 * (1 + _erf(zw[:, 7] / np.sqrt(2)))
+    out = {
+        "pixel_um": facts[:, 0],
+        "blur": np.hypot(facts[:, 1], focus),
+        "gain": gain,
+        "crosstalk": xtalk,
+        "offset": t.source_offset * u(zs[:, 13:18]) * sv.source + t.background * u(zs[:, 18:23]) * sv.source,
+        "haze": t.widefield_haze * facts[:, 3] * sv.source,
+        "vignetting": t.vignetting * u(zs[:, 23]) * sv.source,
+        "gradient": t.plate_gradient * np.tanh(zp[:, 5:7]),
+        "gamma": np.exp(zs[:, 24] * t.source_gamma_sd),
+        "photons": facts[:, 2],
+        "read_noise": np.full(n, t.read_noise) * min(sv.source, 1.0),
+        "density": np.exp(zb[:, 6] * t.batch_density_sd) * (1.0 - t.edge_count * edge),
+        "strength": np.exp(zb[:, 7] * t.batch_strength_sd),
+        "debris": (debris_u < t.debris_rate * min(sv.well, 1.0)).astype(np.float64),
+        "empty": (empty_u < t.empty_rate * min(sv.well, 1.0)).astype(np.float64),
+    }
+    return neutral(out, cfg) if cfg.clean else out
+
+
+def neutral(tech: dict[str, np.ndarray], cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """Returns the technical factors of a perfect instrument and protocol (clean mode)."""
+    n = len(tech["blur"])
+    return {
+        "pixel_um": np.full(n, cfg.reference_pixel_um * cfg.binning),
+        "blur": np.full(n, 0.5 * cfg.technical.widefield_blur_px),
+        "gain": np.ones((n, 5)),
+        "crosstalk": np.tile(np.eye(5), (n, 1, 1)),
+        "offset": np.zeros((n, 5)),
+        "haze": np.zeros(n),
+        "vignetting": np.zeros(n),
+        "gradient": np.zeros((n, 2)),
+        "gamma": np.ones(n),
+        "photons": np.full(n, np.inf),
+        "read_noise": np.zeros(n),
+        "density": np.ones(n),
+        "strength": np.ones(n),
+        "debris": np.zeros(n),
+        "empty": np.zeros(n),
+    }
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    from scipy.special import erf  # local: scipy is only needed here
+
+    return erf(x)
+
+
+def _site_normals(seed: int, site_id: np.ndarray) -> np.ndarray:
+    """Per-site technical normals, from fold_in(site_key, TAG_SITE) (same key path as site_key)."""
+    ids = np.asarray(site_id, np.int64)
+    hilo = np.stack([(ids >> 31), ids & 0x7FFFFFFF], axis=1).astype(np.uint32)
+    return _padded(_site_tech_normals, np.asarray(jax.random.PRNGKey(seed)), hilo, N_SITE)
