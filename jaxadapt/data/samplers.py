@@ -1,0 +1,221 @@
+"""Index samplers that encode the experimental design (pure NumPy, no pixels).
+
+Every sampler draws from `np.random.default_rng((seed, epoch_or_step, ...))`, so a
+given (seed, epoch/step) always yields the same indices whatever was drawn before:
+resumed training sees the same batches as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from jaxadapt.data import schema
+
+log = logging.getLogger(__name__)
+
+
+class Episodes(NamedTuple):
+    """Single-plate training episodes (CS-ARM-BN): perturbed rows first, then controls.
+
+    Attributes:
+      rows: int64 [E, L + N] table rows.
+      is_control: bool [E, L + N]; False for the first L, True for the last N.
+      plate: str [E] the plate of each episode.
+    """
+
+    rows: np.ndarray
+    is_control: np.ndarray
+    plate: np.ndarray
+
+
+class EvalUnit(NamedTuple):
+    """The perturbed rows of one plate/batch/source cut into padded batches.
+
+    Attributes:
+      name: the unit's plate/batch/source name.
+      rows: int64 [n_batches, batch_size]; padding repeats a row of the unit.
+      mask: bool [n_batches, batch_size]; False on padding.
+      control_rows: int64 [n_controls] the unit's control rows (from the given rows).
+    """
+
+    name: str
+    rows: np.ndarray
+    mask: np.ndarray
+    control_rows: np.ndarray
+
+
+def _rows(rows) -> np.ndarray:
+    rows = np.asarray(rows)
+    if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "iu"):
+        raise ValueError(f"rows must be a 1-D integer index array, got dtype {rows.dtype} "
+                         f"shape {rows.shape}; pass np.flatnonzero(mask) for a boolean mask")
+    return rows.astype(np.int64)
+
+
+def mixed_batches(rows, batch_size: int, *, seed: int, epoch: int,
+                  drop_remainder: bool = True) -> np.ndarray:
+    """Shuffles `rows` for one epoch and cuts them into batches (ERM training).
+
+    Args:
+      rows: 1-D row indices.
+      batch_size: rows per batch.
+      seed: run seed.
+      epoch: epoch number; each epoch gets its own permutation.
+      drop_remainder: True drops the last partial batch; False fills it by wrapping
+        around to the start of this epoch's permutation (every row seen at least once).
+
+    Returns:
+      int64 [steps, batch_size].
+    """
+    rows = _rows(rows)
+    if batch_size < 1 or len(rows) < (batch_size if drop_remainder else 1):
+        raise ValueError(f"batch_size={batch_size} with {len(rows)} rows gives no full batch; "
+                         "lower batch_size or pass drop_remainder=False")
+    perm = np.random.default_rng([int(seed), int(epoch)]).permutation(rows)
+    steps = len(perm) // batch_size if drop_remainder else -(-len(perm) // batch_size)
+    need = steps * batch_size
+    if need > len(perm):
+        perm = np.concatenate([perm, np.resize(perm, need - len(perm))])
+    return perm[:need].reshape(steps, batch_size)
+
+
+def _group(table: schema.SiteTable, rows: np.ndarray, field: str,
+           control: bool) -> dict[str, np.ndarray]:
+    """Unit name -> its rows among `rows` with is_control == control (rows keep their order)."""
+    sel = rows[table["is_control"][rows] == control]
+    names = table[field][sel]
+    uniq, inv = np.unique(names, return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    splits = np.split(sel[order], np.cumsum(np.bincount(inv, minlength=len(uniq)))[:-1])
+    return {str(u): s for u, s in zip(uniq, splits)}
+
+
+def _draw(rng: np.random.Generator, pool: np.ndarray, k: int) -> np.ndarray:
+    """k rows of pool, without replacement unless the pool is too small."""
+    if k == 0:
+        return pool[:0]
+    return rng.choice(pool, size=k, replace=len(pool) < k)
+
+
+def make_episode_sampler(table: schema.SiteTable, rows, *, n_perturbed: int, n_controls: int,
+                         n_episodes: int, seed: int,
+                         on_missing_controls: str = "raise") -> Callable[[int], Episodes]:
+    """Groups `rows` by plate once and returns `step -> Episodes` (see `plate_episodes`)."""
+    rows = _rows(rows)
+    pert, ctrl = _group(table, rows, "plate", False), _group(table, rows, "plate", True)
+    plates = sorted(pert)
+    missing = [p for p in plates if p not in ctrl] if n_controls > 0 else []
+    if missing and on_missing_controls != "skip":
+        raise ValueError(
+            f"plate {missing[0]!r} ({len(missing)} plates in all) has no control rows but "
+            f"n_controls={n_controls}; include its DMSO wells in rows, set n_controls=0, or "
+            "pass on_missing_controls='skip'")
+    if missing:
+        log.warning("skipping %d plates without controls: %s", len(missing), missing[:5])
+        plates = [p for p in plates if p not in missing]
+    if not plates:
+        raise ValueError("no plate among rows has perturbed rows (and controls if n_controls>0); "
+                         "check the split passed as rows")
+    names = np.array(plates)
+
+    def sample(step: int) -> Episodes:
+        rng = np.random.default_rng([int(seed), int(step)])
+        pick = rng.integers(len(plates), size=n_episodes)
+        out = [np.concatenate([_draw(rng, pert[plates[i]], n_perturbed),
+                               _draw(rng, ctrl.get(plates[i], rows[:0]), n_controls)])
+               for i in pick]
+        is_ctrl = np.zeros((n_episodes, n_perturbed + n_controls), bool)
+        is_ctrl[:, n_perturbed:] = True
+        return Episodes(np.stack(out).astype(np.int64), is_ctrl, names[pick])
+
+    return sample
+
+
+def plate_episodes(table: schema.SiteTable, rows, *, n_perturbed: int, n_controls: int,
+                   n_episodes: int, seed: int, step: int,
+                   on_missing_controls: str = "raise") -> Episodes:
+    """Draws CS-ARM-BN training episodes: each from one plate, L perturbed + N controls.
+
+    Args:
+      table: the study's SiteTable.
+      rows: the rows to draw from (e.g. the train split, controls included).
+      n_perturbed: L perturbed rows per episode.
+      n_controls: N DMSO control rows per episode (0 for ARM-BN).
+      n_episodes: E episodes (plates, with repetition) per step.
+      seed: run seed.
+      step: training step; the draw depends only on (seed, step).
+      on_missing_controls: "raise" (default) or "skip" plates without controls.
+
+    Returns:
+      Episodes with rows [E, L+N], is_control [E, L+N], plate [E]. A plate is chosen
+      uniformly among plates with perturbed rows; rows are drawn without replacement
+      unless the plate has fewer than L (or N) of them.
+
+    For many steps, build the grouping once with `make_episode_sampler`.
+    """
+    return make_episode_sampler(table, rows, n_perturbed=n_perturbed, n_controls=n_controls,
+                                n_episodes=n_episodes, seed=seed,
+                                on_missing_controls=on_missing_controls)(step)
+
+
+def padded_batches(rows, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cuts rows into batches, padding the last one with repeats masked False.
+
+    Args:
+      rows: int row indices, in the order they should be visited.
+      batch_size: rows per batch (>= 1).
+
+    Returns:
+      (rows int64 [n, batch_size], mask bool [n, batch_size]); every input row appears
+      exactly once with mask True, so nothing is dropped.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: use a positive batch size")
+    rows = _rows(rows)
+    n = -(-len(rows) // batch_size)
+    padded = np.resize(rows, n * batch_size)  # np.resize repeats rows from the start
+    mask = np.arange(n * batch_size) < len(rows)
+    return padded.reshape(n, batch_size), mask.reshape(n, batch_size)
+
+
+def eval_units(table: schema.SiteTable, rows, *, unit: str = "plate", batch_size: int,
+               seed: int | None = 0) -> list[EvalUnit]:
+    """Groups the perturbed rows of each plate/batch/source into padded evaluation batches.
+
+    Args:
+      table: the study's SiteTable.
+      rows: the evaluation rows (controls included; they become `control_rows`).
+      unit: "plate", "batch" or "source".
+      batch_size: rows per batch; the last batch is padded (mask False), never dropped.
+      seed: shuffles each unit's perturbed rows (by seed and unit name) before cutting, so
+        that batches mix classes as the paper's test chunks do (batch-statistics methods
+        would otherwise see one-class batches); None keeps row order.
+
+    Returns:
+      One EvalUnit per unit with perturbed rows, sorted by name. Every perturbed row
+      appears exactly once with mask True.
+    """
+    if unit not in ("plate", "batch", "source"):
+        raise ValueError(f"unit={unit!r}: use 'plate', 'batch' or 'source'")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: use a positive batch size")
+    rows = _rows(rows)
+    pert, ctrl = _group(table, rows, unit, False), _group(table, rows, unit, True)
+    units = []
+    for name in sorted(pert):
+        r = np.sort(pert[name])
+        if seed is not None:
+            r = np.random.default_rng([int(seed), zlib.crc32(name.encode())]).permutation(r)
+        b, m = padded_batches(r, batch_size)
+        units.append(EvalUnit(name, b, m, np.sort(ctrl.get(name, rows[:0]))))
+    return units
+
+
+def label_counts(table: schema.SiteTable, rows, num_classes: int) -> np.ndarray:
+    """Returns int64 [num_classes] counts of the labelled rows among `rows`."""
+    labels = table["label"][_rows(rows)]
+    return np.bincount(labels[labels != schema.NO_LABEL], minlength=num_classes).astype(np.int64)
