@@ -1,0 +1,71 @@
+"""Training state as a plain pytree: step, parameters, BN running statistics, optimizer state.
+
+The model and the optimizer are not stored in the state (unlike flax.training's
+TrainState with its ``apply_fn``/``tx``): the step factories close over them, so the
+state is pure data that checkpoints, shards and crosses ``jit`` boundaries as is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a training step reads and returns.
+
+    Attributes:
+      step: int32 scalar, number of optimizer updates applied.
+      params: the ``params`` collection.
+      batch_stats: the ``batch_stats`` collection (BN running averages; {} if none).
+      opt_state: the optax optimizer state.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+    def variables(self) -> dict[str, Any]:
+        """The Flax variables dict for ``model.apply``. Returns: {"params", "batch_stats"}."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def create_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    key: jax.Array,
+    sample_shape: Sequence[int],
+) -> TrainState:
+    """Initialize parameters, running statistics and optimizer state.
+
+    Args:
+      model: a module called ``model(x, norm_mode=...)`` (e.g. `jaxadapt.models.ResNet`).
+      tx: the optax optimizer (built by the caller).
+      key: PRNG key for parameter initialization.
+      sample_shape: input shape used to trace the model, e.g. ``(1, 48, 48, 5)``.
+
+    Returns:
+      A `TrainState` with step 0.
+    """
+    x = jnp.zeros(tuple(sample_shape), jnp.float32)
+    # jit: an un-jitted init of a ResNet-50 dispatches thousands of small ops.
+    variables = jax.jit(lambda k: model.init(k, x, norm_mode="running"))(key)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=_init_opt(tx, params),
+    )
+
+
+def _init_opt(tx: optax.GradientTransformation, params: Any) -> Any:
+    # Standard promotion for optax's internals, as in the train step.
+    with jax.numpy_dtype_promotion("standard"):
+        return tx.init(params)
