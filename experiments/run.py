@@ -1,0 +1,29 @@
+"""Runs one jaxadapt study.
+
+    python experiments/run.py --config configs/quickstart.py [--config.<key>=<value>] [--workdir DIR]
+
+`--config configs/<study>.py:gpu` selects a study's full-sized variant. The config is
+locked: a mistyped key fails and lists the valid ones. Results land in
+`<workdir>/results.{json,md,csv,png}` (default workdir: runs/<study>).
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxadapt.eval import cli, study
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<study>).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host GPU/TPU)."
+)
+flags.mark_flag_as_required("config")
+
+
+def main(argv):
+    del argv
+    study.main(_CONFIG.value, workdir=_WORKDIR.value, distributed=_DISTRIBUTED.value)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=cli.parse_flags)

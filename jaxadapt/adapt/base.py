@@ -1,0 +1,75 @@
+"""What every adaptation method provides to the protocol runner.
+
+A method is a small factory of pure functions (in the style of optax's
+`GradientTransformation`): `init` resets the state at the start of a target unit
+(episodic reset), `adapt` consumes unlabelled context, `predict` maps images to
+logits. The protocol runner only calls `predict_unit`, which a method builds from
+those pieces and which decides what context each test batch gets (none for ERM, the
+batch itself for AdaBN, batch + fresh controls for CS-ARM-BN, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, NamedTuple, Protocol
+
+import jax
+import numpy as np
+
+Variables = dict[str, Any]  # {"params": ..., "batch_stats": ...}
+
+
+class TestBatch(NamedTuple):
+    """One padded batch of a target unit's labelled (perturbed) samples.
+
+    Attributes:
+      image: float32 [B, h, w, C], normalized.
+      mask: bool [B]; False marks padding, which must never be scored.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+
+
+class Unit(Protocol):
+    """A target unit (plate, batch or source) as the adapters see it: images, no labels."""
+
+    name: str
+
+    def batches(self) -> Iterator[TestBatch]:
+        """The unit's perturbed samples in padded batches, in a fixed order."""
+
+    def controls(self, count: int, seed: int) -> np.ndarray:
+        """`count` of the unit's negative-control images, drawn with `seed` (float32 NHWC)."""
+
+    def all_controls(self) -> Iterator[np.ndarray]:
+        """Every negative-control image of the unit, in batches."""
+
+
+class Method(NamedTuple):
+    """A method as the protocol runner drives it.
+
+    Attributes:
+      name: method name as in PROTOCOLS.md (`erm`, `adabn`, ...).
+      trainer: which training recipe produces its weights (`erm`, `arm_bn`, ...);
+        methods sharing a trainer share the trained model within a replicate.
+      predict_unit: (variables, unit) -> logits [n, K] for the unit's samples in the order
+        of `unit.batches()`, padding dropped.
+    """
+
+    name: str
+    trainer: str
+    predict_unit: Callable[[Variables, Unit], np.ndarray]
+
+
+def collect_logits(predict: Callable[[jax.Array], jax.Array], unit: Unit) -> np.ndarray:
+    """Runs `predict` over a unit's batches and keeps the rows that are not padding.
+
+    Args:
+      predict: image batch -> logits batch.
+      unit: the target unit.
+
+    Returns:
+      float32 [n, K] logits of the unit's real samples, in batch order.
+    """
+    out = [np.asarray(predict(b.image))[np.asarray(b.mask)] for b in unit.batches()]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -1,0 +1,45 @@
+"""ERM: the trained model as it is, normalizing with its running BatchNorm statistics."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+
+from jaxadapt.adapt.base import Method, Unit, Variables, collect_logits
+
+
+def running_stats_predictor(model: nn.Module):
+    """A jitted `(variables, images) -> logits` that uses the running BN statistics.
+
+    Args:
+      model: a model returning `(logits, features)`.
+
+    Returns:
+      The predictor; compiled once per input shape.
+    """
+
+    @jax.jit
+    def predict(variables: Variables, images: jax.Array) -> jax.Array:
+        logits, _ = model.apply(variables, images, norm_mode="running")
+        return logits
+
+    return predict
+
+
+def erm(model: nn.Module) -> Method:
+    """Empirical risk minimization without test-time adaptation.
+
+    Args:
+      model: the trained architecture.
+
+    Returns:
+      The `erm` method (trained by the `erm` recipe).
+    """
+    predict = running_stats_predictor(model)
+
+    def predict_unit(variables: Variables, unit: Unit):
+        return collect_logits(functools.partial(predict, variables), unit)
+
+    return Method(name="erm", trainer="erm", predict_unit=predict_unit)

@@ -1,0 +1,74 @@
+"""Shared defaults of every study: simulator, splits, model, training, evaluation.
+
+Study configs under configs/ call `get_defaults()` and change what they study; nothing
+is copied.
+The CPU-sized defaults run on a laptop; `gpu_overrides()` gives the paper-sized model.
+"""
+
+import os
+
+import ml_collections
+
+from jaxadapt.data.design import default_sim_config
+
+
+def get_defaults() -> ml_collections.ConfigDict:
+    """Every knob a study reads, at CPU size."""
+    c = ml_collections.ConfigDict()
+    c.study = "study"
+    c.seeds = (0, 1, 2)
+    c.methods = ("erm",)
+    # Leave-one-source-out folds: each entry trains on that source, the rest is new_source.
+    c.train_sources = ("source_3",)
+    c.eval_splits = ("in_domain", "new_batch", "new_source")
+
+    c.data = ml_collections.ConfigDict()
+    c.data.sim = default_sim_config("jump_poscon")
+    c.data.cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "jaxadapt", "tfds")
+    c.data.crop_size = 48  # training: random crop + flips; evaluation: centre crop
+    c.data.num_threads = 2  # grain reader threads (no worker processes: cheap on 2 cores)
+
+    c.splits = ml_collections.ConfigDict()
+    c.splits.val_batches = 0.15  # of the training source's batches (at least 1), as the paper
+    c.splits.new_batch_batches = 1  # held-out batches of the training source
+    c.splits.in_domain_fraction = 0.25  # wells per (plate, compound) held out of training plates
+    c.splits.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "resnet18"
+    c.model.width = 16
+    c.model.stem = "small"  # 3x3/2 conv, no pool: for 32-64 px inputs
+    c.model.num_classes = 8  # the 8 JUMP positive controls
+    c.model.in_channels = 5  # DNA, ER, RNA, AGP, Mito
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 64
+    c.train.eval_batch_size = 64
+    c.train.learning_rate = 1e-3  # Adam, no schedule (paper)
+    c.train.num_epochs = 40
+    c.train.patience = 8  # paper: 20 over 200 epochs
+    c.train.log_every_steps = 20
+    c.train.stop_after_epochs = 0  # > 0: stop early (resume by re-running); 0: run to the end
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.unit = "plate"  # adaptation unit: plate, batch or source
+    c.eval.batch_size = 64
+    return c
+
+
+def gpu_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Paper-sized model and data for a GPU/TPU host (ResNet-50, 128 px crops, 9 sites)."""
+    c.data.sim.image_size = 160
+    c.data.sim.sites_per_well = 9
+    c.data.sim.plates_per_batch = 4
+    c.data.crop_size = 128
+    c.data.num_threads = 16
+    c.model.name = "resnet50"
+    c.model.width = 64
+    c.model.stem = "imagenet"
+    c.train.batch_size = 128
+    c.train.eval_batch_size = 256
+    c.train.num_epochs = 200
+    c.train.patience = 20
+    c.eval.batch_size = 64
+    return c

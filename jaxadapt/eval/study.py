@@ -1,0 +1,109 @@
+"""A study from config to result tables: the library side of experiments/run.py."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+
+from jaxadapt.adapt import registry
+from jaxadapt.data import pipeline, splits as splits_lib, tfds_sim, transforms
+from jaxadapt.data.schema import SiteTable
+from jaxadapt.eval import protocol, reports
+from jaxadapt.eval.units import DataView
+from jaxadapt.models import build_model
+from jaxadapt.train import supervised
+
+log = logging.getLogger(__name__)
+
+
+def make_view(source, table: SiteTable, train_rows, data_cfg: ml_collections.ConfigDict) -> DataView:
+    """Data access for one replicate: normalization from that replicate's training images.
+
+    Args:
+      source: random-access records.
+      table: metadata of every record.
+      train_rows: rows whose pixels define the per-channel mean and std.
+      data_cfg: `config.data` (crop_size, num_threads).
+
+    Returns:
+      The DataView.
+    """
+    stats = pipeline.channel_stats(source, train_rows)
+    return DataView(
+        source=source,
+        table=table,
+        eval_transform=transforms.eval_transform(data_cfg.crop_size, stats),
+        train_transform=transforms.train_transform(data_cfg.crop_size, stats),
+        num_threads=data_cfg.num_threads,
+    )
+
+
+def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> list[reports.Row]:
+    """Runs every replicate of a study and writes its result tables.
+
+    Args:
+      cfg: the study config (see configs/defaults.py).
+      workdir: run directory for checkpoints, logs and results.
+
+    Returns:
+      The aggregated rows (also written to `workdir/results.*`).
+    """
+    source, table = tfds_sim.load_simulated(cfg.data.sim, cfg.data.cache_dir)
+    model = build_model(cfg.model)
+    methods = [registry.make_method(name, model, cfg) for name in cfg.methods]
+    trainers = {"erm": supervised.make_erm_trainer(model, cfg)}
+    scores = []
+    for rep in protocol.replicates(cfg):
+        rows = splits_lib.make_splits(table, train_source=rep.train_source, cfg=cfg.splits)
+        view = make_view(source, table, rows["train"], cfg.data)
+        scores += protocol.run_replicate(rep, cfg, view, rows, methods, trainers, workdir)
+    result_rows = reports.aggregate(scores)
+    reports.write_results(workdir, cfg.study, cfg.to_dict(), result_rows)
+    return result_rows
+
+
+def setup_logging(workdir: str) -> None:
+    """jaxadapt's INFO messages to the terminal and `workdir/log.txt`; libraries' warnings only.
+
+    Orbax and TFDS log every checkpoint file operation at INFO through absl, which
+    would drown the study's own progress.
+    """
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    os.makedirs(workdir, exist_ok=True)
+    ours = logging.getLogger("jaxadapt")
+    ours.setLevel(logging.INFO)
+    ours.propagate = False  # absl's root handler would print it a second time
+    fmt = logging.Formatter("%(asctime)s %(name)s %(message)s", "%H:%M:%S")
+    for handler in (logging.StreamHandler(sys.stderr),
+                    logging.FileHandler(os.path.join(workdir, "log.txt"))):
+        handler.setFormatter(fmt)
+        ours.addHandler(handler)
+
+
+def main(cfg: ml_collections.ConfigDict, *, workdir: str | None = None, distributed: bool = False) -> None:
+    """Entry point: set up devices and logging, run the study, print the table.
+
+    Args:
+      cfg: the locked study config.
+      workdir: output directory; default `runs/<study>`.
+      distributed: initialize multi-host JAX first (one process per host).
+    """
+    if distributed:
+        jax.distributed.initialize()
+    workdir = workdir or os.path.join("runs", cfg.study)
+    setup_logging(workdir)
+    log.info("jax %s on %d %s device(s), %d process(es)", jax.__version__, jax.device_count(),
+                 jax.devices()[0].platform, jax.process_count())
+    start = time.time()
+    rows = run_study(cfg, workdir)
+    if jax.process_index() == 0:
+        print(reports.markdown_table(rows, title=cfg.study), file=sys.stdout)
+        print(f"results in {os.path.abspath(workdir)}/results.{{json,md,csv,png}} "
+              f"({time.time() - start:.0f} s)", file=sys.stdout)

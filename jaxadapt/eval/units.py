@@ -1,0 +1,88 @@
+"""Target units (plates, batches, sources) backed by the data pipeline.
+
+Implements `jaxadapt.adapt.base.Unit`: adapters see images only; labels stay here,
+with the protocol runner, so no method can peek at them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import numpy as np
+
+from jaxadapt.adapt.base import TestBatch
+from jaxadapt.data import pipeline, samplers
+from jaxadapt.data.schema import SiteTable
+
+
+@dataclasses.dataclass
+class DataView:
+    """Everything needed to turn table rows into model-ready image batches.
+
+    Attributes:
+      source: random-access record source (record i -> {"image": uint8 HWC, ...}).
+      table: metadata of every record.
+      eval_transform: deterministic transform for evaluation (centre crop + normalize).
+      train_transform: random transform for training (crop, flips + normalize).
+      num_threads: grain reader threads.
+    """
+
+    source: Any
+    table: SiteTable
+    eval_transform: Any
+    train_transform: Any
+    num_threads: int = 2
+
+    def eval_batches(self, rows: np.ndarray, masks: np.ndarray | None = None) -> Iterator[dict]:
+        """Deterministically transformed batches of `rows` [n_batches, batch_size]."""
+        return pipeline.batches(
+            self.source, self.table, rows, transform=self.eval_transform, seed=0,
+            masks=masks, num_threads=self.num_threads,
+        )
+
+    def train_batches(self, rows: np.ndarray, *, seed: int) -> Iterator[dict]:
+        """Randomly augmented batches of `rows` [n_batches, batch_size]."""
+        return pipeline.batches(
+            self.source, self.table, rows, transform=self.train_transform, seed=seed,
+            num_threads=self.num_threads,
+        )
+
+
+@dataclasses.dataclass
+class PipelineUnit:
+    """One target unit whose images are read through the data pipeline on demand."""
+
+    view: DataView
+    spec: samplers.EvalUnit
+    batch_size: int
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def batches(self) -> Iterator[TestBatch]:
+        for batch in self.view.eval_batches(self.spec.rows, self.spec.mask):
+            yield TestBatch(image=batch["image"], mask=batch["mask"])
+
+    def labels(self) -> np.ndarray:
+        """True labels of the unit's real samples, in the order of `batches()`."""
+        return self.view.table["label"][self.spec.rows[self.spec.mask]]
+
+    def controls(self, count: int, seed: int) -> np.ndarray:
+        rows = self.spec.control_rows
+        if len(rows) == 0:
+            raise ValueError(
+                f"unit {self.name!r} has no negative-control wells; methods that need "
+                "controls (ben, cs_arm_bn) cannot run on it: choose units with DMSO wells"
+            )
+        rng = np.random.default_rng(seed)
+        chosen = rng.choice(rows, size=count, replace=count > len(rows))
+        (batch,) = self.view.eval_batches(chosen[None])
+        return batch["image"]
+
+    def all_controls(self) -> Iterator[np.ndarray]:
+        rows = self.spec.control_rows
+        for start in range(0, len(rows), self.batch_size):
+            (batch,) = self.view.eval_batches(rows[None, start : start + self.batch_size])
+            yield batch["image"]

@@ -1,0 +1,138 @@
+"""The ERM training recipe: mixed batches of one source's labelled images, BN in batch mode.
+
+Follows the CS-ARM-BN paper's protocol: Adam (lr 1e-3, no schedule), cross-entropy on
+the perturbed (labelled) images, early stopping on the validation loss of held-out
+batches of the training source. Data parallel over every device via `parallel`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from jaxadapt.data import samplers
+from jaxadapt.data.schema import NO_LABEL
+from jaxadapt.train import parallel, steps
+from jaxadapt.train.loop import FitConfig, fit
+from jaxadapt.train.state import TrainState, create_train_state
+from jaxadapt.train.writer import MetricWriter
+
+Variables = dict[str, Any]
+
+
+def labelled_rows(table, rows: np.ndarray) -> np.ndarray:
+    """The rows of `rows` that carry a class label (controls have none)."""
+    return rows[table["label"][rows] != NO_LABEL]
+
+
+def check_batch_size(batch_size: int, field: str) -> None:
+    """A batch must split evenly over the devices of this process."""
+    n = jax.local_device_count()
+    if batch_size % n:
+        raise ValueError(
+            f"{field}={batch_size} is not a multiple of the {n} local devices; "
+            f"set it to a multiple of {n}, e.g. --{field}={max(n, batch_size - batch_size % n)}"
+        )
+
+
+def make_validator(eval_step: Callable, view, rows: np.ndarray, batch_size: int,
+                   mesh) -> Callable[[TrainState], dict[str, float]]:
+    """`state -> {"loss", "accuracy"}` over `rows`, padding masked, exact over batches.
+
+    Args:
+      eval_step: parallel eval step `(state, batch) -> {loss_sum, count, correct, ...}`.
+      view: DataView for loading images.
+      rows: labelled validation rows.
+      batch_size: evaluation batch size.
+      mesh: device mesh the batches are sharded over.
+
+    Returns:
+      The validation function.
+    """
+    index, mask = samplers.padded_batches(rows, batch_size)
+
+    def validate(state: TrainState) -> dict[str, float]:
+        loss = count = correct = 0.0
+        for batch in view.eval_batches(index, mask):
+            out = eval_step(state, parallel.shard_batch(_model_batch(batch), mesh))
+            loss += float(out["loss_sum"])
+            count += float(out["count"])
+            correct += float(out["correct"])
+        return {"loss": loss / max(count, 1.0), "accuracy": correct / max(count, 1.0)}
+
+    return validate
+
+
+def _model_batch(batch: dict) -> dict:
+    return {"image": batch["image"], "label": batch["label"], "mask": batch["mask"]}
+
+
+def make_erm_trainer(model: nn.Module, config: ml_collections.ConfigDict):
+    """Builds the ERM training function once per study (steps compile once).
+
+    Args:
+      model: the architecture.
+      config: the study config; reads `train` (batch_size, eval_batch_size,
+        learning_rate, num_epochs, patience, log_every_steps, stop_after_epochs),
+        `data.crop_size` and `model.in_channels`.
+
+    Returns:
+      `train(view, rows, run_dir, seed) -> variables` with the best-validation weights.
+    """
+    cfg = config.train
+    check_batch_size(cfg.batch_size, "config.train.batch_size")
+    check_batch_size(cfg.eval_batch_size, "config.train.eval_batch_size")
+    mesh = parallel.make_data_mesh()
+    tx = optax.adam(cfg.learning_rate)
+    train_step = parallel.parallel_train_step(steps.make_train_step(model, tx), mesh)
+    eval_step = parallel.parallel_eval_step(steps.make_eval_step(model), mesh)
+
+    def train(view, rows: dict[str, np.ndarray], run_dir: str, seed: int) -> Variables:
+        train_rows = labelled_rows(view.table, rows["train"])
+        val_rows = labelled_rows(view.table, rows["validation"])
+        if len(train_rows) < cfg.batch_size:
+            raise ValueError(
+                f"training split has {len(train_rows)} labelled images, fewer than "
+                f"config.train.batch_size={cfg.batch_size}; lower the batch size or add plates"
+            )
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
+        sample = (1, config.data.crop_size, config.data.crop_size, config.model.in_channels)
+        state = parallel.replicate(create_train_state(model, tx, key, sample), mesh)
+
+        def epoch_batches(epoch: int) -> Iterator[dict]:
+            index = samplers.mixed_batches(train_rows, cfg.batch_size, seed=seed, epoch=epoch)
+            for batch in view.train_batches(index, seed=(seed, epoch)):
+                yield parallel.shard_batch(_model_batch(batch), mesh)
+
+        fit_cfg = FitConfig(
+            num_epochs=cfg.num_epochs, patience=cfg.patience,
+            ckpt_dir=os.path.join(run_dir, "checkpoints"), log_every_steps=cfg.log_every_steps,
+            stop_after_epochs=cfg.stop_after_epochs or None,
+            steps_per_epoch=len(train_rows) // cfg.batch_size,
+        )
+        with MetricWriter(os.path.join(run_dir, "logs")) as writer:
+            result = fit(state, fit_cfg, train_step=train_step, epoch_batches=epoch_batches,
+                         validate=make_validator(eval_step, view, val_rows, cfg.eval_batch_size, mesh),
+                         writer=writer)
+        if not result.finished:
+            raise Interrupted(run_dir, result.epochs_done)
+        # Evaluation runs on one device: bring the replicated weights home once.
+        return jax.device_put(jax.device_get(result.state.variables()))
+
+    return train
+
+
+class Interrupted(RuntimeError):
+    """Training stopped before its end (config.train.stop_after_epochs); re-run to resume."""
+
+    def __init__(self, run_dir: str, epochs: int):
+        super().__init__(
+            f"training in {run_dir} stopped after {epochs} epoch(s) as config.train."
+            "stop_after_epochs asked; re-run the same command to resume from its checkpoint"
+        )
