@@ -1,0 +1,192 @@
+"""BN statistics as data: context / plate statistics and the adabn, adabn_plate, ben methods."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from jaxadapt.adapt import bn
+from jaxadapt.adapt.base import TestBatch as Batch  # not a test class
+from jaxadapt.models.resnet import BasicBlock, ResNet, resnet18
+
+KEY = jax.random.key(0, impl="rbg")  # XLA:CPU compiles rbg initializers much faster
+
+
+class FakeUnit:
+    """In-memory Unit: perturbed images in padded batches (padding = NaN) + controls."""
+
+    def __init__(self, name, images, controls, batch_size):
+        self.name, self.images, self.ctrl, self.bs = name, images, controls, batch_size
+
+    def batches(self):
+        for s in range(0, len(self.images), self.bs):
+            im = self.images[s:s + self.bs]
+            pad = self.bs - len(im)
+            mask = np.r_[np.ones(len(im), bool), np.zeros(pad, bool)]
+            im = np.concatenate([im, np.full((pad,) + im.shape[1:], np.nan, np.float32)])
+            yield Batch(image=im, mask=mask)
+
+    def controls(self, count, seed):
+        idx = np.random.default_rng(seed).choice(len(self.ctrl), count)
+        return self.ctrl[idx]
+
+    def all_controls(self):
+        for s in range(0, len(self.ctrl), self.bs):
+            yield self.ctrl[s:s + self.bs]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = ResNet(stage_sizes=(1, 1), block_cls=BasicBlock, width=4, stem="small",
+                   num_classes=3, in_channels=2, zero_init_residual=False)
+    v = model.init(KEY, jnp.zeros((1, 32, 32, 2)), norm_mode="running")
+    # Non-trivial affine parameters and running statistics (shift != data mean).
+    rng = np.random.default_rng(1)
+    v = jax.tree.map(lambda a: jnp.asarray(a + 0.3 * rng.normal(size=a.shape), a.dtype), v)
+    v["batch_stats"] = jax.tree.map(jnp.abs, v["batch_stats"])
+    return model, v
+
+
+def _images(n, seed=0, loc=1.0, scale=2.0):
+    return (np.random.default_rng(seed).normal(size=(n, 32, 32, 2)) * scale + loc).astype(np.float32)
+
+
+def _maxdiff(a, b):
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), a, b)))
+
+
+def test_first_layer_matches_numpy_train_mode_bn(tiny):
+    model, v = tiny
+    x, mask = _images(9), np.array([1, 1, 0, 1, 1, 1, 0, 1, 1], bool)
+    stats = bn.context_stats(model, v, x, mask)
+    kernel = v["params"]["stem_conv"]["kernel"]
+    y = np.asarray(jax.lax.conv_general_dilated(
+        jnp.asarray(x), kernel, (2, 2), ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC")))[mask]
+    np.testing.assert_allclose(stats["stem_bn"]["mean"], y.mean((0, 1, 2)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats["stem_bn"]["var"], y.var((0, 1, 2)), rtol=1e-4, atol=1e-5)
+
+
+def test_context_stats_reproduce_batch_mode_forward(tiny):
+    model, v = tiny
+    x = _images(8, seed=2)
+    mask = np.array([1, 0, 1, 1, 1, 0, 1, 1], bool)
+    for m in (None, mask):
+        stats = bn.context_stats(model, v, x, m)
+        got = bn.apply_with_stats(model, v, stats, x)
+        want, _ = model.apply(v, x, norm_mode="batch", stats_mask=m)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        assert not np.allclose(want, model.apply(v, x, norm_mode="running")[0], atol=1e-2)
+
+
+def test_masked_rows_never_contribute(tiny):
+    model, v = tiny
+    x, mask = _images(8, seed=3), np.array([1, 1, 0, 1, 0, 1, 1, 1], bool)
+    y = x.copy()
+    y[~mask] = 1e4
+    z = x.copy()
+    z[~mask] = np.nan  # padding may be junk: not checked, not used
+    a, b, c = (bn.context_stats(model, v, im, mask) for im in (x, y, z))
+    assert _maxdiff(a, b) == 0.0 and _maxdiff(a, c) == 0.0
+
+
+def test_apply_with_context_equals_stats_of_the_context(tiny):
+    model, v = tiny
+    ctx, x = _images(6, seed=4), _images(3, seed=5, loc=-2.0)
+    got = bn.apply_with_context(model, v, x, ctx)
+    want = bn.apply_with_stats(model, v, bn.context_stats(model, v, ctx), x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_plate_stats_chunked_equal_one_joint_pass(tiny):
+    model, v = tiny
+    x = _images(23, seed=6)
+    mask = np.ones(23, bool)
+    mask[[4, 17]] = False
+    joint = bn.context_stats(model, v, x, mask)
+    chunks = [(x[:10], mask[:10]), (x[10:], mask[10:])]
+    plate = bn.plate_stats(model, v, chunks, chunk_size=7)  # 7 divides neither 10 nor 13
+    assert _maxdiff(joint, plate) < 1e-5
+    gen = bn.plate_stats(model, v, ((x[i:i + 5], mask[i:i + 5]) for i in range(0, 23, 5)),
+                         chunk_size=7)  # one-shot iterator
+    assert _maxdiff(joint, gen) < 1e-5
+    trunc = bn.plate_stats(model, v, lambda: iter(chunks), chunk_size=8, truncate=True)
+    assert _maxdiff(joint, trunc) < 1e-5
+    # and differs from the reference's mean of per-chunk variances
+    per_chunk = [bn.context_stats(model, v, im, m) for im, m in chunks]
+    assert _maxdiff(joint["stage2_block1"]["bn2"], per_chunk[0]["stage2_block1"]["bn2"]) > 1e-3
+
+
+def test_layer_levels_group_parallel_layers():
+    m = resnet18(width=4, stem="small", num_classes=3, in_channels=2)
+    v = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 2))))
+    groups = bn.layer_levels(m, v, (4, 32, 32, 2))
+    assert len(groups) == 17 and sum(map(len, groups)) == 20
+    assert (("stage2_block1", "bn1"), ("stage2_block1", "proj_bn")) in groups
+
+
+def test_one_image_and_constant_context_no_nan(tiny):
+    model, v = tiny
+    x = _images(1, seed=7)
+    for ctx in (x, np.zeros_like(x)):
+        stats = bn.context_stats(model, v, ctx)
+        assert all(np.isfinite(a).all() for a in jax.tree.leaves(stats))
+        assert np.isfinite(bn.apply_with_stats(model, v, stats, _images(2))).all()
+        plate = bn.plate_stats(model, v, [ctx])
+        assert all(np.isfinite(a).all() for a in jax.tree.leaves(plate))
+
+
+def test_non_finite_pixels_raise_with_count_and_rows(tiny):
+    model, v = tiny
+    x = _images(4, seed=8)
+    x[2, 0, 0, 0] = np.nan
+    x[2, 1, 0, 1] = np.inf
+    with pytest.raises(ValueError, match=r"2 non-finite pixel values.*rows \[2\]"):
+        bn.context_stats(model, v, x)
+    with pytest.raises(ValueError, match=r"context chunk 1 has 2 non-finite.*rows \[0\]"):
+        bn.plate_stats(model, v, [x[:2], x[2:]])
+    with pytest.raises(ValueError, match="lack 1 BN layer"):
+        stats = bn.context_stats(model, v, x[:2])
+        del stats["stem_bn"]
+        bn.apply_with_stats(model, v, stats, x[:2])
+
+
+def test_adabn_scores_each_sample_once_with_its_batch_stats(tiny):
+    model, v = tiny
+    imgs = _images(11, seed=9)
+    unit = FakeUnit("plate_a", imgs, _images(5, seed=10), batch_size=4)
+    logits = bn.adabn(model).predict_unit(v, unit)
+    assert logits.shape == (11, 3) and np.isfinite(logits).all()
+    want = [model.apply(v, imgs[s:s + 4], norm_mode="batch")[0] for s in (0, 4, 8)]
+    np.testing.assert_allclose(logits, np.concatenate(want), rtol=1e-4, atol=1e-4)
+
+
+def test_adabn_plate_uses_images_and_all_controls(tiny):
+    model, v = tiny
+    imgs, ctrl = _images(11, seed=11), _images(6, seed=12, loc=0.0)
+    unit = FakeUnit("plate_b", imgs, ctrl, batch_size=4)
+    logits = bn.adabn_plate(model).predict_unit(v, unit)
+    stats = bn.context_stats(model, v, np.concatenate([imgs, ctrl]))
+    np.testing.assert_allclose(logits, bn.apply_with_stats(model, v, stats, imgs),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_ben_uses_only_controls(tiny):
+    model, v = tiny
+    imgs, ctrl = _images(8, seed=13), _images(7, seed=14, loc=-1.0)
+    method = bn.ben(model)
+    logits = method.predict_unit(v, FakeUnit("plate_c", imgs, ctrl, batch_size=4))
+    want = bn.apply_with_stats(model, v, bn.context_stats(model, v, ctrl), imgs)
+    np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)
+    other = imgs.copy()
+    other[4:] = _images(4, seed=15, loc=5.0)  # change the second batch only
+    logits2 = method.predict_unit(v, FakeUnit("plate_c", other, ctrl, batch_size=4))
+    np.testing.assert_array_equal(logits[:4], logits2[:4])
+    with pytest.raises(ValueError, match=r"unit 'plate_d' has no negative-control"):
+        method.predict_unit(v, FakeUnit("plate_d", imgs, ctrl[:0], batch_size=4))
+    cfg = ml_collections.ConfigDict({"adapt": {"on_missing_controls": "perturbed_only"}})
+    cfg.lock()
+    fallback = bn.ben(model, cfg).predict_unit(v, FakeUnit("plate_d", imgs, ctrl[:0], 4))
+    want = bn.apply_with_stats(model, v, bn.context_stats(model, v, imgs), imgs)
+    np.testing.assert_allclose(fallback, want, rtol=1e-4, atol=1e-4)
