@@ -219,3 +219,71 @@ def label_counts(table: schema.SiteTable, rows, num_classes: int) -> np.ndarray:
     """Returns int64 [num_classes] counts of the labelled rows among `rows`."""
     labels = table["label"][_rows(rows)]
     return np.bincount(labels[labels != schema.NO_LABEL], minlength=num_classes).astype(np.int64)
+
+
+def label_shift_units(table: schema.SiteTable, rows, *, alpha: float | None, batch_size: int,
+                      num_classes: int, seed: int, unit: str = "plate") -> list[EvalUnit]:
+    """Test batches with a per-batch Dirichlet label shift (CS-ARM-BN label-shift protocol).
+
+    Per unit: ``p ~ Dirichlet(alpha * 1_K)`` over the K' classes present among the unit's
+    perturbed rows (K' = K on a complete plate), ``counts ~ Multinomial(batch_size, p)``;
+    the unit gets K' batches, batch k holding ``roll(counts, k)[j]`` rows of class j, so
+    the unit is balanced over its batches while each batch is skewed (alpha = 0.01: most
+    batches are (nearly) one class; large alpha: nearly balanced).
+
+    The rows of class j in a batch are drawn from the unit's rows of class j without
+    replacement when it has at least that many, with replacement otherwise. Draws are
+    independent across batches, so (as in the reference protocol) a row may appear in
+    several batches and some rows in none; the scores are then over the drawn samples.
+    Rows within a batch are shuffled. Unlabelled perturbed rows are never drawn.
+
+    Args:
+      table: the study's SiteTable.
+      rows: the evaluation rows (controls included; they become `control_rows`).
+      alpha: Dirichlet concentration (> 0); None: balanced, i.e. exactly `eval_units`
+        (every perturbed row once, shuffled chunks, last one padded).
+      batch_size: rows per batch (the test context L).
+      num_classes: K; labels must lie in [0, K).
+      seed: the draw of unit u depends only on (seed, u's name).
+      unit: "plate", "batch" or "source".
+
+    Returns:
+      One EvalUnit per unit with labelled perturbed rows, sorted by name; with alpha
+      set, ``rows`` is [K', batch_size] and ``mask`` all True.
+    """
+    if alpha is None:
+        return eval_units(table, rows, unit=unit, batch_size=batch_size, seed=seed)
+    if not alpha > 0:
+        raise ValueError(f"alpha={alpha!r}: the Dirichlet concentration must be > 0 "
+                         "(or None for balanced batches)")
+    if unit not in ("plate", "batch", "source"):
+        raise ValueError(f"unit={unit!r}: use 'plate', 'batch' or 'source'")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: use a positive batch size")
+    rows = _rows(rows)
+    labels = np.asarray(table["label"])
+    pert, ctrl = _group(table, rows, unit, False), _group(table, rows, unit, True)
+    units = []
+    for name in sorted(pert):
+        r = np.sort(pert[name])
+        r = r[labels[r] != schema.NO_LABEL]
+        if len(r) == 0:
+            continue
+        lab = labels[r]
+        if lab.min() < 0 or lab.max() >= num_classes:
+            raise ValueError(f"unit {name!r} has labels outside [0, {num_classes}); "
+                             "check num_classes (config.model.num_classes)")
+        classes = np.unique(lab)
+        by_class = [r[lab == c] for c in classes]
+        rng = np.random.default_rng([int(seed), zlib.crc32(name.encode())])
+        p = rng.dirichlet(np.full(len(classes), float(alpha)))
+        counts = rng.multinomial(batch_size, p)
+        batches = []
+        for k in range(len(classes)):
+            c = np.roll(counts, k)
+            batch = np.concatenate([_draw(rng, pool, int(n)) for pool, n in zip(by_class, c)])
+            batches.append(rng.permutation(batch))
+        b = np.stack(batches).astype(np.int64)
+        units.append(EvalUnit(name, b, np.ones(b.shape, bool),
+                              np.sort(ctrl.get(name, rows[:0]))))
+    return units

@@ -1,0 +1,357 @@
+"""ARM-BN and CS-ARM-BN: episodic meta-learning of BatchNorm context, and its predictors.
+
+Training (Zhang et al. 2021; Sanchez-Fernandez et al. 2026): an *episode* is one plate's
+context, L perturbed images (+ N DMSO controls for CS-ARM-BN). Each episode is forwarded
+on its own with BN in "batch" mode, every BN layer normalizing with the mean / variance
+pooled over all L + N images of that episode (never over other episodes); the
+cross-entropy is taken on the perturbed images only, and gradients flow through the
+statistics. The per-step loss is the mean over the E episodes of the per-episode mean
+cross-entropy, i.e. the average of the episodes' gradients, as the paper does with 8.
+
+Test time: no weight changes. ARM-BN normalizes each test chunk of L perturbed images
+with its own statistics; CS-ARM-BN appends N fresh random controls of the same unit to
+each chunk, forwards the L + N together and scores the L perturbed images.
+
+Running BN averages are not used by these predictions; the training step still updates
+them (see `episode_forward`) so that an ERM-style "running" evaluation stays possible.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import zlib
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxadapt.adapt import bn
+from jaxadapt.adapt.base import Method, Unit, Variables
+
+log = logging.getLogger(__name__)
+
+Batch = Mapping[str, jax.Array]
+# A `jaxadapt.train.state.TrainState` (not imported: adapt must not depend on train).
+TrainState = Any
+
+#: Paper defaults (CS-ARM-BN): 128 controls per test chunk.
+DEFAULT_N_CONTROLS = 128
+
+
+def episode_forward(model: nn.Module, params: Any, batch_stats: Any, images: jax.Array,
+                    stats_mask: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    """Forward E episodes, each normalized with its own context statistics.
+
+    Args:
+      model: module called ``model(x, norm_mode=, stats_mask=) -> (logits, features)``.
+      params: the ``params`` collection.
+      batch_stats: the ``batch_stats`` collection (running averages).
+      images: float ``[E, L + N, H, W, C]``.
+      stats_mask: optional bool ``[E, L + N]``: rows of each episode that define its
+        statistics (default: all of them; pass it when episodes are padded).
+
+    Returns:
+      ``(logits [E, L + N, K], new_batch_stats)``. ``new_batch_stats`` is the mean over
+      episodes of the per-episode updated running averages, i.e. one momentum step
+      ``m * ra + (1 - m) * mean_e(stat_e)`` towards the mean of the E episodes' batch
+      mean and (biased) variance.
+    """
+    if images.ndim != 5:
+        raise ValueError(f"episode images have shape {images.shape}; expected "
+                         "[episodes, L + N, H, W, C]")
+
+    def one(x, m):
+        (logits, _), new = model.apply(
+            {"params": params, "batch_stats": batch_stats}, x, norm_mode="batch",
+            stats_mask=m, mutable=["batch_stats"])
+        return logits, new.get("batch_stats", {})
+
+    if stats_mask is None:
+        logits, stats = jax.vmap(lambda x: one(x, None))(images)
+    else:
+        logits, stats = jax.vmap(one)(images, jnp.asarray(stats_mask).astype(bool))
+    return logits, jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
+
+
+def _episode_ce(logits: jax.Array, labels: jax.Array, weights: jax.Array
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-episode mean CE over weighted rows; returns (ce_mean [E], count [E], hits [E])."""
+    labels = jnp.asarray(labels).astype(jnp.int32)
+    valid = labels >= 0
+    w = weights.astype(jnp.float32) * valid.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+    count = jnp.sum(w, axis=-1)
+    hits = jnp.sum(w * (jnp.argmax(logits, -1) == labels).astype(jnp.float32), axis=-1)
+    return jnp.sum(w * ce, axis=-1) / jnp.maximum(count, 1.0), count, hits
+
+
+def _loss_weights(is_control: jax.Array, mask: jax.Array | None) -> jax.Array:
+    w = ~jnp.asarray(is_control).astype(bool)
+    if mask is not None:
+        w = w & jnp.asarray(mask).astype(bool)
+    return w.astype(jnp.float32)
+
+
+def _mean_over_episodes(per_episode: jax.Array, count: jax.Array) -> jax.Array:
+    """Mean over episodes that have at least one scored row (0 if none has)."""
+    has = (count > 0).astype(jnp.float32)
+    return jnp.sum(per_episode * has) / jnp.maximum(jnp.sum(has), 1.0)
+
+
+def episode_loss(model: nn.Module, params: Any, batch_stats: Any, images: jax.Array,
+                 labels: jax.Array, is_control: jax.Array, mask: jax.Array | None = None,
+                 stats_mask: jax.Array | None = None) -> jax.Array:
+    """The (CS-)ARM-BN episodic loss.
+
+    Args:
+      model, params, batch_stats: as in `episode_forward`.
+      images: ``[E, L + N, H, W, C]``, each episode one plate's context.
+      labels: int ``[E, L + N]``; negative (controls) never scored.
+      is_control: bool ``[E, L + N]``; controls shape the statistics, carry no loss.
+      mask: optional ``[E, L + N]`` loss mask (False: not scored, e.g. padding).
+      stats_mask: optional bool ``[E, L + N]`` rows defining the statistics.
+
+    Returns:
+      Scalar: mean over episodes of the mean cross-entropy of each episode's scored
+      (perturbed, valid, labelled) images; episodes without any scored image are left
+      out of the mean.
+    """
+    logits, _ = episode_forward(model, params, batch_stats, images, stats_mask)
+    ce, count, _ = _episode_ce(logits, labels, _loss_weights(is_control, mask))
+    return _mean_over_episodes(ce, count)
+
+
+def make_episodic_train_step(model: nn.Module, tx: optax.GradientTransformation
+                             ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """Build ``(state, batch) -> (state, metrics)`` for episodic (CS-)ARM-BN training.
+
+    Args:
+      model: the architecture.
+      tx: optax optimizer whose state is ``state.opt_state``.
+
+    Returns:
+      The step (not jitted; use `jaxadapt.train.parallel.parallel_train_step`, which
+      shards the episodes along E over the devices: each episode's statistics stay on
+      one device and the mean over episodes is global). Batch fields: ``image``
+      ``[E, L+N, H, W, C]``, ``label`` ``[E, L+N]``, ``is_control`` ``[E, L+N]``,
+      optional ``mask`` (loss mask) and ``stats_mask``. Metrics: ``loss`` (episodic
+      loss), ``accuracy`` (over scored images) and ``count`` (scored images).
+    """
+
+    def loss_fn(params, batch_stats, batch):
+        logits, new_stats = episode_forward(model, params, batch_stats, batch["image"],
+                                            batch.get("stats_mask"))
+        w = _loss_weights(batch["is_control"], batch.get("mask"))
+        ce, count, hits = _episode_ce(logits, batch["label"], w)
+        return _mean_over_episodes(ce, count), (new_stats, jnp.sum(count), jnp.sum(hits))
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        (loss, (new_stats, count, hits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.batch_stats, batch)
+        with jax.numpy_dtype_promotion("standard"):  # optax internals, see steps.py
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(step=state.step + 1,
+                                  params=optax.apply_updates(state.params, updates),
+                                  batch_stats=new_stats, opt_state=opt_state)
+        return new_state, {"loss": loss, "accuracy": hits / jnp.maximum(count, 1.0),
+                           "count": count}
+
+    return train_step
+
+
+def make_episodic_eval_step(model: nn.Module) -> Callable[[TrainState, Batch], dict]:
+    """``(state, batch) -> {"loss", "loss_per_episode", "count", "correct"}`` without updates.
+
+    Args:
+      model: the architecture.
+
+    Returns:
+      The step (not jitted). ``loss`` is `episode_loss`; ``loss_per_episode`` [E] and
+      ``count`` [E] let a caller average over several batches of episodes exactly.
+    """
+
+    def eval_step(state: TrainState, batch: Batch) -> dict:
+        logits, _ = episode_forward(model, state.params, state.batch_stats, batch["image"],
+                                    batch.get("stats_mask"))
+        w = _loss_weights(batch["is_control"], batch.get("mask"))
+        ce, count, hits = _episode_ce(logits, batch["label"], w)
+        return {"loss": _mean_over_episodes(ce, count), "loss_per_episode": ce,
+                "count": count, "correct": jnp.sum(hits)}
+
+    return eval_step
+
+
+# ---------------------------------------------------------------- test-time predictors
+
+
+def context_predictor(model: nn.Module) -> Callable[[Variables, jax.Array, jax.Array], jax.Array]:
+    """A jitted ``(variables, images [B, ...], stats_mask [B]) -> logits [B, K]``.
+
+    Every BN layer normalizes with the statistics of the ``stats_mask`` rows (gradient
+    free, running averages untouched). Compiled once per shape.
+    """
+
+    @jax.jit
+    def predict(variables: Variables, images: jax.Array, stats_mask: jax.Array) -> jax.Array:
+        logits, _ = model.apply({"params": variables["params"],
+                                 "batch_stats": variables["batch_stats"]},
+                                images, norm_mode="batch", stats_mask=stats_mask)
+        return logits
+
+    return predict
+
+
+def chunk_seed(base: int, unit_name: str, chunk: int) -> int:
+    """Seed of the controls drawn for chunk ``chunk`` of unit ``unit_name``.
+
+    A hash of (base, unit name, chunk index), so the controls a chunk gets do not depend
+    on the order in which units or chunks are evaluated.
+    """
+    words = [int(base) & 0xFFFFFFFF, zlib.crc32(unit_name.encode()), int(chunk)]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint32)[0])
+
+
+def _known_control_count(unit: Unit) -> int | None:
+    spec = getattr(unit, "spec", None)
+    rows = getattr(spec, "control_rows", None)
+    return None if rows is None else len(rows)
+
+
+def _adapt_cfg(cfg: Any) -> Mapping[str, Any]:
+    sub = cfg.get("adapt") if cfg is not None else None
+    return {} if sub is None else sub
+
+
+def cs_arm_bn_predict_unit(predict: Callable, variables: Variables, unit: Unit, *,
+                           n_controls: int, seed: int = 0,
+                           on_missing_controls: str = "raise") -> np.ndarray:
+    """CS-ARM-BN prediction on one unit (ARM-BN when ``n_controls == 0``).
+
+    Args:
+      predict: from `context_predictor`.
+      variables: trained ``{"params", "batch_stats"}``.
+      unit: the target unit; each of its batches is one chunk of L perturbed images.
+      n_controls: N fresh controls appended to every chunk (drawn with
+        ``unit.controls(N, chunk_seed(seed, unit.name, k))``); 0: chunk statistics only.
+      seed: base of the control seeds.
+      on_missing_controls: "raise" (default): a unit without controls is a ValueError;
+        "perturbed_only": fall back to the chunk's own statistics, with a warning.
+
+    Returns:
+      float32 ``[n, K]`` logits of the unit's real samples in batch order; padding
+      rows are neither scored nor part of any statistics.
+    """
+    if on_missing_controls not in ("raise", "perturbed_only"):
+        raise ValueError(f"on_missing_controls={on_missing_controls!r}; use 'raise' or "
+                         "'perturbed_only'")
+    n = int(n_controls)
+    if n < 0:
+        raise ValueError(f"n_controls={n}; use 0 (ARM-BN) or a positive count")
+    if n > 0 and _known_control_count(unit) == 0:
+        n = _missing(unit, on_missing_controls, None)
+    out = []
+    for k, batch in enumerate(unit.batches()):
+        images, mask = np.asarray(batch.image), np.asarray(batch.mask, bool)
+        if n > 0:
+            try:
+                ctrl = np.asarray(unit.controls(n, chunk_seed(seed, unit.name, k)))
+            except ValueError as err:  # a unit that only finds out when asked
+                n = _missing(unit, on_missing_controls, err)
+        if n > 0:
+            images = np.concatenate([images, ctrl.astype(images.dtype)])
+            stats_mask = np.concatenate([mask, np.ones(len(ctrl), bool)])
+        else:
+            stats_mask = mask
+        logits = np.asarray(predict(variables, images, stats_mask))[: len(mask)]
+        out.append(logits[mask])
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def _missing(unit: Unit, mode: str, err: Exception | None) -> int:
+    """Handle a unit without controls: raise, or warn and return N = 0."""
+    if mode != "perturbed_only":
+        raise ValueError(
+            f"cs_arm_bn: unit {unit.name!r} has no negative-control images to add to its "
+            "context; evaluate units with DMSO wells, or set "
+            "config.adapt.on_missing_controls='perturbed_only' to fall back to ARM-BN "
+            "statistics on such units") from err
+    log.warning("cs_arm_bn: unit %r has no controls; using perturbed-only (ARM-BN) "
+                "statistics as config.adapt.on_missing_controls='perturbed_only' asks",
+                unit.name)
+    return 0
+
+
+def arm_bn(model: nn.Module, cfg: Any = None, setting: Mapping[str, Any] | None = None
+           ) -> Method:
+    """ARM-BN: each test chunk (the unit's batches) normalized with its own statistics.
+
+    Args:
+      model: the architecture.
+      cfg: study config (not read; the chunk size is the protocol's batch size).
+      setting: swept values (not read).
+
+    Returns:
+      The ``arm_bn`` method, trained by the ``arm_bn`` trainer.
+    """
+    predict = context_predictor(model)
+
+    predict_unit = functools.partial(cs_arm_bn_predict_unit, predict, n_controls=0)
+    return Method(name="arm_bn", trainer="arm_bn", predict_unit=predict_unit)
+
+
+def cs_arm_bn(model: nn.Module, cfg: Any = None, setting: Mapping[str, Any] | None = None
+              ) -> Method:
+    """CS-ARM-BN: each test chunk + N fresh controls of its unit define the statistics.
+
+    Reads (defaults in brackets):
+      ``setting["N"]`` [``cfg.adapt.n_controls``, else 128]: controls per chunk; 0 gives
+        ARM-BN behaviour.
+      ``cfg.adapt.control_seed`` [0]: base of the per-chunk control seeds.
+      ``cfg.adapt.on_missing_controls`` ["raise"]: or "perturbed_only" (see
+        `cs_arm_bn_predict_unit`).
+
+    Args:
+      model: the architecture.
+      cfg: the study config (or None: all defaults).
+      setting: swept values, e.g. ``{"L": 16, "N": 128}``; L is the protocol's batch size.
+
+    Returns:
+      The ``cs_arm_bn`` method, trained by the ``cs_arm_bn`` trainer.
+    """
+    adapt = _adapt_cfg(cfg)
+    setting = setting or {}
+    n_controls = int(setting.get("N", adapt.get("n_controls", DEFAULT_N_CONTROLS)))
+    seed = int(adapt.get("control_seed", 0))
+    on_missing = adapt.get("on_missing_controls", "raise")
+    predict = context_predictor(model)
+    predict_unit = functools.partial(cs_arm_bn_predict_unit, predict, n_controls=n_controls,
+                                     seed=seed, on_missing_controls=on_missing)
+    # Validate the mode now rather than on the first unit.
+    if on_missing not in ("raise", "perturbed_only"):
+        raise ValueError(f"config.adapt.on_missing_controls={on_missing!r}; use 'raise' "
+                         "or 'perturbed_only'")
+    return Method(name="cs_arm_bn", trainer="cs_arm_bn", predict_unit=predict_unit,
+                  setting_keys=("N",))
+
+
+def cs_arm_bn_plate(model: nn.Module, cfg: Any = None,
+                    setting: Mapping[str, Any] | None = None) -> Method:
+    """CS-ARM-BN with exact whole-plate statistics: every perturbed image and control.
+
+    The plate's statistics are computed once (exact, in chunks) and every image is then
+    classified at ERM cost: the streaming variant of the paper's chunked test protocol.
+
+    Args:
+      model: the architecture trained by the ``cs_arm_bn`` recipe.
+      cfg: reads ``cfg.adapt.plate_chunk_size``.
+      setting: unused.
+
+    Returns:
+      The ``cs_arm_bn_plate`` method.
+    """
+    return bn.plate_method("cs_arm_bn_plate", model, cfg, images=True, controls=True,
+                           trainer="cs_arm_bn")

@@ -1,0 +1,158 @@
+"""The episodic training recipe of ARM-BN and CS-ARM-BN: single-plate context episodes.
+
+Each optimizer step draws E plate episodes (default 8) from the training rows: one plate
+chosen uniformly at random, L perturbed images (+ N DMSO controls of the same plate for
+CS-ARM-BN); each episode is normalized with its own statistics and the step minimizes
+the mean of the episodes' cross-entropies (`jaxadapt.adapt.arm.episode_loss`). Adam at
+``config.train.learning_rate``, no schedule; early stopping on the episodic loss of a
+fixed set of validation-split episodes, as in the paper. Same contract as
+`jaxadapt.train.supervised.make_erm_trainer`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from jaxadapt.adapt import arm
+from jaxadapt.data import samplers
+from jaxadapt.train import parallel
+from jaxadapt.train.loop import FitConfig, fit
+from jaxadapt.train.state import TrainState, create_train_state
+from jaxadapt.train.supervised import Interrupted
+from jaxadapt.train.writer import MetricWriter
+
+Variables = dict[str, Any]
+
+#: config.arm defaults (paper values for E, L, N).
+ARM_DEFAULTS: dict[str, Any] = {
+    "episodes_per_step": 8,
+    "n_perturbed": 64,
+    "n_controls": 128,
+    "steps_per_epoch": 0,  # 0: about one pass over the training perturbed images
+    "val_episodes": 32,  # rounded up to a multiple of episodes_per_step
+    "on_missing_controls": "raise",  # or "skip" plates without controls
+}
+
+
+def arm_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``config.arm`` merged over `ARM_DEFAULTS` (the sub-config and each field optional)."""
+    sub = config.get("arm")
+    out = dict(ARM_DEFAULTS)
+    if sub is not None:
+        out.update({k: sub[k] for k in ARM_DEFAULTS if sub.get(k) is not None})
+    return out
+
+
+def episode_mesh(n_episodes: int):
+    """A data mesh over which `n_episodes` split evenly (episodes stay whole on a device).
+
+    All devices when E is a multiple of the device count; on one host otherwise the
+    largest number of devices dividing E (e.g. E = 2 on 8 devices uses 2).
+    """
+    n = jax.device_count()
+    if n_episodes % n == 0:
+        return parallel.make_data_mesh()
+    if jax.process_count() > 1:
+        raise ValueError(
+            f"config.arm.episodes_per_step={n_episodes} is not a multiple of the {n} "
+            f"devices; on several hosts use a multiple of {n}")
+    return parallel.make_data_mesh(jax.devices()[: math.gcd(n_episodes, n)])
+
+
+def _episode_batch(batch: dict, shape: tuple[int, int]) -> dict:
+    """A flat pipeline batch of E * (L + N) rows -> episode arrays [E, L + N, ...]."""
+    img = batch["image"]
+    return {"image": img.reshape(shape + img.shape[1:]),
+            "label": batch["label"].reshape(shape),
+            "is_control": batch["is_control"].reshape(shape),
+            "mask": batch["mask"].reshape(shape)}
+
+
+def make_episodic_trainer(model: nn.Module, config: ml_collections.ConfigDict, *,
+                          with_controls: bool):
+    """Builds the (CS-)ARM-BN training function once per study (steps compile once).
+
+    Args:
+      model: the architecture.
+      config: the study config; reads ``config.arm`` (episodes_per_step [8],
+        n_perturbed [64], n_controls [128; forced to 0 without controls],
+        steps_per_epoch [0 = ceil(training perturbed images / (E * L))],
+        val_episodes [32], on_missing_controls ["raise" | "skip"]), ``config.train``
+        (learning_rate, num_epochs, patience, log_every_steps, stop_after_epochs),
+        ``data.crop_size`` and ``model.in_channels``.
+      with_controls: True: CS-ARM-BN episodes (N controls); False: ARM-BN (N = 0).
+
+    Returns:
+      ``train(view, rows, run_dir, seed) -> variables`` with the best-validation weights.
+      Episodes of step s depend only on (seed, s) and augmentation on (seed, epoch,
+      step in epoch), so a resumed run is identical to an uninterrupted one.
+    """
+    a = arm_settings(config)
+    E, L = int(a["episodes_per_step"]), int(a["n_perturbed"])
+    N = int(a["n_controls"]) if with_controls else 0
+    if E < 1 or L < 1 or N < 0:
+        raise ValueError(f"config.arm: episodes_per_step={E}, n_perturbed={L} must be >= 1 "
+                         f"and n_controls={N} >= 0")
+    n_val = -(-max(int(a["val_episodes"]), 1) // E) * E
+    cfg = config.train
+    mesh = episode_mesh(E)
+    tx = optax.adam(cfg.learning_rate)
+    train_step = parallel.parallel_train_step(arm.make_episodic_train_step(model, tx), mesh)
+    rep, data = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
+    eval_step = jax.jit(arm.make_episodic_eval_step(model), in_shardings=(rep, data),
+                        out_shardings={"loss": rep, "loss_per_episode": rep, "count": rep,
+                                       "correct": rep})
+
+    def sampler(view, rows, seed):
+        return samplers.make_episode_sampler(
+            view.table, rows, n_perturbed=L, n_controls=N, n_episodes=E, seed=seed,
+            on_missing_controls=a["on_missing_controls"])
+
+    def train(view, rows: dict[str, np.ndarray], run_dir: str, seed: int) -> Variables:
+        draw = sampler(view, rows["train"], seed)
+        val_draw = sampler(view, rows["validation"], seed)
+        val_rows = np.concatenate([val_draw(s).rows.reshape(1, -1) for s in range(n_val // E)])
+        n_train = int(np.sum(~view.table["is_control"][rows["train"]]))
+        spe = int(a["steps_per_epoch"]) or max(1, -(-n_train // (E * L)))
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
+        sample = (1, config.data.crop_size, config.data.crop_size, config.model.in_channels)
+        state = parallel.replicate(create_train_state(model, tx, key, sample), mesh)
+
+        def epoch_batches(epoch: int) -> Iterator[dict]:
+            index = np.stack([draw(epoch * spe + k).rows.reshape(-1) for k in range(spe)])
+            for batch in view.train_batches(index, seed=(seed, epoch)):
+                yield parallel.shard_batch(_episode_batch(batch, (E, L + N)), mesh)
+
+        def validate(state: TrainState) -> dict[str, float]:
+            losses, count, correct = [], 0.0, 0.0
+            for batch in view.eval_batches(val_rows):
+                out = eval_step(state, parallel.shard_batch(_episode_batch(batch, (E, L + N)),
+                                                            mesh))
+                c = np.asarray(out["count"])
+                losses.append(np.asarray(out["loss_per_episode"])[c > 0])
+                count += float(c.sum())
+                correct += float(out["correct"])
+            ce = np.concatenate(losses)
+            return {"loss": float(ce.mean()) if ce.size else float("nan"),
+                    "accuracy": correct / max(count, 1.0)}
+
+        fit_cfg = FitConfig(
+            num_epochs=cfg.num_epochs, patience=cfg.patience,
+            ckpt_dir=os.path.join(run_dir, "checkpoints"), log_every_steps=cfg.log_every_steps,
+            stop_after_epochs=cfg.get("stop_after_epochs") or None, steps_per_epoch=spe)
+        with MetricWriter(os.path.join(run_dir, "logs")) as writer:
+            result = fit(state, fit_cfg, train_step=train_step, epoch_batches=epoch_batches,
+                         validate=validate, writer=writer)
+        if not result.finished:
+            raise Interrupted(run_dir, result.epochs_done)
+        return jax.device_put(jax.device_get(result.state.variables()))
+
+    return train
