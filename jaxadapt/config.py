@@ -52,7 +52,28 @@ def get_defaults() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.unit = "plate"  # adaptation unit: plate, batch or source
-    c.eval.batch_size = 64
+    c.eval.batch_size = 64  # test batch = the context L of batch-statistics methods
+    c.eval.seed = 0  # shuffling of test chunks and label-shift draws
+
+    # Swept settings, one result row each: L (test batch), alpha (label shift), N (controls).
+    c.sweep = ()
+
+    # Episodic (ARM-BN / CS-ARM-BN) training: E plates per step, L perturbed + N controls each.
+    c.arm = ml_collections.ConfigDict()
+    c.arm.episodes_per_step = 4  # paper: 8
+    c.arm.n_perturbed = 32  # paper: 64
+    c.arm.n_controls = 32  # paper: 128 (cs_arm_bn only; arm_bn uses 0)
+    c.arm.steps_per_epoch = 0  # 0: about one pass over the training perturbed images
+    c.arm.val_episodes = 16
+    c.arm.on_missing_controls = "raise"  # or "skip" plates without controls
+
+    # Test-time adaptation.
+    c.adapt = ml_collections.ConfigDict()
+    c.adapt.n_controls = 32  # cs_arm_bn: fresh controls appended to each test chunk (paper 128)
+    c.adapt.control_seed = 0
+    c.adapt.on_missing_controls = "raise"  # or "perturbed_only": fall back, with a warning
+    c.adapt.tent_lr = 1e-3
+    c.adapt.plate_chunk_size = 64  # images per pass of exact whole-plate statistics
     return c
 
 
@@ -71,4 +92,8 @@ def gpu_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.num_epochs = 200
     c.train.patience = 20
     c.eval.batch_size = 64
+    c.arm.episodes_per_step = 8
+    c.arm.n_perturbed = 64
+    c.arm.n_controls = 128
+    c.adapt.n_controls = 128
     return c

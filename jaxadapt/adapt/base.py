@@ -54,11 +54,14 @@ class Method(NamedTuple):
         methods sharing a trainer share the trained model within a replicate.
       predict_unit: (variables, unit) -> logits [n, K] for the unit's samples in the order
         of `unit.batches()`, padding dropped.
+      setting_keys: swept keys the method itself reads (e.g. ("N",) for cs_arm_bn);
+        the runner does not repeat a method over values of keys it ignores.
     """
 
     name: str
     trainer: str
     predict_unit: Callable[[Variables, Unit], np.ndarray]
+    setting_keys: tuple[str, ...] = ()
 
 
 def collect_logits(predict: Callable[[jax.Array], jax.Array], unit: Unit) -> np.ndarray:

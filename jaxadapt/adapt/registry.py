@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import ml_collections
 
+from jaxadapt.adapt import arm, bn, tent
 from jaxadapt.adapt import erm as erm_lib
 from jaxadapt.adapt.base import Method
 
-# name -> (model, study config) -> Method
-_FACTORIES: dict[str, Callable[[nn.Module, ml_collections.ConfigDict], Method]] = {
-    "erm": lambda model, cfg: erm_lib.erm(model),
+# name -> (model, study config, swept setting) -> Method. A setting holds the values a
+# study sweeps (e.g. {"N": 16}); a method reads what concerns it and ignores the rest.
+Factory = Callable[[nn.Module, ml_collections.ConfigDict, Mapping[str, Any]], Method]
+_FACTORIES: dict[str, Factory] = {
+    "erm": lambda model, cfg, setting: erm_lib.erm(model),
+    "adabn": bn.adabn,
+    "adabn_plate": bn.adabn_plate,
+    "ben": bn.ben,
+    "tent": tent.tent,
+    "arm_bn": arm.arm_bn,
+    "cs_arm_bn": arm.cs_arm_bn,
+    "cs_arm_bn_plate": arm.cs_arm_bn_plate,
 }
 
 
@@ -21,13 +31,15 @@ def available() -> list[str]:
     return sorted(_FACTORIES)
 
 
-def make_method(name: str, model: nn.Module, cfg: ml_collections.ConfigDict) -> Method:
+def make_method(name: str, model: nn.Module, cfg: ml_collections.ConfigDict,
+                setting: Mapping[str, Any] | None = None) -> Method:
     """Builds method `name` for `model`.
 
     Args:
       name: a method name, e.g. "erm".
       model: the architecture.
       cfg: the study config (methods read their own sub-config from it).
+      setting: swept values of this evaluation, e.g. {"L": 16, "N": 128}; default none.
 
     Returns:
       The Method.
@@ -39,4 +51,4 @@ def make_method(name: str, model: nn.Module, cfg: ml_collections.ConfigDict) -> 
         raise ValueError(
             f"config.methods names unknown method {name!r}; available: {available()}"
         )
-    return _FACTORIES[name](model, cfg)
+    return _FACTORIES[name](model, cfg, setting or {})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import ml_collections
 import numpy as np
@@ -43,25 +43,94 @@ def replicates(cfg: ml_collections.ConfigDict) -> list[Replicate]:
     return [Replicate(s, int(seed)) for s in cfg.train_sources for seed in cfg.seeds]
 
 
-def score_split(method: Method, variables: Variables, view: DataView, rows: np.ndarray,
-                *, unit: str, batch_size: int, num_classes: int) -> np.ndarray:
-    """Adapts and predicts on every unit of a split; returns the split's confusion matrix.
+def swept_settings(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+    """The settings a study sweeps (`config.sweep`), e.g. [{"alpha": 0.01}, {"L": 16, "N": 0}].
+
+    Keys the runner understands: `L` (test batch = context size), `alpha` (Dirichlet
+    label shift; "balanced" for none), `unit` (adaptation unit); any other key (e.g.
+    `N`, the control count) is read by the methods. An empty sweep is one empty setting.
+    """
+    sweep = [dict(s) for s in (cfg.get("sweep") or ({},))]
+    for s in sweep:
+        alpha = s.get("alpha", "balanced")
+        if alpha != "balanced" and not (isinstance(alpha, (int, float)) and alpha > 0):
+            raise ValueError(f"config.sweep setting {s}: alpha={alpha!r}; use a number > 0 or 'balanced'")
+        if "L" in s and not (isinstance(s["L"], int) and s["L"] >= 1):
+            raise ValueError(f"config.sweep setting {s}: L={s['L']!r}; use an integer >= 1")
+    return sweep
+
+
+#: Setting keys the runner itself reads (how test units and batches are cut).
+RUNNER_KEYS = ("L", "alpha", "unit")
+
+
+def method_settings(names, build: Callable[[str, dict], Method],
+                    sweep: list[dict[str, Any]]) -> list[tuple[dict[str, Any], Method]]:
+    """Every (setting, method) pair to score, without repeats over ignored keys.
+
+    A setting is projected onto the runner's keys plus the keys the method declares, so
+    e.g. arm_bn under a sweep of N in {0, 16, 128} is scored once per L, not three times.
+
+    Args:
+      names: method names, in table order.
+      build: (name, setting) -> Method.
+      sweep: from `swept_settings`.
+
+    Returns:
+      (projected setting, method) pairs, each method built once per distinct setting.
+    """
+    pairs, seen = [], set()
+    for name in names:
+        probe = build(name, {})
+        for setting in sweep:
+            keep = RUNNER_KEYS + probe.setting_keys
+            projected = {k: v for k, v in setting.items() if k in keep}
+            key = (name, tuple(sorted(projected.items(), key=lambda kv: kv[0])))
+            if key not in seen:
+                seen.add(key)
+                pairs.append((projected, build(name, projected) if projected else probe))
+    return pairs
+
+
+def make_units(table, rows: np.ndarray, setting: Mapping[str, Any],
+               cfg: ml_collections.ConfigDict) -> list[samplers.EvalUnit]:
+    """Cuts a split into target units and test batches as the setting asks.
+
+    Args:
+      table: metadata of every record.
+      rows: the split's rows (perturbed and control).
+      setting: one swept setting (`L`, `alpha`, `unit` are used here).
+      cfg: study config (defaults `eval.batch_size`, `eval.unit`, `eval.seed`).
+
+    Returns:
+      The split's units, each with padded batches of size L and its control rows.
+    """
+    batch_size = int(setting.get("L", cfg.eval.batch_size))
+    unit = setting.get("unit", cfg.eval.unit)
+    alpha = setting.get("alpha", "balanced")
+    if alpha == "balanced":
+        return samplers.eval_units(table, rows, unit=unit, batch_size=batch_size, seed=cfg.eval.seed)
+    return samplers.label_shift_units(table, rows, alpha=float(alpha), batch_size=batch_size,
+                                      num_classes=cfg.model.num_classes, seed=cfg.eval.seed, unit=unit)
+
+
+def score_units(method: Method, variables: Variables, view: DataView,
+                units: Iterable[samplers.EvalUnit], num_classes: int) -> np.ndarray:
+    """Adapts and predicts on every unit; returns the confusion matrix summed over units.
 
     Args:
       method: the method under test.
       variables: trained model variables.
       view: data access.
-      rows: the split's table rows (perturbed and control).
-      unit: adaptation unit, "plate", "batch" or "source".
-      batch_size: test batch size.
+      units: target units from `make_units`.
       num_classes: K.
 
     Returns:
-      int64 confusion matrix [K, K], summed over units.
+      int64 confusion matrix [K, K].
     """
     cm = np.zeros((num_classes, num_classes), np.int64)
-    for spec in samplers.eval_units(view.table, rows, unit=unit, batch_size=batch_size):
-        target = PipelineUnit(view, spec, batch_size)
+    for spec in units:
+        target = PipelineUnit(view, spec, spec.rows.shape[1])
         logits = method.predict_unit(variables, target)
         labels = target.labels()
         if len(logits) != len(labels):
@@ -74,7 +143,7 @@ def score_split(method: Method, variables: Variables, view: DataView, rows: np.n
 
 
 def run_replicate(rep: Replicate, cfg: ml_collections.ConfigDict, view: DataView,
-                  rows: dict[str, np.ndarray], methods: Iterable[Method],
+                  rows: dict[str, np.ndarray], methods: Iterable[tuple[dict, Method]],
                   trainers: dict[str, TrainFn], workdir: str) -> list[Score]:
     """Trains what the methods need for one replicate, then scores every method and split.
 
@@ -83,7 +152,7 @@ def run_replicate(rep: Replicate, cfg: ml_collections.ConfigDict, view: DataView
       cfg: study config (eval_splits, eval.unit, eval.batch_size, model.num_classes).
       view: data access normalized with this replicate's training statistics.
       rows: split name -> table rows, from `splits.make_splits`.
-      methods: methods to score.
+      methods: (setting, method) pairs to score; a method built for a setting.
       trainers: trainer name -> training function.
       workdir: run directory; checkpoints go below it.
 
@@ -92,20 +161,20 @@ def run_replicate(rep: Replicate, cfg: ml_collections.ConfigDict, view: DataView
     """
     trained: dict[str, Variables] = {}
     scores = []
-    for method in methods:
+    for setting, method in methods:
         if method.trainer not in trained:
             if method.trainer not in trainers:
                 raise ValueError(
                     f"method {method.name!r} needs trainer {method.trainer!r}, which this study "
                     f"does not provide (trainers: {sorted(trainers)})"
                 )
-            ckpt = os.path.join(workdir, "checkpoints", rep.train_source, f"seed{rep.seed}", method.trainer)
-            trained[method.trainer] = trainers[method.trainer](view, rows, ckpt, rep.seed)
+            run_dir = os.path.join(workdir, "checkpoints", rep.train_source, f"seed{rep.seed}", method.trainer)
+            trained[method.trainer] = trainers[method.trainer](view, rows, run_dir, rep.seed)
         for split in cfg.eval_splits:
-            cm = score_split(method, trained[method.trainer], view, rows[split],
-                             unit=cfg.eval.unit, batch_size=cfg.eval.batch_size,
-                             num_classes=cfg.model.num_classes)
+            units = make_units(view.table, rows[split], setting, cfg)
+            cm = score_units(method, trained[method.trainer], view, units, cfg.model.num_classes)
             for metric, value in metrics.scores(cm).items():
-                scores.append(Score(method.name, split, metric, value, run=rep.run_id))
-            log.info("%s %s %s: accuracy %.3f", rep.run_id, method.name, split, metrics.accuracy(cm))
+                scores.append(Score(method.name, split, metric, value, setting, run=rep.run_id))
+            log.info("%s %s %s %s: accuracy %.3f", rep.run_id, method.name, split, setting or "",
+                     metrics.accuracy(cm))
     return scores

@@ -16,7 +16,7 @@ from jaxadapt.data.schema import SiteTable
 from jaxadapt.eval import protocol, reports
 from jaxadapt.eval.units import DataView
 from jaxadapt.models import build_model
-from jaxadapt.train import supervised
+from jaxadapt.train import episodic, supervised
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,28 @@ def make_view(source, table: SiteTable, train_rows, data_cfg: ml_collections.Con
     )
 
 
+def make_trainers(model, cfg: ml_collections.ConfigDict, names: set[str]) -> dict:
+    """The training recipes the study's methods need, each built once.
+
+    Args:
+      model: the architecture.
+      cfg: the study config.
+      names: trainer names (`erm`, `arm_bn`, `cs_arm_bn`).
+
+    Returns:
+      name -> `train(view, rows, run_dir, seed) -> variables`.
+    """
+    recipes = {
+        "erm": lambda: supervised.make_erm_trainer(model, cfg),
+        "arm_bn": lambda: episodic.make_episodic_trainer(model, cfg, with_controls=False),
+        "cs_arm_bn": lambda: episodic.make_episodic_trainer(model, cfg, with_controls=True),
+    }
+    unknown = names - set(recipes)
+    if unknown:
+        raise ValueError(f"no training recipe for {sorted(unknown)}; known: {sorted(recipes)}")
+    return {name: recipes[name]() for name in sorted(names)}
+
+
 def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> list[reports.Row]:
     """Runs every replicate of a study and writes its result tables.
 
@@ -55,8 +77,11 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> list[reports.Row]
     """
     source, table = tfds_sim.load_simulated(cfg.data.sim, cfg.data.cache_dir)
     model = build_model(cfg.model)
-    methods = [registry.make_method(name, model, cfg) for name in cfg.methods]
-    trainers = {"erm": supervised.make_erm_trainer(model, cfg)}
+    # Built once per (method, setting) so their jitted functions compile once per study.
+    methods = protocol.method_settings(
+        cfg.methods, lambda name, setting: registry.make_method(name, model, cfg, setting),
+        protocol.swept_settings(cfg))
+    trainers = make_trainers(model, cfg, {m.trainer for _, m in methods})
     scores = []
     for rep in protocol.replicates(cfg):
         rows = splits_lib.make_splits(table, train_source=rep.train_source, cfg=cfg.splits)

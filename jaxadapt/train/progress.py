@@ -65,7 +65,7 @@ class ProgressBar:
     self.images = 0
     self.metrics: dict[str, Any] = {}
     self._last_print = self.start
-    self._next_frac = 0.1
+    self._next_tenth = 1  # next 10% mark, in integer tenths (0.1 sums drift)
     self._closed = False
     self._printed_count = -1
 
@@ -94,11 +94,11 @@ class ProgressBar:
     """Whether a line is due now (TTY: throttled; else 10% marks or timer)."""
     if self.is_tty:
       return now - self._last_print >= self.tty_interval_s
-    if self.total and self.count / self.total >= self._next_frac:
-      while self._next_frac <= self.count / self.total:
-        self._next_frac += 0.1
+    if self.total and 10 * self.count >= self._next_tenth * self.total:
+      while self._next_tenth * self.total <= 10 * self.count:
+        self._next_tenth += 1
       # A 10% mark of a short loop is noise in a CI log: keep lines >= 10 s apart.
-      return now - self._last_print >= min(10.0, self.log_interval_s)
+      return now - self._last_print >= min(10.0, self.log_interval_s) - 1e-6
     return now - self._last_print >= self.log_interval_s
 
   def line(self, now: float | None = None) -> str:

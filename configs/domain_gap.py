@@ -1,0 +1,24 @@
+"""Study 1: the domain-gap table of the BatchNorm family (CS-ARM-BN paper, Table 1 shape).
+
+    python experiments/run.py --config configs/domain_gap.py         # CPU size
+    python experiments/run.py --config configs/domain_gap.py:gpu     # ResNet-50, 128 px crops
+
+Methods erm, adabn, tent, ben, arm_bn, cs_arm_bn; columns in_domain (held-out wells of
+training plates), new_batch (held-out batches of the training source), new_source
+(leave one source out, both directions); mean +- std over 3 seeds x 2 directions.
+"""
+
+from jaxadapt import config as defaults
+
+
+def get_config(variant: str = "cpu"):
+    """Args: variant, "cpu" or "gpu". Returns: the ConfigDict."""
+    c = defaults.get_defaults()
+    c.study = "domain_gap"
+    c.methods = ("erm", "adabn", "tent", "ben", "arm_bn", "cs_arm_bn")
+    c.train_sources = ("source_3", "source_8")
+    if variant == "gpu":
+        defaults.gpu_overrides(c)
+    elif variant != "cpu":
+        raise ValueError(f"configs/domain_gap.py:{variant}: unknown variant; use cpu or gpu")
+    return c
