@@ -21,8 +21,5 @@ def get_config(variant: str = "cpu"):
     c.eval_splits = ("new_batch",)
     c.sweep = tuple({"L": L, "N": N} for L in (1, 4, 16, 64) for N in (0, 16, 128))
     if variant == "gpu":
-        defaults.gpu_overrides(c)
         c.eval_splits = ("new_batch", "new_source")
-    elif variant != "cpu":
-        raise ValueError(f"configs/context_size.py:{variant}: unknown variant; use cpu or gpu")
-    return c
+    return defaults.apply_variant(c, variant)

@@ -3,7 +3,8 @@
     python experiments/run.py --config configs/domain_gap.py         # CPU size
     python experiments/run.py --config configs/domain_gap.py:gpu     # ResNet-50, 128 px crops
 
-Methods erm, adabn, tent, ben, arm_bn, cs_arm_bn; columns in_domain (held-out wells of
+Methods erm, adabn (per test batch), adabn_plate (exact whole-plate statistics), tent, ben,
+arm_bn, cs_arm_bn and cs_arm_bn_plate; columns in_domain (held-out wells of
 training plates), new_batch (held-out batches of the training source), new_source
 (leave one source out, both directions); mean +- std over 3 seeds x 2 directions.
 """
@@ -15,10 +16,6 @@ def get_config(variant: str = "cpu"):
     """Args: variant, "cpu" or "gpu". Returns: the ConfigDict."""
     c = defaults.get_defaults()
     c.study = "domain_gap"
-    c.methods = ("erm", "adabn", "tent", "ben", "arm_bn", "cs_arm_bn")
+    c.methods = ("erm", "adabn", "adabn_plate", "tent", "ben", "arm_bn", "cs_arm_bn", "cs_arm_bn_plate")
     c.train_sources = ("source_3", "source_8")
-    if variant == "gpu":
-        defaults.gpu_overrides(c)
-    elif variant != "cpu":
-        raise ValueError(f"configs/domain_gap.py:{variant}: unknown variant; use cpu or gpu")
-    return c
+    return defaults.apply_variant(c, variant)

@@ -17,8 +17,4 @@ def get_config(variant: str = "cpu"):
     c.study = "erm"
     c.methods = ("erm",)
     c.train_sources = ("source_3", "source_8")
-    if variant == "gpu":
-        defaults.gpu_overrides(c)
-    elif variant != "cpu":
-        raise ValueError(f"configs/erm.py:{variant}: unknown variant; use cpu or gpu")
-    return c
+    return defaults.apply_variant(c, variant)

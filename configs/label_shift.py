@@ -22,8 +22,5 @@ def get_config(variant: str = "cpu"):
     c.eval_splits = ("new_batch", "new_source")
     c.sweep = tuple({"alpha": a} for a in (0.01, 0.1, 1.0, 10.0, "balanced"))
     if variant == "gpu":
-        defaults.gpu_overrides(c)
         c.train_sources = ("source_3", "source_8")
-    elif variant != "cpu":
-        raise ValueError(f"configs/label_shift.py:{variant}: unknown variant; use cpu or gpu")
-    return c
+    return defaults.apply_variant(c, variant)

@@ -17,8 +17,4 @@ def get_config(variant: str = "cpu"):
     c.methods = ("erm",)
     c.train_sources = ("source_3",)
     c.seeds = (0, 1, 2)
-    if variant == "gpu":
-        defaults.gpu_overrides(c)
-    elif variant != "cpu":
-        raise ValueError(f"configs/quickstart.py:{variant}: unknown variant; use cpu or gpu")
-    return c
+    return defaults.apply_variant(c, variant)

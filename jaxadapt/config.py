@@ -21,6 +21,9 @@ def get_defaults() -> ml_collections.ConfigDict:
     # Leave-one-source-out folds: each entry trains on that source, the rest is new_source.
     c.train_sources = ("source_3",)
     c.eval_splits = ("in_domain", "new_batch", "new_source")
+    # Trained models are kept under <checkpoint_dir>/<source>/seed<k>/<trainer>-<config hash>;
+    # "" = <workdir>/checkpoints. Studies sharing a directory reuse identically trained models.
+    c.checkpoint_dir = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.sim = default_sim_config("jump_poscon")
@@ -97,3 +100,24 @@ def gpu_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.arm.n_controls = 128
     c.adapt.n_controls = 128
     return c
+
+
+VARIANTS = ("cpu", "gpu")
+
+
+def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+    """Applies a config-file variant (`configs/<study>.py:<variant>`).
+
+    Args:
+      c: the study config.
+      variant: "cpu" (defaults, laptop-sized) or "gpu" (`gpu_overrides`).
+
+    Returns:
+      `c`, changed in place.
+
+    Raises:
+      ValueError: for an unknown variant.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"configs/{c.study}.py:{variant}: unknown variant; use one of {VARIANTS}")
+    return gpu_overrides(c) if variant == "gpu" else c

@@ -94,9 +94,9 @@ def default_sim_config(preset: str = "jump_poscon") -> ml_collections.ConfigDict
     c = ml_collections.ConfigDict()
     c.preset = preset
     c.sources = ("source_3", "source_8")  # keys of microscope_config.csv
-    c.batches_per_source = 4  # real batch names first (plate.csv), then synthetic ones
+    c.batches_per_source = 6  # real batch names first (plate.csv), then synthetic ones
     c.plates_per_batch = 2
-    c.sites_per_well = 4  # real JUMP: 9 (source_3, source_8)
+    c.sites_per_well = 9  # as real JUMP source_3 and source_8
     c.image_size = 64  # pixels per side
     c.binning = 4.0  # image px = binning x camera px; keeps ~20 cells in a 64 px field
     c.seed = 0
@@ -109,7 +109,7 @@ def default_sim_config(preset: str = "jump_poscon") -> ml_collections.ConfigDict
     b.cells_per_mm2 = 900.0  # DMSO seeding density (~20 cells per 64 px field at 0.6 um)
     b.nucleus_radius_um = 6.0
     b.cell_radius_um = 13.0
-    b.effect_size = 1.0  # multiplies every class direction
+    b.effect_size = 1.6  # multiplies every class direction
     b.compound_deviation = 0.3  # compound-specific deviation, relative to its MoA direction
     b.well_sd = 0.04  # well-to-well biological noise of the phenotype (log units)
     b.cell_sd = 0.18  # cell-to-cell noise of sizes and intensities (log units)
@@ -133,10 +133,10 @@ def default_sim_config(preset: str = "jump_poscon") -> ml_collections.ConfigDict
     t.read_noise = 0.012  # camera read noise (fraction of full scale)
     t.background = 0.03  # max per-channel background (fraction of full scale)
     # batch (one experiment run)
-    t.batch_stain_sd = 0.25  # per-channel log stain concentration
-    t.batch_density_sd = 0.2  # log seeding density (LINCS replicate batches: ~1.4k-2.4k cells/well)
-    t.batch_strength_sd = 0.15  # log phenotype strength (incubation time)
-    t.batch_focus_sd = 0.35  # focus offset, px of extra blur
+    t.batch_stain_sd = 0.16  # per-channel log stain concentration
+    t.batch_density_sd = 0.13  # log seeding density (LINCS replicate batches: ~1.4k-2.4k cells/well)
+    t.batch_strength_sd = 0.10  # log phenotype strength (incubation time)
+    t.batch_focus_sd = 0.23  # focus offset, px of extra blur
     # plate
     t.plate_gradient = 0.1  # max illumination gradient across the field
     t.plate_gain_sd = 0.05  # per-channel log gain jitter

@@ -38,6 +38,34 @@ class Replicate(NamedTuple):
         return f"train_source={self.train_source},seed={self.seed}"
 
 
+#: Config sections that determine a trained model (data, splits, architecture, recipe).
+TRAINING_FIELDS = ("data", "splits", "model", "train", "arm")
+
+
+def training_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
+    """A short hash of everything that determines the weights a trainer produces.
+
+    Checkpoints live under this key, so studies that share `config.checkpoint_dir`
+    reuse a trained model only when it was trained the same way; any other change
+    trains anew instead of silently reusing a model trained differently.
+
+    Args:
+      cfg: the study config.
+      trainer: the training recipe's name.
+
+    Returns:
+      `<trainer>-<12 hex digits>`.
+    """
+    import hashlib
+    import json
+
+    spec = {k: cfg[k].to_dict() for k in TRAINING_FIELDS if k in cfg}
+    spec["data"].pop("num_threads", None)  # speed only
+    spec["data"].pop("cache_dir", None)
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{trainer}-{digest[:12]}"
+
+
 def replicates(cfg: ml_collections.ConfigDict) -> list[Replicate]:
     """The study's replicates: every training source (leave-one-source-out fold) x seed."""
     return [Replicate(s, int(seed)) for s in cfg.train_sources for seed in cfg.seeds]
@@ -168,7 +196,8 @@ def run_replicate(rep: Replicate, cfg: ml_collections.ConfigDict, view: DataView
                     f"method {method.name!r} needs trainer {method.trainer!r}, which this study "
                     f"does not provide (trainers: {sorted(trainers)})"
                 )
-            run_dir = os.path.join(workdir, "checkpoints", rep.train_source, f"seed{rep.seed}", method.trainer)
+            root = cfg.get("checkpoint_dir") or os.path.join(workdir, "checkpoints")
+            run_dir = os.path.join(root, rep.train_source, f"seed{rep.seed}", training_key(cfg, method.trainer))
             trained[method.trainer] = trainers[method.trainer](view, rows, run_dir, rep.seed)
         for split in cfg.eval_splits:
             units = make_units(view.table, rows[split], setting, cfg)

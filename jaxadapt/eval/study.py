@@ -98,9 +98,11 @@ def setup_logging(workdir: str) -> None:
     Orbax and TFDS log every checkpoint file operation at INFO through absl, which
     would drown the study's own progress.
     """
+    import tensorflow_datasets as tfds
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)
+    tfds.disable_progress_bar()  # per-record bars of the store build flood logs
     os.makedirs(workdir, exist_ok=True)
     ours = logging.getLogger("jaxadapt")
     ours.setLevel(logging.INFO)

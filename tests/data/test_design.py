@@ -21,7 +21,7 @@ def test_default_config_has_every_knob():
                  "image_size", "seed", "clean"):
         assert knob in cfg
     assert set(cfg.severity) == {"source", "batch", "plate", "well"}
-    assert cfg.biology.effect_size == 1.0
+    assert cfg.biology.effect_size > 0
     assert tuple(cfg.sources) == ("source_3", "source_8")
 
 

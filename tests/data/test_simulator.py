@@ -93,8 +93,11 @@ def test_replicate_wells_closer_than_across_batches(study):
     wells = [np.unique(table["well"][ctrl & (table["batch"] == b)]) for b in batches]
     wm = [np.array([means[keys == b + w].mean(0) for w in ws]) for b, ws in zip(batches, wells)]
     within = np.mean([np.abs(m[:, None] - m[None]).sum(-1).sum() / (len(m) * (len(m) - 1)) for m in wm])
-    across = np.abs(wm[0][:, None] - wm[1][None]).sum(-1).mean()
-    assert across > 1.2 * within, (within, across)
+    across = np.mean([np.abs(wm[i][:, None] - wm[j][None]).sum(-1).mean()
+                      for i in range(len(wm)) for j in range(i + 1, len(wm))])
+    # The batch severity is set so that ERM loses 5-15 points on new batches, as on real
+    # JUMP data (not more): replicate DMSO wells still agree clearly better within a batch.
+    assert across > 1.1 * within, (within, across)
 
 
 def test_severity_zero_removes_batch_effects():
