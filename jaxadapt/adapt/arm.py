@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxadapt.adapt import bn
+from jaxadapt.adapt import adabn
 from jaxadapt.adapt.base import Method, Unit, Variables
 
 log = logging.getLogger(__name__)
@@ -353,5 +353,5 @@ def cs_arm_bn_plate(model: nn.Module, cfg: Any = None,
     Returns:
       The ``cs_arm_bn_plate`` method.
     """
-    return bn.plate_method("cs_arm_bn_plate", model, cfg, images=True, controls=True,
+    return adabn.plate_method("cs_arm_bn_plate", model, cfg, images=True, controls=True,
                            trainer="cs_arm_bn")

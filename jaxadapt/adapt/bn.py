@@ -9,12 +9,10 @@ paths of the ``batch_stats`` collection) that a model consumes with
 - `plate_stats`: exact statistics of a context larger than one batch (a whole plate of
   thousands of images), streamed in chunks with peak memory bounded by the chunk size.
   Never an average of per-chunk variances (the reference code's defect).
-- per-batch statistics inside the forward pass (`norm_mode="batch"`), used by `adabn`.
+- per-batch statistics inside the forward pass (`norm_mode="batch"`).
 
-Methods built on them (each a ``(model, cfg, setting) -> Method`` factory):
-`adabn` (each test batch's own statistics), `adabn_plate` (whole-plate statistics once
-per unit, then ERM-cost prediction) and `ben` (statistics of the unit's negative
-controls only).
+The methods built on them (AdaBN, BEN, whole-plate variants) are in
+`jaxadapt.adapt.adabn`.
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxadapt.adapt.base import Method, Unit, Variables, collect_logits
+from jaxadapt.adapt.base import Variables
 from jaxadapt.models.norm import merge_suff, norm_stats_from_suff
 
 log = logging.getLogger(__name__)
@@ -416,125 +414,3 @@ def plate_stats(model: nn.Module, variables: Variables,
             norm_stats[p + ("mean",)] = st["mean"]
             norm_stats[p + ("var",)] = st["var"]
     return traverse_util.unflatten_dict(norm_stats)
-
-
-# ------------------------------------------------------------------------ methods
-
-
-def _adapt_field(cfg: Any, field: str, default: Any) -> Any:
-    sub = cfg.get("adapt", None) if hasattr(cfg, "get") else getattr(cfg, "adapt", None)
-    if sub is None:
-        return default
-    return sub.get(field, default) if hasattr(sub, "get") else getattr(sub, field, default)
-
-
-def _unit_chunks(unit: Unit, *, images: bool, controls: bool) -> list[Chunk]:
-    """A unit's context, read once into host memory (plate_stats reads it per pass)."""
-    out: list[Chunk] = []
-    if images:
-        out += [(np.asarray(b.image), np.asarray(b.mask, bool)) for b in unit.batches()]
-    if controls:
-        out += [(np.asarray(c), None) for c in unit.all_controls() if len(c)]
-    return out
-
-
-def adabn(model: nn.Module, cfg: Any = None, setting: Mapping[str, Any] | None = None) -> Method:
-    """AdaBN: each test batch is normalized with its own statistics (padding excluded).
-
-    Args:
-      model: the trained architecture (trained by the `erm` recipe).
-      cfg, setting: unused (accepted for the registry signature).
-
-    Returns:
-      The `adabn` Method.
-    """
-
-    @jax.jit
-    def predict(variables, images, mask):
-        logits, _ = model.apply(variables, images, norm_mode="batch", stats_mask=mask)
-        return logits
-
-    def predict_unit(variables: Variables, unit: Unit) -> np.ndarray:
-        out = []
-        for b in unit.batches():
-            mask = np.asarray(b.mask, bool)
-            check_finite(b.image, mask, what=f"unit {unit.name!r} test batch")
-            out.append(np.asarray(predict(variables, jnp.asarray(b.image), jnp.asarray(mask)))[mask])
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-    return Method(name="adabn", trainer="erm", predict_unit=predict_unit)
-
-
-def plate_method(name: str, model: nn.Module, cfg: Any, *, images: bool,
-                 controls: bool, trainer: str = "erm") -> Method:
-    """A method that normalizes every unit with exact statistics of its whole context.
-
-    Args:
-      name: the method's name in result tables.
-      model: the trained architecture.
-      cfg: reads ``cfg.adapt.plate_chunk_size`` and ``cfg.adapt.on_missing_controls``.
-      images: the unit's perturbed images belong to the context.
-      controls: the unit's negative controls belong to the context.
-      trainer: the recipe whose weights it adapts (e.g. "cs_arm_bn" for the whole-plate
-        variant of CS-ARM-BN).
-
-    Returns:
-      The Method; statistics are computed once per unit, predictions at ERM cost.
-    """
-    chunk = _adapt_field(cfg, "plate_chunk_size", None)
-    on_missing = _adapt_field(cfg, "on_missing_controls", "raise")
-
-    def predict_unit(variables: Variables, unit: Unit) -> np.ndarray:
-        context = _unit_chunks(unit, images=images, controls=controls)
-        if controls and not images and not context:
-            if on_missing != "perturbed_only":
-                raise ValueError(
-                    f"unit {unit.name!r} has no negative-control wells; method {name!r} "
-                    "normalizes with controls-only statistics: evaluate it on units with "
-                    "DMSO wells, or set adapt.on_missing_controls='perturbed_only'")
-            log.warning("unit %s has no controls: %s falls back to the unit's perturbed "
-                        "images (adapt.on_missing_controls='perturbed_only')", unit.name, name)
-            context = _unit_chunks(unit, images=True, controls=False)
-        stats = plate_stats(model, variables, context, chunk_size=chunk)
-        return collect_logits(functools.partial(_apply_with_stats, model, variables, stats), unit)
-
-    return Method(name=name, trainer=trainer, predict_unit=predict_unit)
-
-
-def adabn_plate(model: nn.Module, cfg: Any = None,
-                setting: Mapping[str, Any] | None = None) -> Method:
-    """AdaBN with exact whole-unit statistics: all perturbed images plus all controls.
-
-    Statistics are computed once per unit with `plate_stats` (pooled, exact), then every
-    batch is predicted at ERM cost.
-
-    Args:
-      model: the trained architecture (`erm` recipe).
-      cfg: reads ``cfg.adapt.plate_chunk_size`` (default None = the unit's batch size).
-      setting: unused.
-
-    Returns:
-      The `adabn_plate` Method.
-    """
-    return plate_method("adabn_plate", model, cfg, images=True, controls=True)
-
-
-def ben(model: nn.Module, cfg: Any = None, setting: Mapping[str, Any] | None = None) -> Method:
-    """BEN: normalize with statistics of the unit's negative controls only.
-
-    Uses ALL controls of the unit with exact pooled statistics (`plate_stats`). The
-    original code resets the running statistics and then accumulates them with momentum
-    0.1, so it normalizes with statistics shrunk towards the reset values (mean 0, var 1)
-    -- wrong; here the controls' statistics are used as they are.
-
-    Args:
-      model: the trained architecture (`erm` recipe).
-      cfg: reads ``cfg.adapt.plate_chunk_size`` (default None = the controls' batch size)
-        and ``cfg.adapt.on_missing_controls`` ("raise", default; or "perturbed_only":
-        fall back to the unit's perturbed images, with a warning).
-      setting: unused.
-
-    Returns:
-      The `ben` Method; its predict_unit raises ValueError for a unit without controls.
-    """
-    return plate_method("ben", model, cfg, images=False, controls=True)

@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import ml_collections
 
-from jaxadapt.adapt import arm, bn, tent
+from jaxadapt.adapt import adabn, arm, tent
 from jaxadapt.adapt import erm as erm_lib
 from jaxadapt.adapt.base import Method
 
@@ -16,9 +16,9 @@ from jaxadapt.adapt.base import Method
 Factory = Callable[[nn.Module, ml_collections.ConfigDict, Mapping[str, Any]], Method]
 _FACTORIES: dict[str, Factory] = {
     "erm": lambda model, cfg, setting: erm_lib.erm(model),
-    "adabn": bn.adabn,
-    "adabn_plate": bn.adabn_plate,
-    "ben": bn.ben,
+    "adabn": adabn.adabn,
+    "adabn_plate": adabn.adabn_plate,
+    "ben": adabn.ben,
     "tent": tent.tent,
     "arm_bn": arm.arm_bn,
     "cs_arm_bn": arm.cs_arm_bn,

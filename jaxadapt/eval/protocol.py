@@ -204,6 +204,6 @@ def run_replicate(rep: Replicate, cfg: ml_collections.ConfigDict, view: DataView
             cm = score_units(method, trained[method.trainer], view, units, cfg.model.num_classes)
             for metric, value in metrics.scores(cm).items():
                 scores.append(Score(method.name, split, metric, value, setting, run=rep.run_id))
-            log.info("%s %s %s %s: accuracy %.3f", rep.run_id, method.name, split, setting or "",
+            log.info("%s %s%s %s: accuracy %.3f", rep.run_id, method.name, f" {setting}" if setting else "", split,
                      metrics.accuracy(cm))
     return scores

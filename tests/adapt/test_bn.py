@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxadapt.adapt import bn
+from jaxadapt.adapt import adabn, bn
 from jaxadapt.adapt.base import TestBatch as Batch  # not a test class
 from jaxadapt.models.resnet import BasicBlock, ResNet, resnet18
 
@@ -156,7 +156,7 @@ def test_adabn_scores_each_sample_once_with_its_batch_stats(tiny):
     model, v = tiny
     imgs = _images(11, seed=9)
     unit = FakeUnit("plate_a", imgs, _images(5, seed=10), batch_size=4)
-    logits = bn.adabn(model).predict_unit(v, unit)
+    logits = adabn.adabn(model).predict_unit(v, unit)
     assert logits.shape == (11, 3) and np.isfinite(logits).all()
     want = [model.apply(v, imgs[s:s + 4], norm_mode="batch")[0] for s in (0, 4, 8)]
     np.testing.assert_allclose(logits, np.concatenate(want), rtol=1e-4, atol=1e-4)
@@ -166,7 +166,7 @@ def test_adabn_plate_uses_images_and_all_controls(tiny):
     model, v = tiny
     imgs, ctrl = _images(11, seed=11), _images(6, seed=12, loc=0.0)
     unit = FakeUnit("plate_b", imgs, ctrl, batch_size=4)
-    logits = bn.adabn_plate(model).predict_unit(v, unit)
+    logits = adabn.adabn_plate(model).predict_unit(v, unit)
     stats = bn.context_stats(model, v, np.concatenate([imgs, ctrl]))
     np.testing.assert_allclose(logits, bn.apply_with_stats(model, v, stats, imgs),
                                rtol=1e-4, atol=1e-4)
@@ -175,7 +175,7 @@ def test_adabn_plate_uses_images_and_all_controls(tiny):
 def test_ben_uses_only_controls(tiny):
     model, v = tiny
     imgs, ctrl = _images(8, seed=13), _images(7, seed=14, loc=-1.0)
-    method = bn.ben(model)
+    method = adabn.ben(model)
     logits = method.predict_unit(v, FakeUnit("plate_c", imgs, ctrl, batch_size=4))
     want = bn.apply_with_stats(model, v, bn.context_stats(model, v, ctrl), imgs)
     np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)
@@ -187,6 +187,6 @@ def test_ben_uses_only_controls(tiny):
         method.predict_unit(v, FakeUnit("plate_d", imgs, ctrl[:0], batch_size=4))
     cfg = ml_collections.ConfigDict({"adapt": {"on_missing_controls": "perturbed_only"}})
     cfg.lock()
-    fallback = bn.ben(model, cfg).predict_unit(v, FakeUnit("plate_d", imgs, ctrl[:0], 4))
+    fallback = adabn.ben(model, cfg).predict_unit(v, FakeUnit("plate_d", imgs, ctrl[:0], 4))
     want = bn.apply_with_stats(model, v, bn.context_stats(model, v, imgs), imgs)
     np.testing.assert_allclose(fallback, want, rtol=1e-4, atol=1e-4)

@@ -1,6 +1,5 @@
 """Tests of the index samplers: determinism, design properties, padding, errors."""
 
-import itertools
 
 import numpy as np
 import pytest
