@@ -48,8 +48,8 @@ def get_defaults() -> ml_collections.ConfigDict:
     c.train.batch_size = 64
     c.train.eval_batch_size = 64
     c.train.learning_rate = 1e-3  # Adam, no schedule (paper)
-    c.train.num_epochs = 40
-    c.train.patience = 8  # paper: 20 over 200 epochs
+    c.train.num_epochs = 30
+    c.train.patience = 6  # paper: 20 over 200 epochs
     c.train.log_every_steps = 20
     c.train.stop_after_epochs = 0  # > 0: stop early (resume by re-running); 0: run to the end
 
@@ -63,16 +63,18 @@ def get_defaults() -> ml_collections.ConfigDict:
 
     # Episodic (ARM-BN / CS-ARM-BN) training: E plates per step, L perturbed + N controls each.
     c.arm = ml_collections.ConfigDict()
+    # Test chunks must look like training episodes: eval.batch_size == n_perturbed and
+    # adapt.n_controls == n_controls keep the same share of controls in every context.
     c.arm.episodes_per_step = 4  # paper: 8
-    c.arm.n_perturbed = 32  # paper: 64
-    c.arm.n_controls = 32  # paper: 128 (cs_arm_bn only; arm_bn uses 0)
+    c.arm.n_perturbed = 64  # paper: 64
+    c.arm.n_controls = 64  # paper: 128 (cs_arm_bn only; arm_bn uses 0)
     c.arm.steps_per_epoch = 0  # 0: about one pass over the training perturbed images
     c.arm.val_episodes = 16
     c.arm.on_missing_controls = "raise"  # or "skip" plates without controls
 
     # Test-time adaptation.
     c.adapt = ml_collections.ConfigDict()
-    c.adapt.n_controls = 32  # cs_arm_bn: fresh controls appended to each test chunk (paper 128)
+    c.adapt.n_controls = 64  # cs_arm_bn: fresh controls appended to each test chunk (paper 128)
     c.adapt.control_seed = 0
     c.adapt.on_missing_controls = "raise"  # or "perturbed_only": fall back, with a warning
     c.adapt.tent_lr = 1e-3

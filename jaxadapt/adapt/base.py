@@ -18,7 +18,7 @@ import numpy as np
 Variables = dict[str, Any]  # {"params": ..., "batch_stats": ...}
 
 
-class TestBatch(NamedTuple):
+class UnitBatch(NamedTuple):
     """One padded batch of a target unit's labelled (perturbed) samples.
 
     Attributes:
@@ -35,7 +35,7 @@ class Unit(Protocol):
 
     name: str
 
-    def batches(self) -> Iterator[TestBatch]:
+    def batches(self) -> Iterator[UnitBatch]:
         """The unit's perturbed samples in padded batches, in a fixed order."""
 
     def controls(self, count: int, seed: int) -> np.ndarray:

@@ -59,7 +59,8 @@ def training_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
     import hashlib
     import json
 
-    spec = {k: cfg[k].to_dict() for k in TRAINING_FIELDS if k in cfg}
+    fields = [k for k in TRAINING_FIELDS if k in cfg and not (k == "arm" and trainer == "erm")]
+    spec = {k: cfg[k].to_dict() for k in fields}  # ERM's weights do not depend on `arm`
     spec["data"].pop("num_threads", None)  # speed only
     spec["data"].pop("cache_dir", None)
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()

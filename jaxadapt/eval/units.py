@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from jaxadapt.adapt.base import TestBatch
+from jaxadapt.adapt.base import UnitBatch
 from jaxadapt.data import pipeline, samplers
 from jaxadapt.data.schema import SiteTable
 
@@ -61,9 +61,9 @@ class PipelineUnit:
     def name(self) -> str:
         return self.spec.name
 
-    def batches(self) -> Iterator[TestBatch]:
+    def batches(self) -> Iterator[UnitBatch]:
         for batch in self.view.eval_batches(self.spec.rows, self.spec.mask):
-            yield TestBatch(image=batch["image"], mask=batch["mask"])
+            yield UnitBatch(image=batch["image"], mask=batch["mask"])
 
     def labels(self) -> np.ndarray:
         """True labels of the unit's real samples, in the order of `batches()`."""

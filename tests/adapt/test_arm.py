@@ -153,7 +153,7 @@ class FakeUnit:
         for start in range(0, n, self.batch):
             idx = np.resize(np.arange(start, min(start + self.batch, n)), self.batch)
             mask = np.arange(start, start + self.batch) < n
-            yield base.TestBatch(self.images[idx], mask)
+            yield base.UnitBatch(self.images[idx], mask)
 
     def controls(self, count, seed):
         self.seeds.append(seed)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxadapt.adapt import adabn, bn
-from jaxadapt.adapt.base import TestBatch as Batch  # not a test class
+from jaxadapt.adapt.base import UnitBatch as Batch
 from jaxadapt.models.resnet import BasicBlock, ResNet, resnet18
 
 KEY = jax.random.key(0, impl="rbg")  # XLA:CPU compiles rbg initializers much faster

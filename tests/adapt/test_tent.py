@@ -7,7 +7,7 @@ import pytest
 from flax import traverse_util
 
 from jaxadapt.adapt import tent as tent_lib
-from jaxadapt.adapt.base import TestBatch as Batch  # not a test class
+from jaxadapt.adapt.base import UnitBatch as Batch
 from jaxadapt.models.resnet import BasicBlock, ResNet
 
 KEY = jax.random.key(0, impl="rbg")
