@@ -20,6 +20,7 @@ def get_config(variant: str = "cpu"):
     c.methods = ("erm", "adabn", "arm_bn", "cs_arm_bn")
     c.train_sources = ("source_3",)
     c.seeds = (0,)
-    c.train.num_epochs = 12  # the full studies allow 40 with early stopping
+    c.train.num_epochs = 10  # the full studies allow 30 with early stopping
     c.train.patience = 4
+    c.arm.val_episodes = 8
     return defaults.apply_variant(c, variant)
