@@ -7,7 +7,8 @@ Each plate's test batches are drawn as in the CS-ARM-BN paper: p ~ Dirichlet(alp
 counts ~ Multinomial(L, p), rotated by one class per batch, so the plate is balanced but
 each batch is skewed. Batch-statistics methods that normalize with the batch alone
 (adabn, arm_bn) absorb the class signal into the statistics; the controls appended by
-cs_arm_bn dilute that bias by L / (L + N).
+cs_arm_bn dilute that bias by L / (L + N). The CPU variant scores new batches of the
+training source; the GPU variant adds the new source and both training directions.
 """
 
 from jaxadapt import config as defaults
@@ -19,8 +20,11 @@ def get_config(variant: str = "cpu"):
     c.study = "label_shift"
     c.methods = ("erm", "adabn", "arm_bn", "cs_arm_bn")
     c.train_sources = ("source_3",)
-    c.eval_splits = ("new_batch", "new_source")
-    c.sweep = tuple({"alpha": a} for a in (0.01, 0.1, 1.0, 10.0, "balanced"))
+    c.eval_splits = ("new_batch",)
+    # N (controls per test chunk) is read by cs_arm_bn only; the label-shift bias of its
+    # statistics shrinks by L / (L + N): 1/2 at N = 32, 1/5 at N = 128 (L = 32).
+    c.sweep = tuple({"alpha": a, "N": n} for a in (0.01, 0.1, 1.0, 10.0, "balanced") for n in (32, 128))
     if variant == "gpu":
         c.train_sources = ("source_3", "source_8")
+        c.eval_splits = ("new_batch", "new_source")
     return defaults.apply_variant(c, variant)
