@@ -100,7 +100,8 @@ def plate_method(name: str, model: nn.Module, cfg: Any, *, images: bool,
         stats = plate_stats(model, variables, context, chunk_size=chunk)
         return collect_logits(functools.partial(apply_with_stats, model, variables, stats), unit)
 
-    return Method(name=name, trainer=trainer, predict_unit=predict_unit)
+    # Whole-unit statistics: the test batch size cannot change a prediction.
+    return Method(name=name, trainer=trainer, predict_unit=predict_unit, ignores=("L",))
 
 
 def adabn_plate(model: nn.Module, cfg: Any = None,

@@ -56,12 +56,16 @@ class Method(NamedTuple):
         of `unit.batches()`, padding dropped.
       setting_keys: swept keys the method itself reads (e.g. ("N",) for cs_arm_bn);
         the runner does not repeat a method over values of keys it ignores.
+      ignores: runner keys whose value cannot change the method's predictions, e.g.
+        ("L",) for methods that never use a test batch's statistics (ERM, whole-plate
+        statistics), so a context-size sweep scores them once.
     """
 
     name: str
     trainer: str
     predict_unit: Callable[[Variables, Unit], np.ndarray]
     setting_keys: tuple[str, ...] = ()
+    ignores: tuple[str, ...] = ()
 
 
 def collect_logits(predict: Callable[[jax.Array], jax.Array], unit: Unit) -> np.ndarray:

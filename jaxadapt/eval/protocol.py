@@ -112,7 +112,7 @@ def method_settings(names, build: Callable[[str, dict], Method],
     for name in names:
         probe = build(name, {})
         for setting in sweep:
-            keep = RUNNER_KEYS + probe.setting_keys
+            keep = tuple(k for k in RUNNER_KEYS if k not in probe.ignores) + probe.setting_keys
             projected = {k: v for k, v in setting.items() if k in keep}
             key = (name, tuple(sorted(projected.items(), key=lambda kv: kv[0])))
             if key not in seen:

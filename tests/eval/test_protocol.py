@@ -24,17 +24,19 @@ def test_training_key_tracks_only_what_shapes_the_weights():
     assert protocol.training_key(a, "erm").startswith("erm-")
 
 
-def _fake(name, keys=()):
-    return Method(name=name, trainer="erm", predict_unit=lambda v, u: None, setting_keys=keys)
+def _fake(name, keys=(), ignores=()):
+    return Method(name=name, trainer="erm", predict_unit=lambda v, u: None, setting_keys=keys,
+                  ignores=ignores)
 
 
 def test_method_settings_skip_keys_a_method_ignores():
     sweep = [{"L": L, "N": N} for L in (1, 4) for N in (0, 16)]
-    pairs = protocol.method_settings(["arm", "cs"], lambda n, s: _fake(n, ("N",) if n == "cs" else ()), sweep)
-    arm = [s for s, m in pairs if m.name == "arm"]
-    cs = [s for s, m in pairs if m.name == "cs"]
-    assert arm == [{"L": 1}, {"L": 4}]
-    assert cs == sweep
+    build = {"arm": _fake("arm"), "cs": _fake("cs", ("N",)), "plate": _fake("plate", ignores=("L",))}
+    pairs = protocol.method_settings(["arm", "cs", "plate"], lambda n, s: build[n], sweep)
+    by = lambda name: [s for s, m in pairs if m.name == name]  # noqa: E731
+    assert by("arm") == [{"L": 1}, {"L": 4}]
+    assert by("cs") == sweep
+    assert by("plate") == [{}]
 
 
 @pytest.mark.parametrize("bad", [{"alpha": 0}, {"alpha": "skewed"}, {"L": 0}, {"L": 2.5}])
