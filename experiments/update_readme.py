@@ -26,8 +26,9 @@ def section(paths: list[str]) -> str:
             payload = json.load(f)
         rows = reports.load_rows(path)
         parts.append(reports.markdown_table(rows, title=payload["study"]).rstrip())
-        parts.append(f"\n_From `{path}`; seeds {payload['config'].get('seeds')}, "
-                     f"training sources {payload['config'].get('train_sources')}._\n")
+        cfg = payload["config"]
+        parts.append(f"\n_`configs/{payload['study']}.py`: seeds {list(cfg.get('seeds', []))}, "
+                     f"training source(s) {list(cfg.get('train_sources', []))}._\n")
     return "\n".join(parts)
 
 
