@@ -8,9 +8,8 @@ import pytest
 
 from jaxadapt.adapt import adabn, bn
 from jaxadapt.adapt.base import UnitBatch as Batch
-from jaxadapt.models.resnet import BasicBlock, ResNet, resnet18
+from jaxadapt.models.resnet import resnet18
 
-KEY = jax.random.key(0, impl="rbg")  # XLA:CPU compiles rbg initializers much faster
 
 
 class FakeUnit:
@@ -36,16 +35,6 @@ class FakeUnit:
             yield self.ctrl[s:s + self.bs]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    model = ResNet(stage_sizes=(1, 1), block_cls=BasicBlock, width=4, stem="small",
-                   num_classes=3, in_channels=2, zero_init_residual=False)
-    v = model.init(KEY, jnp.zeros((1, 32, 32, 2)), norm_mode="running")
-    # Non-trivial affine parameters and running statistics (shift != data mean).
-    rng = np.random.default_rng(1)
-    v = jax.tree.map(lambda a: jnp.asarray(a + 0.3 * rng.normal(size=a.shape), a.dtype), v)
-    v["batch_stats"] = jax.tree.map(jnp.abs, v["batch_stats"])
-    return model, v
 
 
 def _images(n, seed=0, loc=1.0, scale=2.0):

@@ -8,20 +8,9 @@ from flax import traverse_util
 
 from jaxadapt.adapt import tent as tent_lib
 from jaxadapt.adapt.base import UnitBatch as Batch
-from jaxadapt.models.resnet import BasicBlock, ResNet
-
-KEY = jax.random.key(0, impl="rbg")
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    model = ResNet(stage_sizes=(1, 1), block_cls=BasicBlock, width=4, stem="small",
-                   num_classes=3, in_channels=2, zero_init_residual=False)
-    v = model.init(KEY, jnp.zeros((1, 32, 32, 2)), norm_mode="running")
-    rng = np.random.default_rng(1)
-    v = jax.tree.map(lambda a: jnp.asarray(a + 0.3 * rng.normal(size=a.shape), a.dtype), v)
-    v["batch_stats"] = jax.tree.map(jnp.abs, v["batch_stats"])
-    return model, v
+
 
 
 def _images(n, seed):
