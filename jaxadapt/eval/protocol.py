@@ -7,6 +7,8 @@ checkpointed under the workdir, so a re-run resumes instead of retraining.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
@@ -56,9 +58,6 @@ def training_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
     Returns:
       `<trainer>-<12 hex digits>`.
     """
-    import hashlib
-    import json
-
     fields = [k for k in TRAINING_FIELDS if k in cfg and not (k == "arm" and trainer == "erm")]
     spec = {k: cfg[k].to_dict() for k in fields}  # ERM's weights do not depend on `arm`
     spec["data"].pop("num_threads", None)  # speed only

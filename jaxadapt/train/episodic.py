@@ -31,24 +31,29 @@ from jaxadapt.train.writer import MetricWriter
 
 Variables = dict[str, Any]
 
-#: config.arm defaults (paper values for E, L, N).
-ARM_DEFAULTS: dict[str, Any] = {
-    "episodes_per_step": 8,
-    "n_perturbed": 64,
-    "n_controls": 128,
-    "steps_per_epoch": 0,  # 0: about one pass over the training perturbed images
-    "val_episodes": 32,  # rounded up to a multiple of episodes_per_step
-    "on_missing_controls": "raise",  # or "skip" plates without controls
-}
+#: The episodic fields of ``config.arm``; their defaults live in `jaxadapt.config`.
+ARM_FIELDS = ("episodes_per_step", "n_perturbed", "n_controls", "steps_per_epoch",
+              "val_episodes", "on_missing_controls")
 
 
 def arm_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """``config.arm`` merged over `ARM_DEFAULTS` (the sub-config and each field optional)."""
+    """The episodic settings of ``config.arm``.
+
+    Args:
+      config: a study config; `jaxadapt.config.get_defaults()` sets every field.
+
+    Returns:
+      Field name -> value for every name in `ARM_FIELDS`.
+
+    Raises:
+      ValueError: naming the fields ``config.arm`` lacks.
+    """
     sub = config.get("arm")
-    out = dict(ARM_DEFAULTS)
-    if sub is not None:
-        out.update({k: sub[k] for k in ARM_DEFAULTS if sub.get(k) is not None})
-    return out
+    missing = [k for k in ARM_FIELDS if sub is None or k not in sub]
+    if missing:
+        raise ValueError(f"config.arm lacks {missing}; start from jaxadapt.config.get_defaults(), "
+                         "which sets every episodic field")
+    return {k: sub[k] for k in ARM_FIELDS}
 
 
 def episode_mesh(n_episodes: int):

@@ -10,6 +10,7 @@ import pytest
 from jaxadapt.data import schema, transforms
 from jaxadapt.eval.units import DataView
 from jaxadapt.models.resnet import BasicBlock, ResNet
+from jaxadapt import config as defaults
 from jaxadapt.train import episodic
 from jaxadapt.train.supervised import Interrupted
 
@@ -65,14 +66,17 @@ def make_config(**train):
         learning_rate=1e-2, num_epochs=3, patience=10, log_every_steps=1,
         stop_after_epochs=0) | train)
     c.arm = ml_collections.ConfigDict(dict(episodes_per_step=8, n_perturbed=4, n_controls=2,
-                                           steps_per_epoch=2, val_episodes=8))
+                                           steps_per_epoch=2, val_episodes=8,
+                                           on_missing_controls="raise"))
     return c
 
 
-def test_settings_defaults():
-    c = ml_collections.ConfigDict({"train": {}})
-    a = episodic.arm_settings(c)
-    assert (a["episodes_per_step"], a["n_perturbed"], a["n_controls"]) == (8, 64, 128)
+def test_settings_come_from_the_config_and_missing_fields_are_named():
+    a = episodic.arm_settings(defaults.get_defaults())
+    assert set(a) == set(episodic.ARM_FIELDS)
+    c = ml_collections.ConfigDict({"arm": {"n_perturbed": 4}})
+    with pytest.raises(ValueError, match="config.arm lacks .*episodes_per_step"):
+        episodic.arm_settings(c)
 
 
 @pytest.mark.parametrize("with_controls", [True, False])
