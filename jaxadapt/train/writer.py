@@ -65,10 +65,16 @@ class MetricWriter:
             )
         os.makedirs(self.logdir, exist_ok=True)
         self._jsonl = open(os.path.join(self.logdir, JSONL_NAME), "a", encoding="utf-8")
-        if tensorboard:
+        # The event file is created at the first write: loading a finished run (which
+        # opens a writer but trains nothing) must not leave an empty event file behind.
+        self._tensorboard = tensorboard
+
+    def _tensorboard_writer(self):
+        if self._tb is None and self._tensorboard:
             from tensorboardX import SummaryWriter  # deferred: optional at import time
 
             self._tb = SummaryWriter(logdir=self.logdir)
+        return self._tb
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Writes a dict of scalars at one step.
@@ -83,13 +89,14 @@ class MetricWriter:
         if not self.enabled:
             return
         now = time.time()
+        tb = self._tensorboard_writer()
         for name, value in scalars.items():
             v = _to_float(name, value)
             self._jsonl.write(
                 json.dumps({"step": int(step), "name": str(name), "value": v, "time": now}) + "\n"
             )
-            if self._tb is not None:
-                self._tb.add_scalar(str(name), v, global_step=int(step), walltime=now)
+            if tb is not None:
+                tb.add_scalar(str(name), v, global_step=int(step), walltime=now)
 
     def flush(self) -> None:
         """Pushes buffered records to disk."""

@@ -69,3 +69,10 @@ def test_bad_input(tmp_path):
     with MetricWriter(tmp_path / "ok", tensorboard=False) as w:
         with pytest.raises(ValueError, match="'v' has shape \\(3,\\).*reduce"):
             w.write_scalars(0, {"v": np.zeros(3)})
+
+
+def test_a_writer_that_writes_nothing_leaves_no_event_file(tmp_path):
+    # Loading a finished run opens a writer and writes nothing: no empty event file.
+    with MetricWriter(tmp_path):
+        pass
+    assert not glob.glob(os.path.join(tmp_path, "events.out.tfevents.*"))
