@@ -94,8 +94,17 @@ def _group(table: schema.SiteTable, rows: np.ndarray, field: str,
     return {str(u): s for u, s in zip(uniq, splits)}
 
 
-def _draw(rng: np.random.Generator, pool: np.ndarray, k: int) -> np.ndarray:
-    """k rows of pool, without replacement unless the pool is too small."""
+def draw_rows(rng: np.random.Generator, pool: np.ndarray, k: int) -> np.ndarray:
+    """Draws k rows of `pool`, without replacement unless the pool is too small.
+
+    Args:
+      rng: the generator to draw with.
+      pool: candidate rows.
+      k: how many to draw (0 gives an empty array of pool's dtype).
+
+    Returns:
+      int array [k].
+    """
     if k == 0:
         return pool[:0]
     return rng.choice(pool, size=k, replace=len(pool) < k)
@@ -125,8 +134,8 @@ def make_episode_sampler(table: schema.SiteTable, rows, *, n_perturbed: int, n_c
     def sample(step: int) -> Episodes:
         rng = np.random.default_rng([int(seed), int(step)])
         pick = rng.integers(len(plates), size=n_episodes)
-        out = [np.concatenate([_draw(rng, pert[plates[i]], n_perturbed),
-                               _draw(rng, ctrl.get(plates[i], rows[:0]), n_controls)])
+        out = [np.concatenate([draw_rows(rng, pert[plates[i]], n_perturbed),
+                               draw_rows(rng, ctrl.get(plates[i], rows[:0]), n_controls)])
                for i in pick]
         is_ctrl = np.zeros((n_episodes, n_perturbed + n_controls), bool)
         is_ctrl[:, n_perturbed:] = True
@@ -281,7 +290,7 @@ def label_shift_units(table: schema.SiteTable, rows, *, alpha: float | None, bat
         batches = []
         for k in range(len(classes)):
             c = np.roll(counts, k)
-            batch = np.concatenate([_draw(rng, pool, int(n)) for pool, n in zip(by_class, c)])
+            batch = np.concatenate([draw_rows(rng, pool, int(n)) for pool, n in zip(by_class, c)])
             batches.append(rng.permutation(batch))
         b = np.stack(batches).astype(np.int64)
         units.append(EvalUnit(name, b, np.ones(b.shape, bool),

@@ -66,6 +66,22 @@ def training_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
     return f"{trainer}-{digest[:12]}"
 
 
+def checkpoint_path(cfg: ml_collections.ConfigDict, rep: Replicate, trainer: str, workdir: str) -> str:
+    """Where a replicate's trained model lives: `<checkpoint_dir>/<source>/seed<k>/<training_key>`.
+
+    Args:
+      cfg: the study config (`checkpoint_dir`; "" means `<workdir>/checkpoints`).
+      rep: the replicate.
+      trainer: the training recipe's name.
+      workdir: the study's run directory.
+
+    Returns:
+      The directory path.
+    """
+    root = cfg.get("checkpoint_dir") or os.path.join(workdir, "checkpoints")
+    return os.path.join(root, rep.train_source, f"seed{rep.seed}", training_key(cfg, trainer))
+
+
 def replicates(cfg: ml_collections.ConfigDict) -> list[Replicate]:
     """The study's replicates: every training source (leave-one-source-out fold) x seed."""
     return [Replicate(s, int(seed)) for s in cfg.train_sources for seed in cfg.seeds]
@@ -196,8 +212,7 @@ def run_replicate(rep: Replicate, cfg: ml_collections.ConfigDict, view: DataView
                     f"method {method.name!r} needs trainer {method.trainer!r}, which this study "
                     f"does not provide (trainers: {sorted(trainers)})"
                 )
-            root = cfg.get("checkpoint_dir") or os.path.join(workdir, "checkpoints")
-            run_dir = os.path.join(root, rep.train_source, f"seed{rep.seed}", training_key(cfg, method.trainer))
+            run_dir = checkpoint_path(cfg, rep, method.trainer, workdir)
             trained[method.trainer] = trainers[method.trainer](view, rows, run_dir, rep.seed)
         for split in cfg.eval_splits:
             units = make_units(view.table, rows[split], setting, cfg)

@@ -92,6 +92,32 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> list[reports.Row]
     return result_rows
 
 
+def load_replicate(cfg: ml_collections.ConfigDict, trainer: str, rep: protocol.Replicate,
+                   workdir: str):
+    """One replicate's data and trained model, as the study runner sees them.
+
+    Loads the model from its checkpoint (`protocol.checkpoint_path`) or trains it there
+    first, so analyses of a study reuse exactly the models the study scored.
+
+    Args:
+      cfg: the study config.
+      trainer: training recipe (`erm`, `arm_bn`, `cs_arm_bn`).
+      rep: training source and seed.
+      workdir: the study's run directory (checkpoints go below it unless
+        `cfg.checkpoint_dir` is set).
+
+    Returns:
+      (model, view, rows of each split, trained variables).
+    """
+    source, table = tfds_sim.load_simulated(cfg.data.sim, cfg.data.cache_dir)
+    model = build_model(cfg.model)
+    rows = splits_lib.make_splits(table, train_source=rep.train_source, cfg=cfg.splits)
+    view = make_view(source, table, rows["train"], cfg.data)
+    train = make_trainers(model, cfg, {trainer})[trainer]
+    variables = train(view, rows, protocol.checkpoint_path(cfg, rep, trainer, workdir), rep.seed)
+    return model, view, rows, variables
+
+
 def setup_logging(workdir: str) -> None:
     """jaxadapt's INFO messages to the terminal and `workdir/log.txt`; libraries' warnings only.
 

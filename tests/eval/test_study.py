@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from jaxadapt.eval import study
+from jaxadapt.adapt import registry
+from jaxadapt.eval import metrics, protocol, study
 from jaxadapt.train.supervised import Interrupted
 from tests.eval.tiny import tiny_config
 
@@ -13,6 +14,11 @@ from tests.eval.tiny import tiny_config
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _mtimes(root):
+    return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+            for d, _, files in os.walk(root) for f in files}
 
 
 def _accuracies(path):
@@ -29,6 +35,20 @@ def test_erm_study_writes_tables_and_resumes_to_the_same_result(tmp_path, cache_
     assert splits == {"in_domain", "new_batch", "new_source"}
     for ext in ("md", "csv", "png"):
         assert os.path.getsize(os.path.join(full, f"results.{ext}")) > 0
+
+    # Analyses (experiments/diagnose_label_shift.py) load the very models the study
+    # scored: no retraining, and the same score from the loaded variables.
+    cfg = tiny_config(cache_dir)
+    rep = protocol.Replicate(cfg.train_sources[0], cfg.seeds[0])
+    ckpt = protocol.checkpoint_path(cfg, rep, "erm", full)
+    before = _mtimes(ckpt)
+    model, view, rows, variables = study.load_replicate(cfg, "erm", rep, full)
+    assert _mtimes(ckpt) == before
+    units = protocol.make_units(view.table, rows["in_domain"], {}, cfg)
+    cm = protocol.score_units(registry.make_method("erm", model, cfg, {}), variables, view, units,
+                              cfg.model.num_classes)
+    assert metrics.accuracy(cm) == pytest.approx(_accuracies(os.path.join(full, "results.json"))[
+        ("in_domain", "accuracy")], abs=1e-12)
 
     # Interrupt after one epoch, then re-run the same command: it resumes and ends equal.
     resumed = str(tmp_path / "resumed")
