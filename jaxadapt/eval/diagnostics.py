@@ -1,0 +1,142 @@
+"""How far a test context's class mix moves BatchNorm statistics, against batch effects.
+
+CS-ARM-BN's claim under label shift rests on one quantity: the bias that a skewed class
+mix puts into a context's BN statistics, after pooling with N controls, must be small
+next to the plate-to-plate shift that adaptation exists to remove. If it is as large,
+normalizing with the skewed context is as wrong as not adapting at all. This module
+measures both shifts on a trained model, layer by layer, so a study's label-shift result
+can be explained rather than only reported (`experiments/diagnose_label_shift.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+from jaxadapt.adapt import bn
+from jaxadapt.data import samplers, schema
+
+Images = Callable[[np.ndarray], Any]  # table rows [n] -> images [n, H, W, C]
+
+
+def flat_stats(norm_stats: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+    """Returns ``{"a/b/layer": {"mean": [C], "var": [C]}}`` from a nested norm_stats pytree."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for path, value in traverse_util.flatten_dict(dict(norm_stats)).items():
+        out.setdefault("/".join(path[:-1]), {})[path[-1]] = np.asarray(value, np.float64)
+    return out
+
+
+def stats_shift(a: Mapping[str, Any], b: Mapping[str, Any], eps: float = 1e-5) -> dict[str, float]:
+    """Standardized shift of BN means from statistics `b` to statistics `a`, per layer.
+
+    ``sqrt(mean_c((mean_a[c] - mean_b[c])^2 / (var_b[c] + eps)))``: the root mean square
+    over channels of the mean difference in units of `b`'s standard deviation.
+
+    Args:
+      a: norm_stats (nested, as from `bn.context_stats`).
+      b: norm_stats of the same model (the reference).
+      eps: added to the variance (a constant channel has variance 0).
+
+    Returns:
+      layer path ("stage1_block1/bn1") -> shift.
+
+    Raises:
+      ValueError: if the two cover different layers.
+    """
+    fa, fb = flat_stats(a), flat_stats(b)
+    if set(fa) != set(fb):
+        raise ValueError(f"stats_shift: the statistics cover different layers "
+                         f"({sorted(set(fa) ^ set(fb))[:3]}...); compare statistics of one model")
+    return {k: float(np.sqrt(np.mean((fa[k]["mean"] - fb[k]["mean"]) ** 2 / (fb[k]["var"] + eps))))
+            for k in sorted(fa)}
+
+
+def by_stage(shift: Mapping[str, float]) -> dict[str, float]:
+    """Averages per-layer shifts over layers of one stage (the path's first word: stem, stage1...)."""
+    groups: dict[str, list[float]] = {}
+    for path, value in shift.items():
+        groups.setdefault(path.split("/")[0].split("_")[0], []).append(value)
+    return {g: float(np.mean(v)) for g, v in sorted(groups.items())}
+
+
+def _plate_rows(table: schema.SiteTable, rows: np.ndarray, plate: str, control: bool) -> np.ndarray:
+    sel = rows[(table["plate"][rows] == plate) & (table["is_control"][rows] == control)]
+    return sel[table["label"][sel] != schema.NO_LABEL] if not control else sel
+
+
+def label_shift_bias(stats_of: Callable[[np.ndarray], Mapping[str, Any]], table: schema.SiteTable,
+                     train_rows: np.ndarray, test_rows: np.ndarray, *, n_perturbed: int,
+                     n_controls: int, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Stage-averaged BN-statistic shifts caused by batch effects and by a one-class context.
+
+    Every context is `n_perturbed` perturbed + `n_controls` control images of one plate, as
+    a CS-ARM-BN test chunk. Three shifts (see `stats_shift`), averaged per stage:
+
+    - ``plate_to_plate``: between balanced contexts of two training plates (mean over
+      pairs): the technical shift meta-training taught the model to remove.
+    - ``new_plate``: a balanced context of a test plate against those of the training
+      plates (mean over pairs): the shift adaptation must remove at test time.
+    - ``one_class``: a context whose perturbed images all come from one class against a
+      balanced context of the same plate with the same controls (mean over classes and
+      test plates): the bias label shift puts into the statistics.
+
+    Args:
+      stats_of: rows [n] -> norm_stats of a context of those rows (e.g. `bn.context_stats`
+        of a trained model on the rows' images).
+      table: the study's SiteTable.
+      train_rows: rows of the training split (perturbed and controls).
+      test_rows: rows of the test split.
+      n_perturbed: perturbed images per context (the test chunk size L).
+      n_controls: control images per context (N >= 0).
+      seed: seed of the image draws.
+
+    Returns:
+      ``{"plate_to_plate" | "new_plate" | "one_class": {stage: shift}}``.
+
+    Raises:
+      ValueError: if a plate lacks controls while n_controls > 0, fewer than two training
+        plates or no test plate hold labelled perturbed images.
+    """
+    rng = np.random.default_rng(seed)
+    train_rows, test_rows = np.asarray(train_rows), np.asarray(test_rows)
+
+    def context(rows, plate):
+        pert, ctrl = _plate_rows(table, rows, plate, False), _plate_rows(table, rows, plate, True)
+        if n_controls and len(ctrl) == 0:
+            raise ValueError(f"plate {plate!r} has no control wells; label_shift_bias needs "
+                             "controls when n_controls > 0")
+        return samplers.draw_rows(rng, pert, n_perturbed), samplers.draw_rows(rng, ctrl, n_controls)
+
+    train_plates = [p for p in np.unique(table["plate"][train_rows])
+                    if len(_plate_rows(table, train_rows, p, False))]
+    if len(train_plates) < 2:
+        raise ValueError(f"label_shift_bias needs >= 2 training plates, got {len(train_plates)}")
+    train = [stats_of(np.concatenate(context(train_rows, p))) for p in train_plates]
+    plate_pairs = [stats_shift(a, b) for i, a in enumerate(train) for b in train[i + 1:]]
+    new_plate, one_class = [], []
+    for plate in np.unique(table["plate"][test_rows]):
+        if len(_plate_rows(table, test_rows, plate, False)) == 0:
+            continue  # a controls-only plate has no class mix to skew
+        pert, ctrl = context(test_rows, plate)
+        balanced = stats_of(np.concatenate([pert, ctrl]))
+        new_plate += [stats_shift(balanced, s) for s in train]
+        perturbed = _plate_rows(table, test_rows, plate, False)
+        for label in np.unique(table["label"][perturbed]):
+            one = samplers.draw_rows(rng, perturbed[table["label"][perturbed] == label], n_perturbed)
+            one_class.append(stats_shift(stats_of(np.concatenate([one, ctrl])), balanced))  # same controls
+
+    if not one_class:
+        raise ValueError("label_shift_bias: no test plate has labelled perturbed images")
+
+    def mean(shifts):
+        return by_stage({k: float(np.mean([s[k] for s in shifts])) for k in shifts[0]})
+
+    return {"plate_to_plate": mean(plate_pairs), "new_plate": mean(new_plate), "one_class": mean(one_class)}
+
+
+def context_stats_fn(model, variables, images_of: Images) -> Callable[[np.ndarray], Mapping[str, Any]]:
+    """rows -> `bn.context_stats` of the model on those rows' images (for `label_shift_bias`)."""
+    return lambda rows: bn.context_stats(model, variables, images_of(rows))
