@@ -63,6 +63,7 @@ def by_stage(shift: Mapping[str, float]) -> dict[str, float]:
 
 
 def _plate_rows(table: schema.SiteTable, rows: np.ndarray, plate: str, control: bool) -> np.ndarray:
+    """A plate's control rows, or its labelled perturbed rows, among `rows`."""
     sel = rows[(table["plate"][rows] == plate) & (table["is_control"][rows] == control)]
     return sel[table["label"][sel] != schema.NO_LABEL] if not control else sel
 
