@@ -42,6 +42,9 @@ class Replicate(NamedTuple):
 
 #: Config sections that determine a trained model (data, splits, architecture, recipe).
 TRAINING_FIELDS = ("data", "splits", "model", "train", "arm")
+#: `config.arm` fields that only episodes with controls read, and the trainers without them.
+CONTROL_FIELDS = ("n_controls", "on_missing_controls")
+CONTROL_FREE_TRAINERS = ("arm_bn",)
 
 
 def training_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
@@ -60,6 +63,9 @@ def training_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
     """
     fields = [k for k in TRAINING_FIELDS if k in cfg and not (k == "arm" and trainer == "erm")]
     spec = {k: cfg[k].to_dict() for k in fields}  # ERM's weights do not depend on `arm`
+    if trainer in CONTROL_FREE_TRAINERS and "arm" in spec:
+        for field in CONTROL_FIELDS:  # never read without controls: studies share ARM-BN
+            spec["arm"].pop(field, None)
     spec["data"].pop("num_threads", None)  # speed only
     spec["data"].pop("cache_dir", None)
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()

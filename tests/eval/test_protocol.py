@@ -19,6 +19,10 @@ def test_training_key_tracks_only_what_shapes_the_weights():
     b.arm.n_controls = 3  # episodes change ARM models, not ERM's
     assert protocol.training_key(a, "erm") == protocol.training_key(b, "erm")
     assert protocol.training_key(a, "cs_arm_bn") != protocol.training_key(b, "cs_arm_bn")
+    # ARM-BN episodes hold no controls: a control setting must not retrain it...
+    assert protocol.training_key(a, "arm_bn") == protocol.training_key(b, "arm_bn")
+    b.arm.n_perturbed = 5  # ...but its episode size must
+    assert protocol.training_key(a, "arm_bn") != protocol.training_key(b, "arm_bn")
     b.data.sim.severity.batch = 2.0  # different data: never reuse
     assert protocol.training_key(a, "erm") != protocol.training_key(b, "erm")
     assert protocol.training_key(a, "erm").startswith("erm-")
