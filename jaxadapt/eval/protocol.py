@@ -42,9 +42,13 @@ class Replicate(NamedTuple):
 
 #: Config sections that determine a trained model (data, splits, architecture, recipe).
 TRAINING_FIELDS = ("data", "splits", "model", "train", "arm")
-#: `config.arm` fields that only episodes with controls read, and the trainers without them.
-CONTROL_FIELDS = ("n_controls", "on_missing_controls")
-CONTROL_FREE_TRAINERS = ("arm_bn",)
+#: Config fields that never change the weights (speed, paths), for every trainer.
+NOT_TRAINING = ("data.num_threads", "data.cache_dir")
+#: Fields a trainer never reads: changing them must not retrain its models.
+IGNORED_BY_TRAINER = {
+    "erm": ("arm",),
+    "arm_bn": ("arm.n_controls", "arm.on_missing_controls"),  # episodes hold no controls
+}
 
 
 def training_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
@@ -61,13 +65,13 @@ def training_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
     Returns:
       `<trainer>-<12 hex digits>`.
     """
-    fields = [k for k in TRAINING_FIELDS if k in cfg and not (k == "arm" and trainer == "erm")]
-    spec = {k: cfg[k].to_dict() for k in fields}  # ERM's weights do not depend on `arm`
-    if trainer in CONTROL_FREE_TRAINERS and "arm" in spec:
-        for field in CONTROL_FIELDS:  # never read without controls: studies share ARM-BN
-            spec["arm"].pop(field, None)
-    spec["data"].pop("num_threads", None)  # speed only
-    spec["data"].pop("cache_dir", None)
+    spec = {k: cfg[k].to_dict() for k in TRAINING_FIELDS if k in cfg}
+    for path in NOT_TRAINING + IGNORED_BY_TRAINER.get(trainer, ()):
+        *parents, leaf = path.split(".")
+        node = spec
+        for key in parents:
+            node = node.get(key, {})
+        node.pop(leaf, None)
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
     return f"{trainer}-{digest[:12]}"
 
