@@ -83,9 +83,19 @@ def mixed_batches(rows, batch_size: int, *, seed: int, epoch: int,
     return perm[:need].reshape(steps, batch_size)
 
 
-def _group(table: schema.SiteTable, rows: np.ndarray, field: str,
-           control: bool) -> dict[str, np.ndarray]:
-    """Unit name -> its rows among `rows` with is_control == control (rows keep their order)."""
+def group_rows(table: schema.SiteTable, rows: np.ndarray, field: str,
+               control: bool) -> dict[str, np.ndarray]:
+    """Groups the control (or perturbed) rows among `rows` by a unit field.
+
+    Args:
+      table: the study's SiteTable.
+      rows: candidate rows.
+      field: the unit: "plate", "batch" or "source".
+      control: True for control rows, False for perturbed ones.
+
+    Returns:
+      unit name -> its rows with is_control == control, in the order of `rows`.
+    """
     sel = rows[table["is_control"][rows] == control]
     names = table[field][sel]
     uniq, inv = np.unique(names, return_inverse=True)
@@ -115,7 +125,7 @@ def make_episode_sampler(table: schema.SiteTable, rows, *, n_perturbed: int, n_c
                          on_missing_controls: str = "raise") -> Callable[[int], Episodes]:
     """Groups `rows` by plate once and returns `step -> Episodes` (see `plate_episodes`)."""
     rows = _rows(rows)
-    pert, ctrl = _group(table, rows, "plate", False), _group(table, rows, "plate", True)
+    pert, ctrl = group_rows(table, rows, "plate", False), group_rows(table, rows, "plate", True)
     plates = sorted(pert)
     missing = [p for p in plates if p not in ctrl] if n_controls > 0 else []
     if missing and on_missing_controls != "skip":
@@ -213,7 +223,7 @@ def eval_units(table: schema.SiteTable, rows, *, unit: str = "plate", batch_size
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: use a positive batch size")
     rows = _rows(rows)
-    pert, ctrl = _group(table, rows, unit, False), _group(table, rows, unit, True)
+    pert, ctrl = group_rows(table, rows, unit, False), group_rows(table, rows, unit, True)
     units = []
     for name in sorted(pert):
         r = np.sort(pert[name])
@@ -271,7 +281,7 @@ def label_shift_units(table: schema.SiteTable, rows, *, alpha: float | None, bat
         raise ValueError(f"batch_size={batch_size}: use a positive batch size")
     rows = _rows(rows)
     labels = np.asarray(table["label"])
-    pert, ctrl = _group(table, rows, unit, False), _group(table, rows, unit, True)
+    pert, ctrl = group_rows(table, rows, unit, False), group_rows(table, rows, unit, True)
     units = []
     for name in sorted(pert):
         r = np.sort(pert[name])

@@ -62,10 +62,8 @@ def by_stage(shift: Mapping[str, float]) -> dict[str, float]:
     return {g: float(np.mean(v)) for g, v in sorted(groups.items())}
 
 
-def _plate_rows(table: schema.SiteTable, rows: np.ndarray, plate: str, control: bool) -> np.ndarray:
-    """A plate's control rows, or its labelled perturbed rows, among `rows`."""
-    sel = rows[(table["plate"][rows] == plate) & (table["is_control"][rows] == control)]
-    return sel[table["label"][sel] != schema.NO_LABEL] if not control else sel
+def _labelled(table: schema.SiteTable, rows: np.ndarray) -> np.ndarray:
+    return rows[table["label"][rows] != schema.NO_LABEL]
 
 
 def label_shift_bias(stats_of: Callable[[np.ndarray], Mapping[str, Any]], table: schema.SiteTable,
@@ -102,40 +100,53 @@ def label_shift_bias(stats_of: Callable[[np.ndarray], Mapping[str, Any]], table:
         plates or no test plate hold labelled perturbed images.
     """
     rng = np.random.default_rng(seed)
-    train_rows, test_rows = np.asarray(train_rows), np.asarray(test_rows)
-
-    def context(rows, plate):
-        pert, ctrl = _plate_rows(table, rows, plate, False), _plate_rows(table, rows, plate, True)
-        if n_controls and len(ctrl) == 0:
-            raise ValueError(f"plate {plate!r} has no control wells; label_shift_bias needs "
-                             "controls when n_controls > 0")
-        return samplers.draw_rows(rng, pert, n_perturbed), samplers.draw_rows(rng, ctrl, n_controls)
-
-    train_plates = [p for p in np.unique(table["plate"][train_rows])
-                    if len(_plate_rows(table, train_rows, p, False))]
-    if len(train_plates) < 2:
-        raise ValueError(f"label_shift_bias needs >= 2 training plates, got {len(train_plates)}")
-    train = [stats_of(np.concatenate(context(train_rows, p))) for p in train_plates]
-    plate_pairs = [stats_shift(a, b) for i, a in enumerate(train) for b in train[i + 1:]]
-    new_plate, one_class = [], []
-    for plate in np.unique(table["plate"][test_rows]):
-        if len(_plate_rows(table, test_rows, plate, False)) == 0:
-            continue  # a controls-only plate has no class mix to skew
-        pert, ctrl = context(test_rows, plate)
-        balanced = stats_of(np.concatenate([pert, ctrl]))
-        new_plate += [stats_shift(balanced, s) for s in train]
-        perturbed = _plate_rows(table, test_rows, plate, False)
-        for label in np.unique(table["label"][perturbed]):
-            one = samplers.draw_rows(rng, perturbed[table["label"][perturbed] == label], n_perturbed)
-            one_class.append(stats_shift(stats_of(np.concatenate([one, ctrl])), balanced))  # same controls
-
-    if not one_class:
+    train = _plate_contexts(table, train_rows, n_controls)
+    if len(train) < 2:
+        raise ValueError(f"label_shift_bias needs >= 2 training plates with labelled perturbed "
+                         f"images, got {len(train)}")
+    test = _plate_contexts(table, test_rows, n_controls)
+    if not test:
         raise ValueError("label_shift_bias: no test plate has labelled perturbed images")
 
-    def mean(shifts):
-        return by_stage({k: float(np.mean([s[k] for s in shifts])) for k in shifts[0]})
+    def draw(pool, k):
+        return samplers.draw_rows(rng, pool, k)
 
-    return {"plate_to_plate": mean(plate_pairs), "new_plate": mean(new_plate), "one_class": mean(one_class)}
+    train_stats = [stats_of(np.concatenate([draw(p, n_perturbed), draw(c, n_controls)]))
+                   for p, c in train.values()]
+    plate_pairs = [stats_shift(a, b) for i, a in enumerate(train_stats) for b in train_stats[i + 1:]]
+    new_plate, one_class = [], []
+    for pert, ctrl in test.values():
+        ctrl = draw(ctrl, n_controls)  # the same controls in the balanced and one-class contexts
+        balanced = stats_of(np.concatenate([draw(pert, n_perturbed), ctrl]))
+        new_plate += [stats_shift(balanced, s) for s in train_stats]
+        labels = table["label"][pert]
+        for label in np.unique(labels):
+            one = draw(pert[labels == label], n_perturbed)
+            one_class.append(stats_shift(stats_of(np.concatenate([one, ctrl])), balanced))
+    return {"plate_to_plate": _mean_by_stage(plate_pairs), "new_plate": _mean_by_stage(new_plate),
+            "one_class": _mean_by_stage(one_class)}
+
+
+def _plate_contexts(table: schema.SiteTable, rows, n_controls: int) -> dict[str, tuple]:
+    """plate -> (labelled perturbed rows, control rows), for plates with labelled perturbed rows."""
+    rows = np.asarray(rows)
+    pert = samplers.group_rows(table, rows, "plate", False)
+    ctrl = samplers.group_rows(table, rows, "plate", True)
+    out = {}
+    for plate, r in pert.items():
+        r = _labelled(table, r)
+        if len(r) == 0:
+            continue  # a plate without labelled perturbed images has no class mix to skew
+        if n_controls and plate not in ctrl:
+            raise ValueError(f"plate {plate!r} has no control wells; label_shift_bias needs "
+                             "controls when n_controls > 0 (or pass n_controls=0)")
+        out[plate] = (r, ctrl.get(plate, rows[:0]))
+    return out
+
+
+def _mean_by_stage(shifts: list[dict[str, float]]) -> dict[str, float]:
+    """Per-layer mean over several `stats_shift` results, then averaged per stage."""
+    return by_stage({k: float(np.mean([s[k] for s in shifts])) for k in shifts[0]})
 
 
 def context_stats_fn(model, variables, images_of: Images) -> Callable[[np.ndarray], Mapping[str, Any]]:
