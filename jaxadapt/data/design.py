@@ -111,8 +111,16 @@ def default_sim_config(preset: str = "jump_poscon") -> ml_collections.ConfigDict
     b.cell_radius_um = 13.0
     b.effect_size = 1.6  # multiplies every class direction
     b.compound_deviation = 0.3  # compound-specific deviation, relative to its MoA direction
+    # Partial penetrance: the fraction of a treated well's cells that respond, logit-normal
+    # over wells (no real single-cell data of these compounds ship with the package).
+    b.penetrance = 0.75
+    b.penetrance_well_sd = 0.5  # logit units
     b.well_sd = 0.04  # well-to-well biological noise of the phenotype (log units)
-    b.cell_sd = 0.18  # cell-to-cell noise of sizes and intensities (log units)
+    # Calibrated on real data (experiments/calibrate_simulator.py prints both side by side):
+    b.well_density_sd = 0.12  # LINCS DMSO wells: within-plate sd of log count 0.14 (incl. counting)
+    b.nucleus_size_sd = 0.16  # log radius; JUMP BR00121431 nuclei: sd of log area 0.30-0.35
+    b.cell_size_sd = 0.22  # log radius; BR00121431 cells: sd of log area 0.36-0.56
+    b.intensity_sd = 0.16  # log mean intensity per compartment; BR00121431: 0.10-0.20
 
     s = c.severity = ml_collections.ConfigDict()
     s.source = 1.0
@@ -140,6 +148,7 @@ def default_sim_config(preset: str = "jump_poscon") -> ml_collections.ConfigDict
     # plate
     t.plate_gradient = 0.1  # max illumination gradient across the field
     t.plate_gain_sd = 0.05  # per-channel log gain jitter
+    t.plate_density_sd = 0.05  # log seeding density; LINCS: sd of plate DMSO medians in a batch 0.05
     t.edge_intensity = 0.08  # evaporation: relative intensity rise in outer rows/cols
     t.edge_count = 0.15  # evaporation: relative cell-count loss in outer rows/cols
     # well / site
@@ -176,6 +185,14 @@ def _check_config(cfg: ml_collections.ConfigDict) -> None:
     for field in ("source", "batch", "plate", "well"):
         if cfg.severity[field] < 0:
             raise ValueError(f"sim severity.{field}={cfg.severity[field]} must be >= 0 (0 turns it off)")
+    b = cfg.biology
+    if not 0.0 <= b.penetrance <= 1.0:
+        raise ValueError(f"sim biology.penetrance={b.penetrance} must lie in [0, 1] "
+                         "(the fraction of a treated well's cells that respond)")
+    for field in ("well_sd", "well_density_sd", "nucleus_size_sd", "cell_size_sd",
+                  "intensity_sd", "penetrance_well_sd", "compound_deviation"):
+        if b[field] < 0:
+            raise ValueError(f"sim biology.{field}={b[field]} must be >= 0 (a spread)")
     if cfg.binning <= 0:
         raise ValueError(f"sim binning={cfg.binning} must be > 0; use e.g. 4.0")
 

@@ -24,18 +24,26 @@ PHENO: tuple[str, ...] = (
 P = {name: i for i, name in enumerate(PHENO)}
 
 #: Class directions of the 8 JUMP positive controls, written from their known biology
-#: (e.g. Aurora inhibition -> mitotic arrest: big round nuclei, fewer cells; NAMPT
-#: inhibition -> energy crisis: toxicity, dim mitochondria). Weak classes (dexamethasone,
-#: quinidine) move a few intensities by ~10%, below the batch-to-batch stain spread.
+#: and expressed mainly in morphology and compartment distribution, as real phenotypes
+#: are (in the LINCS profiles, shape and radial-distribution features of active wells
+#: move further from DMSO than whole-cell intensities; see
+#: `experiments/calibrate_simulator.py`): e.g. Aurora inhibition -> cytokinesis failure,
+#: big polyploid nuclei, some mitotic rounding, fewer cells; NAMPT inhibition -> energy
+#: crisis, toxicity and perinuclear clustering of mitochondria. Whole-cell intensities
+#: move by at most ~15 % (x effect_size), less than the batch-to-batch stain spread.
+#: A responding cell gets the whole direction; see `biology.penetrance`.
 POSCON_DIRECTIONS: dict[str, dict[str, float]] = {
-    "JCP2022_037716": {"nuc_size": 0.40, "dna": 0.25, "rounding": 2.5, "density": -0.35, "nucleoli": -0.2},
-    "JCP2022_046054": {"density": -0.55, "mito": -0.35, "rna": -0.25, "cell_size": -0.12, "dna": 0.15},
-    "JCP2022_035095": {"agp": -0.22, "cell_aspect": -0.35, "cell_size": 0.12, "ring": 0.15},
-    "JCP2022_025848": {"cell_size": 0.14, "er": 0.12, "agp": 0.10},
-    "JCP2022_064022": {"agp": 0.22, "cell_aspect": 0.40, "ring": -0.15, "golgi": 0.15},
-    "JCP2022_050797": {"mito": 0.14, "er": 0.10, "mito_spread": 0.25},
-    "JCP2022_012818": {"nuc_size": 0.12, "nucleoli": 0.35, "rna": 0.15},
-    "JCP2022_085227": {"er": 0.18, "rna": 0.14, "golgi": 0.40, "mito": -0.1},
+    "JCP2022_037716": {"nuc_size": 0.40, "cell_size": 0.15, "dna": 0.12, "rounding": 2.0,
+                       "density": -0.35, "nucleoli": -0.2},
+    "JCP2022_046054": {"density": -0.50, "mito_spread": -0.35, "mito": -0.15,
+                       "cell_size": -0.12, "rna": -0.10},
+    "JCP2022_035095": {"agp": -0.10, "cell_aspect": -0.35, "cell_size": 0.12, "ring": 0.15},
+    "JCP2022_025848": {"cell_size": 0.16, "cell_aspect": 0.15, "er": 0.06, "agp": 0.05,
+                       "ring": -0.08},
+    "JCP2022_064022": {"agp": 0.10, "cell_aspect": 0.40, "ring": -0.15, "golgi": 0.15},
+    "JCP2022_050797": {"mito": 0.07, "er": 0.05, "mito_spread": 0.25, "cell_size": 0.06},
+    "JCP2022_012818": {"nuc_size": 0.12, "nucleoli": 0.35, "rna": 0.08},
+    "JCP2022_085227": {"er": 0.09, "rna": 0.07, "golgi": 0.40, "mito": -0.05},
 }
 
 # Level tags (>= 2**31 so they never collide with the high word of a site id).
@@ -98,14 +106,13 @@ def _per_site(seed: int, tag: int, keys: np.ndarray, dim: int) -> np.ndarray:
     return unit_normals(seed, tag, uniq, dim)[inv]
 
 
-def phenotype(table: SiteTable, cfg: ml_collections.ConfigDict, strength: np.ndarray) -> np.ndarray:
-    """Returns the well-level phenotype [n, len(PHENO)] of each site's well.
+def class_directions(compounds: np.ndarray, cfg: ml_collections.ConfigDict) -> np.ndarray:
+    """Returns the class direction of each compound [n, len(PHENO)] (0 for DMSO).
 
-    A class moves its direction (scaled by effect_size and the batch's phenotype strength),
-    plus a compound-specific deviation on the same parameters; wells add biological noise.
+    A compound moves its class's direction plus a compound-specific deviation on the same
+    parameters (so a class keeps its signature), scaled by ``biology.effect_size``.
     """
-    b = cfg.biology
-    comp = np.asarray(table["compound"])
+    comp = np.asarray(compounds)
     direction = np.zeros((len(comp), len(PHENO)))
     uniq, inv = np.unique(comp, return_inverse=True)
     dev = unit_normals(cfg.seed, TAG_COMPOUND, uniq, len(PHENO))
@@ -113,12 +120,43 @@ def phenotype(table: SiteTable, cfg: ml_collections.ConfigDict, strength: np.nda
         d = np.zeros(len(PHENO))
         for name, v in POSCON_DIRECTIONS.get(str(c), {}).items():
             d[P[name]] = v
-        # deviation lives on the class's own parameters, so a class keeps its signature
-        d = d + b.compound_deviation * np.abs(d) * dev[u]
-        direction[inv == u] = d
+        direction[inv == u] = d + cfg.biology.compound_deviation * np.abs(d) * dev[u]
+    return cfg.biology.effect_size * direction
+
+
+def phenotype(table: SiteTable, cfg: ml_collections.ConfigDict,
+              strength: np.ndarray) -> dict[str, np.ndarray]:
+    """Returns the biology of each site's well.
+
+    Args:
+      table: the sites.
+      cfg: the simulator config (`biology` knobs).
+      strength: per-site phenotype strength of the batch (technical factor).
+
+    Returns:
+      ``base`` [n, len(PHENO)]: the well's phenotype without the compound (well-to-well
+      noise: ``well_density_sd`` on cell density, ``well_sd`` on the rest);
+      ``class`` [n, len(PHENO)]: the shift of a *responding* cell (class direction x batch
+      strength; 0 for DMSO); ``penetrance`` [n]: the well's responding fraction,
+      logit-normal around ``biology.penetrance`` (0 for DMSO).
+    """
+    b = cfg.biology
     wells = np.char.add(np.char.add(np.asarray(table["plate"]), "/"), np.asarray(table["well"]))
-    well_noise = _per_site(cfg.seed, TAG_WELL, wells, len(PHENO)) * b.well_sd
-    return b.effect_size * strength[:, None] * direction + well_noise
+    z = _per_site(cfg.seed, TAG_WELL, wells, len(PHENO) + 1)
+    scale = np.full(len(PHENO), float(b.well_sd))
+    scale[P["density"]] = b.well_density_sd
+    direction = class_directions(table["compound"], cfg)
+    treated = np.any(direction != 0, axis=1)
+    logit = np.log(b.penetrance / (1.0 - b.penetrance)) if 0 < b.penetrance < 1 else None
+    if logit is None:  # 0 or 1: every well alike
+        pen = np.full(len(table), float(b.penetrance))
+    else:
+        pen = 1.0 / (1.0 + np.exp(-(logit + b.penetrance_well_sd * z[:, len(PHENO)])))
+    return {
+        "base": z[:, :len(PHENO)] * scale,
+        "class": strength[:, None] * direction,
+        "penetrance": np.where(treated, pen, 0.0),
+    }
 
 
 def _source_facts(src: str, cfg: ml_collections.ConfigDict) -> tuple[float, float, float, float]:
@@ -173,7 +211,8 @@ def technical(table: SiteTable, cfg: ml_collections.ConfigDict) -> dict[str, np.
         "gamma": np.exp(zs[:, 24] * t.source_gamma_sd),
         "photons": facts[:, 2],
         "read_noise": np.full(n, t.read_noise) * min(sv.source, 1.0),
-        "density": np.exp(zb[:, 6] * t.batch_density_sd) * (1.0 - t.edge_count * edge),
+        "density": np.exp(zb[:, 6] * t.batch_density_sd + zp[:, 7] * t.plate_density_sd)
+                   * (1.0 - t.edge_count * edge),
         "strength": np.exp(zb[:, 7] * t.batch_strength_sd),
         "debris": (debris_u < t.debris_rate * min(sv.well, 1.0)).astype(np.float64),
         "empty": (empty_u < t.empty_rate * min(sv.well, 1.0)).astype(np.float64),

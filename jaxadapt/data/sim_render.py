@@ -32,58 +32,92 @@ def _blobs(y, x, sy, sx, amp, blur, size):
     return (gy * amp[:, None]).T @ gx
 
 
-def _cells(key, ph, px_um, density, empty, *, size, max_cells, bio):
-    """Draws the cells of a site; returns per-channel blob lists and the cell count."""
+def cell_params(key, ph_base, ph_class, penetrance, px_um, density, empty, *, size, max_cells, bio):
+    """Draws the cells of a site as per-cell parameters (no pixels).
+
+    Partial penetrance: each cell responds to the compound with probability `penetrance`
+    (the well's responding fraction); a responder's phenotype is ``ph_base + ph_class``, a
+    non-responder's ``ph_base``. Toxicity acts on the well: the cell count is scaled by
+    ``(1 - p) + p * exp(density effect)``, i.e. the responding share dies off.
+
+    Args:
+      key: PRNG key of the site's cells.
+      ph_base: [len(PHENO)] well phenotype without the class effect (well noise).
+      ph_class: [len(PHENO)] the class effect of a responding cell (0 for DMSO).
+      penetrance: scalar in [0, 1], the well's responding fraction.
+      px_um: pixel size (um); density: technical density factor; empty: 1 for an empty site.
+      size, max_cells, bio: static image size, cell cap and biology knobs.
+
+    Returns:
+      dict of per-cell arrays [max_cells] (geometry, amplitudes, `on` (cell exists),
+      `responder`) and `n` (the number of cells).
+    """
     kz, ku, kn = jax.random.split(key, 3)
     z = jax.random.normal(kz, (max_cells, 16))
     u = jax.random.uniform(ku, (max_cells, 24))
     area_mm2 = (size * px_um / 1000.0) ** 2
-    lam = bio["cells_per_mm2"] * area_mm2 * density * jnp.exp(ph[P["density"]])
+    tox = (1.0 - penetrance) + penetrance * jnp.exp(ph_class[P["density"]])
+    lam = bio["cells_per_mm2"] * area_mm2 * density * jnp.exp(ph_base[P["density"]]) * tox
     n = jnp.round(lam + jnp.sqrt(lam) * jax.random.normal(kn, ()))
     n = jnp.clip(n, 0, max_cells) * (1.0 - empty)
     on = (jnp.arange(max_cells, dtype=jnp.float32) < n).astype(jnp.float32)
-    sd = bio["cell_sd"]
+    responder = (u[:, 22] < penetrance).astype(jnp.float32)
+    ph = ph_base[None, :] + responder[:, None] * ph_class[None, :]  # [cells, PHENO]
+    q = lambda name: ph[:, P[name]]
     cy, cx = u[:, 0] * size, u[:, 1] * size
-    rn = bio["nucleus_radius_um"] / px_um * jnp.exp(ph[P["nuc_size"]] + sd * 0.6 * z[:, 0])
-    rc = bio["cell_radius_um"] / px_um * jnp.exp(ph[P["cell_size"]] + sd * 0.6 * z[:, 2])
-    rnd = jax.nn.sigmoid(ph[P["rounding"]] - 3.0 + z[:, 11])  # mostly flat; arrest rounds up
+    rn = bio["nucleus_radius_um"] / px_um * jnp.exp(q("nuc_size") + bio["nucleus_size_sd"] * z[:, 0])
+    rc = bio["cell_radius_um"] / px_um * jnp.exp(q("cell_size") + bio["cell_size_sd"] * z[:, 2])
+    rnd = jax.nn.sigmoid(q("rounding") - 3.0 + z[:, 11])  # mostly flat; arrest rounds up
     rc = rc + (1.2 * rn - rc) * rnd * 0.8
     flip = jnp.where(u[:, 2] < 0.5, 1.0, -1.0)  # elongated along y or x
-    an = flip * (0.15 + ph[P["nuc_aspect"]] + 0.1 * z[:, 1])
-    ac = flip * (0.35 + ph[P["cell_aspect"]] + 0.15 * z[:, 3]) * (1.0 - rnd)
-    sny, snx = 0.6 * rn * jnp.exp(an / 2), 0.6 * rn * jnp.exp(-an / 2)
-    scy, scx = 0.6 * rc * jnp.exp(ac / 2), 0.6 * rc * jnp.exp(-ac / 2)
-    amp = lambda name, k: BASE_AMP[name] * on * jnp.exp(ph[P[name]] + sd * z[:, k])
-    dna = amp("dna", 4) * (1.0 + 0.6 * rnd)  # condensed chromatin of a rounded cell
-    ring = jnp.clip(0.75 * jnp.exp(ph[P["ring"]]), 0.5, 0.9)
+    an = flip * (0.15 + q("nuc_aspect") + 0.1 * z[:, 1])
+    ac = flip * (0.35 + q("cell_aspect") + 0.15 * z[:, 3]) * (1.0 - rnd)
+    isd = bio["intensity_sd"]
+    amp = lambda name, k: BASE_AMP[name] * on * jnp.exp(q(name) + isd * z[:, k])
+    return {
+        "n": n, "on": on, "responder": responder * on, "u": u, "z": z,
+        "cy": cy, "cx": cx, "rn": rn, "rc": rc, "rnd": rnd,
+        "sny": 0.6 * rn * jnp.exp(an / 2), "snx": 0.6 * rn * jnp.exp(-an / 2),
+        "scy": 0.6 * rc * jnp.exp(ac / 2), "scx": 0.6 * rc * jnp.exp(-ac / 2),
+        "dna": amp("dna", 4) * (1.0 + 0.6 * rnd),  # condensed chromatin of a rounded cell
+        "er": amp("er", 5), "rna": amp("rna", 6), "nucleoli": amp("nucleoli", 7),
+        "agp": amp("agp", 8), "golgi": amp("golgi", 9), "mito": amp("mito", 10),
+        "ring": jnp.clip(0.75 * jnp.exp(q("ring")), 0.5, 0.9),
+        "spread": jnp.clip(0.55 * jnp.exp(q("mito_spread")), 0.2, 1.0),
+    }
+
+
+def _channels(c, max_cells):
+    """Per-channel blob lists (y, x, sy, sx, amp) of the cells drawn by `cell_params`."""
+    u, z, rn, rc = c["u"], c["z"], c["rn"], c["rc"]
+    cy, cx, sny, snx, scy, scx = c["cy"], c["cx"], c["sny"], c["snx"], c["scy"], c["scx"]
+    dna, er = c["dna"], c["er"]
     ang = 2 * jnp.pi * u[:, 3]
     golgi_y, golgi_x = cy + 1.1 * rn * jnp.sin(ang), cx + 1.1 * rn * jnp.cos(ang)
     nuc_y, nuc_x = cy + 0.3 * rn * (u[:, 4] - 0.5), cx + 0.3 * rn * (u[:, 5] - 0.5)
     er_sy, er_sx = jnp.sqrt(sny**2 + (0.45 * scy) ** 2), jnp.sqrt(snx**2 + (0.45 * scx) ** 2)
-    er = amp("er", 5)
     # nucleoli: two spots inside the nucleus
     noy = nuc_y[:, None] + 0.8 * sny[:, None] * (u[:, 6:8] - 0.5) * 2
     nox = nuc_x[:, None] + 0.8 * snx[:, None] * (u[:, 8:10] - 0.5) * 2
-    nuc_amp = amp("nucleoli", 7)[:, None] * jnp.ones((1, 2))
+    nuc_amp = c["nucleoli"][:, None] * jnp.ones((1, 2))
     # mitochondria: granules between nucleus and cell edge
-    spread = jnp.clip(0.55 * jnp.exp(ph[P["mito_spread"]]), 0.2, 1.0)
     mang = 2 * jnp.pi * u[:, 10:10 + N_MITO]
-    mrad = rn[:, None] + (rc - rn)[:, None] * spread * u[:, 16:16 + N_MITO]
+    mrad = rn[:, None] + (rc - rn)[:, None] * c["spread"][:, None] * u[:, 16:16 + N_MITO]
     my, mx = cy[:, None] + mrad * jnp.sin(mang), cx[:, None] + mrad * jnp.cos(mang)
-    mamp = amp("mito", 10)[:, None] * jnp.exp(0.3 * z[:, 12:12 + 1]) * jnp.ones((1, N_MITO))
+    mamp = c["mito"][:, None] * jnp.exp(0.3 * z[:, 12:12 + 1]) * jnp.ones((1, N_MITO))
     ms = jnp.broadcast_to(0.3 * rn[:, None], (max_cells, N_MITO))
+    ring, agp = c["ring"], c["agp"]
     cat = lambda *a: jnp.concatenate([jnp.ravel(v) for v in a])
-    channels = (
+    return (
         (cat(nuc_y, nuc_y + 0.3 * sny * z[:, 13]), cat(nuc_x, nuc_x + 0.3 * snx * z[:, 14]),
          cat(sny, 0.5 * sny), cat(snx, 0.5 * snx), cat(dna, BASE_AMP["chromatin"] / BASE_AMP["dna"] * dna)),
         (cat(nuc_y, nuc_y), cat(nuc_x, nuc_x), cat(er_sy, sny), cat(er_sx, snx), cat(er, -0.9 * er)),
         (cat(cy, noy), cat(cx, nox), cat(0.8 * scy, 0.25 * sny[:, None] * jnp.ones((1, 2))),
-         cat(0.8 * scx, 0.25 * snx[:, None] * jnp.ones((1, 2))), cat(amp("rna", 6), nuc_amp)),
+         cat(0.8 * scx, 0.25 * snx[:, None] * jnp.ones((1, 2))), cat(c["rna"], nuc_amp)),
         (cat(cy, cy, golgi_y), cat(cx, cx, golgi_x), cat(scy, ring * scy, 0.4 * rn),
-         cat(scx, ring * scx, 0.4 * rn), cat(amp("agp", 8), -0.95 * amp("agp", 8), amp("golgi", 9))),
+         cat(scx, ring * scx, 0.4 * rn), cat(agp, -0.95 * agp, c["golgi"])),
         (my, mx, ms, ms, mamp),
     )
-    return channels, n
 
 
 def _normal16(key, shape):
@@ -108,10 +142,12 @@ def make_kernel(size: int, max_cells: int, bio_items: tuple) -> callable:
     """
     bio = dict(bio_items)
 
-    def one(key, ph, tech):
+    def one(key, bio_in, tech):
         k_cells, k_noise, k_debris = (jax.random.fold_in(key, i) for i in range(3))
-        chans, n = _cells(k_cells, ph, tech["pixel_um"], tech["density"], tech["empty"],
-                          size=size, max_cells=max_cells, bio=bio)
+        cells = cell_params(k_cells, bio_in["base"], bio_in["class"], bio_in["penetrance"],
+                            tech["pixel_um"], tech["density"], tech["empty"],
+                            size=size, max_cells=max_cells, bio=bio)
+        chans, n = _channels(cells, max_cells), cells["n"]
         raw = jnp.stack([_blobs(*c, tech["blur"], size) for c in chans])
         raw = jnp.maximum(raw, 0.0)
         d = jax.random.uniform(k_debris, (3,))
@@ -130,5 +166,48 @@ def make_kernel(size: int, max_cells: int, bio_items: tuple) -> callable:
         sig = jnp.maximum(sig, 0.0) ** tech["gamma"]
         img = jnp.clip(jnp.round(255.0 * sig), 0, 255).astype(jnp.uint8)
         return jnp.transpose(img, (1, 2, 0)), n
+
+    return jax.jit(jax.vmap(one))
+
+
+#: Per-cell measurements `make_feature_kernel` returns (log scale), named after the
+#: CellProfiler features they stand for.
+CELL_FEATURES: tuple[str, ...] = (
+    "Nuclei_Area", "Cells_Area", "Nuclei_Eccentricity", "Cells_Eccentricity",
+    "MeanIntensity_DNA", "MeanIntensity_ER", "MeanIntensity_RNA", "MeanIntensity_AGP",
+    "MeanIntensity_Mito", "Nucleoli_Intensity", "Golgi_Intensity", "AGP_RingFraction",
+    "Mito_RadialSpread",
+)
+
+
+@functools.lru_cache(maxsize=16)
+def make_feature_kernel(size: int, max_cells: int, bio_items: tuple) -> callable:
+    """Returns a jitted, vmapped per-cell measurement of sites, without rendering pixels.
+
+    Draws exactly the cells `make_kernel` renders for the same key and inputs and
+    measures them (areas from the blob widths, mean intensities from the amplitudes
+    times the site's channel gain), for calibrating the simulator against CellProfiler
+    tables. Returns ``(features [sites, max_cells, len(CELL_FEATURES)], on [sites,
+    max_cells], responder [sites, max_cells])``.
+    """
+    bio = dict(bio_items)
+
+    def one(key, bio_in, tech):
+        c = cell_params(jax.random.fold_in(key, 0), bio_in["base"], bio_in["class"],
+                        bio_in["penetrance"], tech["pixel_um"], tech["density"], tech["empty"],
+                        size=size, max_cells=max_cells, bio=bio)
+        um2 = tech["pixel_um"] ** 2
+        ecc = lambda a, b: jnp.log(jnp.maximum(a, b) / jnp.minimum(a, b))
+        g = tech["gain"]
+        safe = lambda v: jnp.log(jnp.maximum(v, 1e-9))
+        feats = jnp.stack([
+            safe(c["sny"] * c["snx"] * um2), safe(c["scy"] * c["scx"] * um2),
+            ecc(c["sny"], c["snx"]), ecc(c["scy"], c["scx"]),
+            safe(c["dna"] * g[0]), safe(c["er"] * g[1]), safe(c["rna"] * g[2]),
+            safe(c["agp"] * g[3]), safe(c["mito"] * g[4]),
+            safe(c["nucleoli"] * g[2]), safe(c["golgi"] * g[3]),
+            safe(c["ring"]), safe(c["spread"]),
+        ], axis=-1)
+        return feats, c["on"], c["responder"]
 
     return jax.jit(jax.vmap(one))

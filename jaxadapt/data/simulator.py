@@ -29,7 +29,8 @@ def _bio_items(cfg: ml_collections.ConfigDict) -> tuple:
     b = cfg.biology
     return tuple(sorted({
         "cells_per_mm2": float(b.cells_per_mm2), "nucleus_radius_um": float(b.nucleus_radius_um),
-        "cell_radius_um": float(b.cell_radius_um), "cell_sd": float(b.cell_sd),
+        "cell_radius_um": float(b.cell_radius_um), "intensity_sd": float(b.intensity_sd),
+        "nucleus_size_sd": float(b.nucleus_size_sd), "cell_size_sd": float(b.cell_size_sd),
     }.items()))
 
 
@@ -47,8 +48,9 @@ def render_sites(table: SiteTable, cfg: ml_collections.ConfigDict) -> tuple[np.n
 
     Returns:
       images: uint8 [n, S, S, 5] in channel order DNA, ER, RNA, AGP, Mito.
-      latents: per-site arrays: `phenotype` [n, len(PHENO)] (well phenotype incl. class
-        effect), `n_cells` [n], and every technical factor (`pixel_um`, `blur`, `gain` [n, 5],
+      latents: per-site arrays: `phenotype` [n, len(PHENO)] (the phenotype of a responding
+        cell: well phenotype + class effect), `penetrance` [n] (the well's responding
+        fraction; 0 for DMSO), `n_cells` [n], and every technical factor (`pixel_um`, `blur`, `gain` [n, 5],
         `crosstalk` [n, 5, 5], `offset` [n, 5], `haze`, `vignetting`, `gradient` [n, 2],
         `gamma`, `photons`, `read_noise`, `density`, `strength`, `debris`, `empty`).
 
@@ -75,10 +77,12 @@ def render_sites(table: SiteTable, cfg: ml_collections.ConfigDict) -> tuple[np.n
         stop = min(start + chunk, n)
         pad = lambda a: np.concatenate([a[start:stop], np.repeat(a[stop - 1:stop], chunk - (stop - start), 0)])
         t = {k: f32(pad(v)) for k, v in tech.items()}
-        img, cnt = kernel(pad(keys), f32(pad(pheno)), t)
+        bio = {k: f32(pad(v)) for k, v in pheno.items()}
+        img, cnt = kernel(pad(keys), bio, t)
         images[start:stop] = np.asarray(img)[: stop - start]
         n_cells[start:stop] = np.asarray(cnt)[: stop - start]
-    latents = {"phenotype": pheno.astype(np.float32), "n_cells": n_cells.astype(np.int32)}
+    latents = {"phenotype": f32(pheno["base"] + pheno["class"]), "penetrance": f32(pheno["penetrance"]),
+               "n_cells": n_cells.astype(np.int32)}
     latents.update({k: f32(v) for k, v in tech.items()})
     return images, latents
 
