@@ -283,10 +283,8 @@ def calibration_table(cfg: ml_collections.ConfigDict) -> list[Stat]:
                             ("batch_sd", "of batch means"))]
     rd = count_effects(real["plate"], real["is_control"], real["count"])
     sd_ = count_effects(sim.plate, sim.is_control, sim.count)
-    treated = sim.compound[~sim.is_control]
-    order = np.argsort(sim.plate, kind="stable")  # count_effects walks plates in sorted order
+    # count_effects walks the plates in sorted order: label its wells the same way
     treated = np.concatenate([sim.compound[r][~sim.is_control[r]] for r in _groups(sim.plate)])
-    del order
     rows.append(Stat("cell count: treated |log change|", "quantiles 50/90/99 % over treated "
                      "wells of |log(count / plate DMSO median)|", _q(np.abs(sd_)), _q(np.abs(rd))))
     rows.append(Stat("cell count: wells losing > 50 %", "share of treated wells",

@@ -81,6 +81,9 @@ def label_shift_bias(stats_of: Callable[[np.ndarray], Mapping[str, Any]], table:
     - ``one_class``: a context whose perturbed images all come from one class against a
       balanced context of the same plate with the same controls (mean over classes and
       test plates): the bias label shift puts into the statistics.
+    - ``noise_floor``: a second balanced context of the same plate (a fresh draw of
+      perturbed images, the same controls) against the first: the shift that sampling
+      alone causes, below which no other number can be read.
 
     Args:
       stats_of: rows [n] -> norm_stats of a context of those rows (e.g. `bn.context_stats`
@@ -93,7 +96,7 @@ def label_shift_bias(stats_of: Callable[[np.ndarray], Mapping[str, Any]], table:
       seed: seed of the image draws.
 
     Returns:
-      ``{"plate_to_plate" | "new_plate" | "one_class": {stage: shift}}``.
+      ``{"plate_to_plate" | "new_plate" | "one_class" | "noise_floor": {stage: shift}}``.
 
     Raises:
       ValueError: if a plate lacks controls while n_controls > 0, fewer than two training
@@ -114,17 +117,19 @@ def label_shift_bias(stats_of: Callable[[np.ndarray], Mapping[str, Any]], table:
     train_stats = [stats_of(np.concatenate([draw(p, n_perturbed), draw(c, n_controls)]))
                    for p, c in train.values()]
     plate_pairs = [stats_shift(a, b) for i, a in enumerate(train_stats) for b in train_stats[i + 1:]]
-    new_plate, one_class = [], []
+    new_plate, one_class, floor = [], [], []
     for pert, ctrl in test.values():
         ctrl = draw(ctrl, n_controls)  # the same controls in the balanced and one-class contexts
         balanced = stats_of(np.concatenate([draw(pert, n_perturbed), ctrl]))
+        again = stats_of(np.concatenate([draw(pert, n_perturbed), ctrl]))
+        floor.append(stats_shift(again, balanced))
         new_plate += [stats_shift(balanced, s) for s in train_stats]
         labels = table["label"][pert]
         for label in np.unique(labels):
             one = draw(pert[labels == label], n_perturbed)
             one_class.append(stats_shift(stats_of(np.concatenate([one, ctrl])), balanced))
     return {"plate_to_plate": _mean_by_stage(plate_pairs), "new_plate": _mean_by_stage(new_plate),
-            "one_class": _mean_by_stage(one_class)}
+            "one_class": _mean_by_stage(one_class), "noise_floor": _mean_by_stage(floor)}
 
 
 def _plate_contexts(table: schema.SiteTable, rows, n_controls: int) -> dict[str, tuple]:

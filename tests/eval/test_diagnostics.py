@@ -84,12 +84,16 @@ def test_label_shift_bias_separates_plate_and_class_effects():
     out6 = diagnostics.label_shift_bias(_stats_from_feature(cls + noise), table, train, test, n_controls=6, **kw)
     assert out0["one_class"]["stem"] > 2 * out0["plate_to_plate"]["stem"]
     assert out6["one_class"]["stem"] < out0["one_class"]["stem"]  # controls dilute the bias
+    # Two balanced draws of 4 images differ by sampling noise (of the class mix) only.
+    assert out0["noise_floor"]["stem"] > 0
 
     # Plate effect only: every one-class context equals a balanced one up to noise.
     plate = plate_idx[:, None] * np.array([5.0, 5.0])
     out = diagnostics.label_shift_bias(_stats_from_feature(plate + 0.01 * noise), table, train, test,
                                        n_controls=6, **kw)
     assert out["plate_to_plate"]["stem"] > 100 * out["one_class"]["stem"]
+    # Without a class effect a one-class context is no further than another balanced one.
+    assert out["one_class"]["stem"] < 3 * out["noise_floor"]["stem"]
     assert out["new_plate"]["stem"] > out["plate_to_plate"]["stem"]  # plate 2 is further away
 
 
