@@ -149,21 +149,23 @@ def _scalar_problems(cfg: Any) -> list[str]:
     return out
 
 
-def _names(cfg: Any, key: str, allowed: Any, what: str) -> list[str]:
+def _names(cfg: Any, key: str, allowed: Any, what: str, rule: str = "") -> list[str]:
     """A non-empty tuple of distinct values, each in `allowed` (a container or a test)."""
     v = get(cfg, key)
     syntax = f"pass a tuple, e.g. --config.{key}=\"{_example(key)}\""
     if v is MISSING:
         return [_lacks(key)]
     if isinstance(v, (str, bytes)) or not isinstance(v, (tuple, list)) or not v:
-        return [f"config.{key}={v!r}: must be a non-empty tuple of {what}; {syntax}"]
+        return [f"config.{key}={v!r}: must be a non-empty tuple; {syntax}"]
     ok = allowed if callable(allowed) else (lambda x: isinstance(x, str) and x in allowed)
     bad = [x for x in v if not ok(x)]
     if bad:
-        known = "" if callable(allowed) else f"; use some of {tuple(allowed)}"
+        known = f"; {rule}" if rule else f"; use some of {tuple(allowed)}"
         # `--config.methods=erm,tent` arrives as ('erm,tent',): show the tuple syntax.
         hint = f"; {syntax}" if any(isinstance(x, str) and "," in x for x in bad) else ""
-        return [f"config.{key}={tuple(v)!r}: invalid {what} {bad}{known}{hint}"]
+        adjective = "invalid" if callable(allowed) else "unknown"
+        listed = ", ".join(repr(x) for x in bad)
+        return [f"config.{key}={tuple(v)!r}: {adjective} {what} {listed}{known}{hint}"]
     if len(set(v)) != len(v):
         return [f"config.{key}={tuple(v)!r} lists a value twice (it would be scored twice); "
                 "list each once"]
@@ -174,10 +176,11 @@ def _study_problems(cfg: Any) -> list[str]:
     """seeds, methods, train_sources, eval_splits and how they fit the simulated design."""
     sources = get(cfg, "data.sim.sources")
     sources = tuple(sources) if isinstance(sources, (tuple, list)) else ()
-    out = _names(cfg, "seeds", lambda s: _is_int(s) and s >= 0, "seeds (integers >= 0)")
-    out += _names(cfg, "methods", registry.available(), "method names")
-    out += _names(cfg, "train_sources", sources, "sources of config.data.sim.sources")
-    out += _names(cfg, "eval_splits", splits.SPLITS, "split names")
+    out = _names(cfg, "seeds", lambda s: _is_int(s) and s >= 0, "seed", "use integers >= 0")
+    out += _names(cfg, "methods", registry.available(), "method")
+    out += _names(cfg, "train_sources", sources, "source",
+                  f"use some of config.data.sim.sources={sources!r}")
+    out += _names(cfg, "eval_splits", splits.SPLITS, "split")
     evals, trains = get(cfg, "eval_splits"), get(cfg, "train_sources")
     if isinstance(evals, (tuple, list)) and "new_source" in evals and isinstance(trains, (tuple, list)):
         for src in trains:
@@ -276,10 +279,13 @@ def sweep_problems(sweep: Any) -> list[str]:
                 f"the command line is read as its keys; wrap it in a tuple (note the trailing "
                 f"comma), e.g. {SWEEP_SYNTAX}"]
     out = []
+    not_dicts = [s for s in sweep if not isinstance(s, (Mapping, ml_collections.ConfigDict))]
+    if not_dicts:  # one message: the same fix holds for every such setting
+        out.append(f"config.sweep setting {not_dicts[0]!r} is a {type(not_dicts[0]).__name__}, "
+                   f"not a dict; write each setting as a dict of {sorted(SWEEP_KEYS)}, "
+                   f"e.g. {SWEEP_SYNTAX}")
     for s in sweep:
         if not isinstance(s, (Mapping, ml_collections.ConfigDict)):
-            out.append(f"config.sweep setting {s!r} is a {type(s).__name__}, not a dict; write "
-                       f"each setting as a dict of {sorted(SWEEP_KEYS)}, e.g. {SWEEP_SYNTAX}")
             continue
         for key in s.keys():
             if key not in SWEEP_KEYS:
