@@ -6,7 +6,9 @@
 locked: a mistyped key fails and lists the valid ones; the whole config is validated
 before anything is rendered or trained. A bad config or bad data ends the run with one
 line per problem (`error: ...`, naming the key, the value and the fix) and exit status 2;
-`--traceback` shows the full traceback instead. Results land in
+`--traceback` shows the full traceback instead. A run cut short by
+`--config.train.stop_after_epochs` says `stopped: ...` and exits with status 3; the same
+command resumes it. Results land in
 `<workdir>/results.{json,md,csv,png}` (default workdir: runs/<study>).
 """
 

@@ -21,7 +21,6 @@ import functools
 import math
 from typing import Any, Callable, Mapping
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -182,8 +181,8 @@ def _study_problems(cfg: Any) -> list[str]:
                   f"use some of config.data.sim.sources={sources!r}")
     out += _names(cfg, "eval_splits", splits.SPLITS, "split")
     evals, trains = get(cfg, "eval_splits"), get(cfg, "train_sources")
-    if isinstance(evals, (tuple, list)) and "new_source" in evals and isinstance(trains, (tuple, list)):
-        for src in trains:
+    if isinstance(evals, (tuple, list)) and "new_source" in evals:
+        for src in trains if isinstance(trains, (tuple, list)) else ():
             if src in sources and not set(sources) - {src}:
                 out.append(f"config.eval_splits={tuple(evals)!r} scores new_source, but "
                            f"config.data.sim.sources={sources!r} has no source besides the "
@@ -206,8 +205,8 @@ def _data_problems(cfg: Any) -> list[str]:
     classes, channels = len(design.POSCONS), len(schema.CHANNELS)  # of the jump_poscon preset
     k = get(cfg, "model.num_classes")
     if _is_int(k) and k < classes:
-        out.append(f"config.model.num_classes={k}: the {get(sim, 'preset')} simulator has {classes} "
-                   f"classes; set --config.model.num_classes={classes}")
+        out.append(f"config.model.num_classes={k}: the {get(sim, 'preset')} simulator has "
+                   f"{classes} classes; set --config.model.num_classes={classes}")
     c = get(cfg, "model.in_channels")
     if _is_int(c) and c != channels:
         out.append(f"config.model.in_channels={c}: the simulator renders {channels} channels "
@@ -239,21 +238,18 @@ def _train_problems(cfg: Any) -> list[str]:
 
 
 def _device_problems(cfg: Any) -> list[str]:
-    """Batch sizes the methods' trainers split over devices; episodes over several hosts.
+    """Batch sizes that the study's trainers split over the local devices.
 
     Builds the model and each method (cheap: nothing is initialized or compiled) to learn
-    which trainers the study runs; so it runs on an otherwise valid config only.
+    which trainers the study runs; so it runs on an otherwise valid config only. (How
+    episodes spread over several hosts is checked when the episodic trainer is built,
+    which the study runner also does before any rendering.)
     """
     model = build_model(cfg.model)
     trainers = {registry.make_method(n, model, cfg, {}).trainer for n in cfg.methods}
     out = []
     for key in sorted({k for t in trainers for k in _DEVICE_SPLIT.get(t, ())}):
-        if _is_int(get(cfg, key)) and get(cfg, key) >= 1:
-            out += _guarded(supervised.check_batch_size, get(cfg, key), f"config.{key}")
-    e, n = get(cfg, "arm.episodes_per_step"), jax.device_count()
-    if trainers & {"arm_bn", "cs_arm_bn"} and jax.process_count() > 1 and _is_int(e) and e % n:
-        out.append(f"config.arm.episodes_per_step={e} is not a multiple of the {n} devices; "
-                   f"on several hosts set it to a multiple of {n}")
+        out += _guarded(supervised.check_batch_size, get(cfg, key), f"config.{key}")
     return out
 
 
@@ -269,9 +265,11 @@ def sweep_problems(sweep: Any) -> list[str]:
     if sweep is None or sweep is MISSING:
         return []
     if isinstance(sweep, (str, bytes)):
-        return [f"config.sweep={sweep!r} is a string; a sweep is a tuple of dicts, e.g. {SWEEP_SYNTAX}"]
+        return [f"config.sweep={sweep!r} is a string; a sweep is a tuple of dicts, "
+                f"e.g. {SWEEP_SYNTAX}"]
     if isinstance(sweep, (Mapping, ml_collections.ConfigDict)):
-        return [f"config.sweep={sweep!r} is one dict; a sweep is a tuple of them, e.g. {SWEEP_SYNTAX}"]
+        return [f"config.sweep={sweep!r} is one dict; a sweep is a tuple of them, "
+                f"e.g. {SWEEP_SYNTAX}"]
     if not isinstance(sweep, (tuple, list)):
         return [f"config.sweep={sweep!r}: a sweep is a tuple of dicts, e.g. {SWEEP_SYNTAX}"]
     if sweep and all(isinstance(s, str) and s in SWEEP_KEYS for s in sweep):
@@ -290,9 +288,11 @@ def sweep_problems(sweep: Any) -> list[str]:
         for key in s.keys():
             if key not in SWEEP_KEYS:
                 known = "; ".join(f"{k}: {what}" for k, (_, what) in SWEEP_KEYS.items())
-                out.append(f"config.sweep setting {dict(s)}: unknown key {key!r}; known keys: {known}")
+                out.append(f"config.sweep setting {dict(s)}: unknown key {key!r}; "
+                           f"known keys: {known}")
             elif not SWEEP_KEYS[key][0](s[key]):
-                out.append(f"config.sweep setting {dict(s)}: {key}={s[key]!r}; use {SWEEP_KEYS[key][1]}")
+                out.append(f"config.sweep setting {dict(s)}: {key}={s[key]!r}; "
+                           f"use {SWEEP_KEYS[key][1]}")
     return out
 
 

@@ -81,7 +81,8 @@ def test_each_bad_field_is_named_with_value_and_fix(key, value, fix):
     ("seeds", (), "non-empty tuple"),
     ("methods", ("erm", "ermm"), "unknown method 'ermm'; use some of ('adabn'"),
     ("methods", ("erm,tent",), "pass a tuple, e.g. --config.methods="),
-    ("train_sources", ("source_9",), "unknown source 'source_9'; use some of config.data.sim.sources=('source_3', 'source_8')"),
+    ("train_sources", ("source_9",),
+     "unknown source 'source_9'; use some of config.data.sim.sources=('source_3', 'source_8')"),
     ("eval_splits", ("in_domain", "test"), "unknown split 'test'; use some of ('train'"),
 ])
 def test_bad_study_lists_are_named(key, value, fix):
