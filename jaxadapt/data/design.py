@@ -159,8 +159,15 @@ def default_sim_config(preset: str = "jump_poscon") -> ml_collections.ConfigDict
     return c
 
 
-def _check_config(cfg: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming field, value and fix for an unusable design config."""
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming field, value and fix for an unusable design config.
+
+    Args:
+      cfg: the `data.sim` config (see `default_sim_config`).
+
+    Raises:
+      ValueError: for the first unusable knob; messages start with `sim <field>`.
+    """
     if cfg.preset not in PRESETS:
         raise ValueError(f"sim preset={cfg.preset!r} is unknown; use one of {PRESETS}")
     for field in ("batches_per_source", "plates_per_batch", "sites_per_well", "max_cells", "chunk_size"):
@@ -243,7 +250,7 @@ def build_design(cfg: ml_collections.ConfigDict) -> SiteTable:
     Raises:
       ValueError: for unusable knobs (naming the field, value and fix).
     """
-    _check_config(cfg)
+    check_config(cfg)
     layout = plate_layout(cfg.preset)
     rows = []
     for src, batch, plate in study_plates(cfg):

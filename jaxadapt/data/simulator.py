@@ -57,7 +57,7 @@ def render_sites(table: SiteTable, cfg: ml_collections.ConfigDict) -> tuple[np.n
     Raises:
       ValueError: for a bad config or a table lacking the simulator's columns.
     """
-    design._check_config(cfg)
+    design.check_config(cfg)
     for field in ("site_id", "is_edge"):
         if field not in table:
             raise ValueError(f"render_sites table lacks column {field!r}; build it with build_design(cfg)")

@@ -32,16 +32,42 @@ def _count(value, n: int, field: str) -> int:
     raise ValueError(f"splits.{field}={value!r}: use a fraction in (0, 1) or a count >= 1")
 
 
+def batch_counts(cfg, n_batches: int, train_source: str) -> tuple[int, int]:
+    """How many of a training source's batches go to validation and to new_batch.
+
+    Args:
+      cfg: the `splits` config (`val_batches`, `new_batch_batches`).
+      n_batches: the training source's number of batches.
+      train_source: its name (for the message).
+
+    Returns:
+      (validation batches, new-batch batches).
+
+    Raises:
+      ValueError: a malformed count, or counts that leave no training batch.
+    """
+    n_val = _count(cfg.val_batches, n_batches, "val_batches")
+    n_new = _count(cfg.new_batch_batches, n_batches, "new_batch_batches")
+    if n_batches < n_val + n_new + 1:
+        raise ValueError(
+            f"train_source={train_source!r} has {n_batches} batches but the split needs "
+            f"{n_val} validation + {n_new} new-batch + at least 1 training batch; lower "
+            "splits.val_batches / splits.new_batch_batches or raise data.sim.batches_per_source")
+    return n_val, n_new
+
+
+def in_domain_fraction(cfg) -> float:
+    """`cfg.in_domain_fraction`, checked to lie in (0, 1); raises ValueError otherwise."""
+    frac = float(cfg.in_domain_fraction)
+    if not 0.0 < frac < 1.0:
+        raise ValueError(f"splits.in_domain_fraction={frac}: use a fraction in (0, 1), e.g. 0.2")
+    return frac
+
+
 def _deal_batches(table: schema.SiteTable, train_source: str, cfg) -> dict[str, np.ndarray]:
     """Shuffles the training source's batches and deals them to val / new_batch / train."""
     batches = np.unique(table["batch"][table["source"] == train_source])
-    n_val = _count(cfg.val_batches, len(batches), "val_batches")
-    n_new = _count(cfg.new_batch_batches, len(batches), "new_batch_batches")
-    if len(batches) < n_val + n_new + 1:
-        raise ValueError(
-            f"train_source={train_source!r} has {len(batches)} batches but the split needs "
-            f"{n_val} validation + {n_new} new-batch + at least 1 training batch; lower "
-            "splits.val_batches / splits.new_batch_batches or raise data.sim.batches_per_source")
+    n_val, n_new = batch_counts(cfg, len(batches), train_source)
     rng = np.random.default_rng([int(cfg.seed), zlib.crc32(train_source.encode())])
     order = rng.permutation(batches)
     dealt = {"validation": order[:n_val], "new_batch": order[n_val:n_val + n_new],
@@ -92,9 +118,7 @@ def make_splits(table: schema.SiteTable, *, train_source: str,
     if train_source not in sources:
         raise ValueError(f"train_source={train_source!r} is not in the table; valid sources: "
                          f"{sources.tolist()}")
-    frac = float(cfg.in_domain_fraction)
-    if not 0.0 < frac < 1.0:
-        raise ValueError(f"splits.in_domain_fraction={frac}: use a fraction in (0, 1), e.g. 0.2")
+    frac = in_domain_fraction(cfg)
     dealt = _deal_batches(table, train_source, cfg)
     is_src = table["source"] == train_source
     train_b = is_src & np.isin(table["batch"], dealt["train"])

@@ -1,7 +1,7 @@
-"""Command-line plumbing for experiments/run.py: config flags with helpful errors, devices.
+"""Command-line plumbing for experiments/run.py: config flags and errors as one line.
 
 Kept in the library so that the entry point stays a few lines and so that the
-config-override checks are tested.
+config-override checks and the error reporting are tested.
 """
 
 from __future__ import annotations
@@ -9,10 +9,15 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import ml_collections
 from absl import flags
+
+from jaxadapt.eval import validation
+from jaxadapt.train.supervised import Interrupted
+
+T = TypeVar("T")
 
 _OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.]+)(=.*)?$")
 
@@ -93,16 +98,87 @@ def config_spec_from_argv(argv: Sequence[str]) -> str | None:
     return None
 
 
+#: Exit status of a run that fails on input the user can fix (config, data, flags).
+EXIT_ERROR = 2
+#: Exit status of a run stopped on request (`config.train.stop_after_epochs`); re-run it.
+EXIT_STOPPED = 3
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+          tuple: "a tuple"}
+_FLAG_ERROR = re.compile(r"^flag --config\.([A-Za-z0-9_.]+)=")
+
+
+def wants_traceback(argv: Sequence[str]) -> bool:
+    """Whether argv asks for full tracebacks (`--traceback`), read before flags are parsed."""
+    return any(a in ("--traceback", "--traceback=true", "--traceback=True", "--traceback=1")
+               for a in argv)
+
+
+def error_lines(err: BaseException) -> list[str]:
+    """`error: <problem>` for each problem of `err` (a ConfigError lists several)."""
+    return [f"error: {p}" for p in getattr(err, "problems", None) or [str(err)]]
+
+
+def report_errors(fn: Callable[[], T], *, traceback: bool = False) -> T:
+    """Runs `fn`; a user's error ends the process with one line each, not a traceback.
+
+    Only ValueError (bad config or data: every such message names the field, the value
+    and the fix) and `Interrupted` (a requested stop) are reported so; any other
+    exception is a bug and keeps its traceback.
+
+    Args:
+      fn: the work, e.g. `lambda: study.main(cfg)`.
+      traceback: re-raise instead (the `--traceback` flag), to see where it failed.
+
+    Returns:
+      What `fn` returns.
+    """
+    try:
+        return fn()
+    except Interrupted as err:
+        if traceback:
+            raise
+        print(f"stopped: {err}", file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
+    except ValueError as err:
+        if traceback:
+            raise
+        print("\n".join(error_lines(err)), file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+
+
+def _flag_fix(err: flags.Error, config: ml_collections.ConfigDict | None) -> str:
+    """absl's message for an unparsable `--config.<key>=`, plus the type and an example."""
+    match = _FLAG_ERROR.match(str(err))
+    default = validation.get(config, match.group(1)) if match and config is not None else None
+    if default is None or default is validation.MISSING:
+        return str(err)
+    key = match.group(1)
+    kind = _KINDS.get(type(default), f"a {type(default).__name__}")
+    if key == "sweep":
+        kind, example = "a tuple of dicts", validation.SWEEP_SYNTAX
+    elif isinstance(default, tuple):
+        example = f"--config.{key}=\"{default!r}\""
+    else:
+        example = f"--config.{key}={default!r}"
+    return f"{err}; config.{key} is {kind}, e.g. {example}"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flags parser that checks config overrides first and reports errors cleanly.
 
-    Pass as `app.run(main, flags_parser=parse_flags)`.
+    Pass as `app.run(main, flags_parser=parse_flags)`. An error is one line on stderr
+    and exit status 2; `--traceback` in argv re-raises it instead.
     """
     spec = config_spec_from_argv(argv)
+    config = None
     try:
         if spec is not None:
-            check_overrides(argv, load_config_file(spec))
+            config = load_config_file(spec)
+            check_overrides(argv, config)
         return flags.FLAGS(argv)
     except (ValueError, flags.Error) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if wants_traceback(argv):
+            raise
+        message = _flag_fix(e, config) if isinstance(e, flags.Error) else str(e)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)

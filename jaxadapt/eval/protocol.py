@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxadapt.adapt.base import Method, Variables
 from jaxadapt.data import samplers
-from jaxadapt.eval import metrics
+from jaxadapt.eval import metrics, validation
 from jaxadapt.eval.reports import Score
 from jaxadapt.eval.units import DataView, PipelineUnit
 
@@ -103,15 +103,14 @@ def swept_settings(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     Keys the runner understands: `L` (test batch = context size), `alpha` (Dirichlet
     label shift; "balanced" for none), `unit` (adaptation unit); any other key (e.g.
     `N`, the control count) is read by the methods. An empty sweep is one empty setting.
+
+    Raises:
+      ValueError: (a `validation.ConfigError`) naming each malformed setting, key and value.
     """
-    sweep = [dict(s) for s in (cfg.get("sweep") or ({},))]
-    for s in sweep:
-        alpha = s.get("alpha", "balanced")
-        if alpha != "balanced" and not (isinstance(alpha, (int, float)) and alpha > 0):
-            raise ValueError(f"config.sweep setting {s}: alpha={alpha!r}; use a number > 0 or 'balanced'")
-        if "L" in s and not (isinstance(s["L"], int) and s["L"] >= 1):
-            raise ValueError(f"config.sweep setting {s}: L={s['L']!r}; use an integer >= 1")
-    return sweep
+    problems = validation.sweep_problems(cfg.get("sweep"))
+    if problems:
+        raise validation.ConfigError(problems)
+    return [dict(s) for s in (cfg.get("sweep") or ({},))]
 
 
 #: Setting keys the runner itself reads (how test units and batches are cut).

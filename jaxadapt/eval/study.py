@@ -13,7 +13,7 @@ import ml_collections
 from jaxadapt.adapt import registry
 from jaxadapt.data import pipeline, splits as splits_lib, tfds_sim, transforms
 from jaxadapt.data.schema import SiteTable
-from jaxadapt.eval import protocol, reports
+from jaxadapt.eval import protocol, reports, validation
 from jaxadapt.eval.units import DataView
 from jaxadapt.models import build_model
 from jaxadapt.train import episodic, supervised
@@ -74,14 +74,20 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> list[reports.Row]
 
     Returns:
       The aggregated rows (also written to `workdir/results.*`).
+
+    Raises:
+      ValueError: a `validation.ConfigError` listing every problem of `cfg`, before
+        anything is rendered or trained.
     """
-    source, table = tfds_sim.load_simulated(cfg.data.sim, cfg.data.cache_dir)
+    validation.validate(cfg)
     model = build_model(cfg.model)
-    # Built once per (method, setting) so their jitted functions compile once per study.
+    # Built once per (method, setting) so their jitted functions compile once per study;
+    # built before the data so that their own checks, too, fail before any rendering.
     methods = protocol.method_settings(
         cfg.methods, lambda name, setting: registry.make_method(name, model, cfg, setting),
         protocol.swept_settings(cfg))
     trainers = make_trainers(model, cfg, {m.trainer for _, m in methods})
+    source, table = tfds_sim.load_simulated(cfg.data.sim, cfg.data.cache_dir)
     scores = []
     for rep in protocol.replicates(cfg):
         rows = splits_lib.make_splits(table, train_source=rep.train_source, cfg=cfg.splits)
@@ -108,12 +114,16 @@ def load_replicate(cfg: ml_collections.ConfigDict, trainer: str, rep: protocol.R
 
     Returns:
       (model, view, rows of each split, trained variables).
+
+    Raises:
+      ValueError: a `validation.ConfigError` for a bad `cfg`, before any rendering.
     """
-    source, table = tfds_sim.load_simulated(cfg.data.sim, cfg.data.cache_dir)
+    validation.validate(cfg)
     model = build_model(cfg.model)
+    train = make_trainers(model, cfg, {trainer})[trainer]
+    source, table = tfds_sim.load_simulated(cfg.data.sim, cfg.data.cache_dir)
     rows = splits_lib.make_splits(table, train_source=rep.train_source, cfg=cfg.splits)
     view = make_view(source, table, rows["train"], cfg.data)
-    train = make_trainers(model, cfg, {trainer})[trainer]
     variables = train(view, rows, protocol.checkpoint_path(cfg, rep, trainer, workdir), rep.seed)
     return model, view, rows, variables
 
@@ -149,7 +159,8 @@ def main(cfg: ml_collections.ConfigDict, *, workdir: str | None = None, distribu
       distributed: initialize multi-host JAX first (one process per host).
     """
     if distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize()  # before validation, which counts the devices
+    validation.validate(cfg)  # before the workdir and its log exist
     workdir = workdir or os.path.join("runs", cfg.study)
     setup_logging(workdir)
     log.info("jax %s on %d %s device(s), %d process(es)", jax.__version__, jax.device_count(),

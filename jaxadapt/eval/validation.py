@@ -1,0 +1,338 @@
+"""Checks a whole study config before anything is rendered or trained.
+
+`validate(cfg)` checks every field a study reads -- types, ranges, names, and the
+relations between fields (crop_size <= image_size, training sources among the
+simulated ones, enough batches for the splits, batch sizes that split over the
+devices) -- and raises one `ConfigError` listing every problem, each naming the key,
+its value and the fix. `jaxadapt.eval.study` calls it first, so a bad value fails in a
+second instead of after minutes of rendering and training.
+
+Checks that live beside the code that needs them are called from here, not restated:
+the simulator design (`data.design.check_config`), the split counts
+(`data.splits.batch_counts`, `in_domain_fraction`), the training loop's settings
+(`train.loop.FitConfig`), the device split of a batch (`train.supervised.check_batch_size`),
+the model and method names (`models.build_model`, `adapt.registry`). The sweep's checks
+live here; `eval.protocol.swept_settings` calls them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Mapping
+
+import ml_collections
+import numpy as np
+
+from jaxadapt import config as defaults
+from jaxadapt.adapt import registry
+from jaxadapt.data import design, schema, splits
+from jaxadapt.models import build_model
+from jaxadapt.models.resnet import STEMS
+from jaxadapt.train import supervised
+from jaxadapt.train.loop import FitConfig
+
+MISSING = object()
+UNITS = ("plate", "batch", "source")
+#: The command-line form of a sweep, quoted in every sweep error.
+SWEEP_SYNTAX = """--config.sweep='({"L": 16, "N": 128},)'"""
+
+
+class ConfigError(ValueError):
+    """Every problem of a config: `problems`, one per line of the message."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_number(x: Any) -> bool:
+    return (_is_int(x) or isinstance(x, (float, np.floating))) and math.isfinite(float(x))
+
+
+# Swept keys -> (test, what a valid value is). L, alpha and unit are read by the protocol
+# runner (how test units and batches are cut), N by cs_arm_bn.
+SWEEP_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "L": (lambda v: _is_int(v) and v >= 1, "an integer >= 1 (test batch = context size)"),
+    "alpha": (lambda v: (isinstance(v, str) and v == "balanced") or (_is_number(v) and v > 0),
+              "a number > 0 or 'balanced' (Dirichlet label shift)"),
+    "N": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (controls per test context)"),
+    "unit": (lambda v: isinstance(v, str) and v in UNITS, f"one of {UNITS} (adaptation unit)"),
+}
+
+# Integer fields -> smallest valid value (None allowed where marked in _MAY_BE_NONE).
+_INTEGERS = {
+    "data.crop_size": 1, "data.num_threads": 1, "data.sim.seed": 0,
+    "splits.seed": 0, "eval.batch_size": 1, "eval.seed": 0,
+    "model.width": 1, "model.num_classes": 1, "model.in_channels": 1,
+    "train.batch_size": 1, "train.eval_batch_size": 1,
+    "arm.episodes_per_step": 1, "arm.n_perturbed": 1, "arm.n_controls": 0,
+    "arm.steps_per_epoch": 0, "arm.val_episodes": 1,
+    "adapt.n_controls": 0, "adapt.control_seed": 0, "adapt.plate_chunk_size": 1,
+}
+_MAY_BE_NONE = ("adapt.plate_chunk_size",)  # None: the unit's own batch size
+_POSITIVE = ("train.learning_rate", "adapt.tent_lr")
+_CHOICES = {
+    "eval.unit": UNITS,
+    "model.stem": STEMS,
+    "arm.on_missing_controls": ("raise", "skip"),
+    "adapt.on_missing_controls": ("raise", "perturbed_only"),
+}
+_STRINGS = ("study", "checkpoint_dir", "data.cache_dir")
+# Batch-size fields each trainer splits over the local devices.
+_DEVICE_SPLIT = {"erm": ("train.batch_size", "train.eval_batch_size")}
+
+
+def get(cfg: Any, key: str) -> Any:
+    """The value at dotted `key` of `cfg`, or `MISSING`."""
+    node = cfg
+    for part in key.split("."):
+        try:
+            node = node[part]
+        except (KeyError, TypeError, AttributeError, IndexError):
+            return MISSING
+    return node
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults() -> ml_collections.ConfigDict:
+    return defaults.get_defaults()
+
+
+def _example(key: str) -> str:
+    """A valid command-line value for `key`: its default."""
+    value = get(_defaults(), key)
+    return repr(value) if isinstance(value, (str, tuple)) else str(value)
+
+
+def _bad(key: str, value: Any, rule: str) -> str:
+    return f"config.{key}={value!r}: {rule}; set e.g. --config.{key}={_example(key)}"
+
+
+def _lacks(key: str) -> str:
+    return (f"config lacks {key}; start from jaxadapt.config.get_defaults(), which sets "
+            "every field a study reads")
+
+
+def _scalar_problems(cfg: Any) -> list[str]:
+    """Types and ranges of the scalar fields (integers, positive numbers, choices, strings)."""
+    out = []
+    for key, lo in _INTEGERS.items():
+        v = get(cfg, key)
+        if v is MISSING:
+            out.append(_lacks(key))
+        elif not ((_is_int(v) and v >= lo) or (v is None and key in _MAY_BE_NONE)):
+            out.append(_bad(key, v, f"must be an integer >= {lo}"))
+    for key in _POSITIVE:
+        v = get(cfg, key)
+        if v is MISSING:
+            out.append(_lacks(key))
+        elif not (_is_number(v) and v > 0):
+            out.append(_bad(key, v, "must be a number > 0"))
+    for key, choices in _CHOICES.items():
+        v = get(cfg, key)
+        if v is MISSING:
+            out.append(_lacks(key))
+        elif not (isinstance(v, str) and v in choices):
+            out.append(f"config.{key}={v!r}: use one of {choices}")
+    for key in _STRINGS:
+        v = get(cfg, key)
+        if v is MISSING:
+            out.append(_lacks(key))
+        elif not isinstance(v, str) or (key != "checkpoint_dir" and not v):
+            out.append(_bad(key, v, "must be a non-empty string"))
+    return out
+
+
+def _names(cfg: Any, key: str, allowed: Any, what: str, rule: str = "") -> list[str]:
+    """A non-empty tuple of distinct values, each in `allowed` (a container or a test)."""
+    v = get(cfg, key)
+    syntax = f"pass a tuple, e.g. --config.{key}=\"{_example(key)}\""
+    if v is MISSING:
+        return [_lacks(key)]
+    if isinstance(v, (str, bytes)) or not isinstance(v, (tuple, list)) or not v:
+        return [f"config.{key}={v!r}: must be a non-empty tuple; {syntax}"]
+    ok = allowed if callable(allowed) else (lambda x: isinstance(x, str) and x in allowed)
+    bad = [x for x in v if not ok(x)]
+    if bad:
+        known = f"; {rule}" if rule else f"; use some of {tuple(allowed)}"
+        # `--config.methods=erm,tent` arrives as ('erm,tent',): show the tuple syntax.
+        hint = f"; {syntax}" if any(isinstance(x, str) and "," in x for x in bad) else ""
+        adjective = "invalid" if callable(allowed) else "unknown"
+        listed = ", ".join(repr(x) for x in bad)
+        return [f"config.{key}={tuple(v)!r}: {adjective} {what} {listed}{known}{hint}"]
+    if len(set(v)) != len(v):
+        return [f"config.{key}={tuple(v)!r} lists a value twice (it would be scored twice); "
+                "list each once"]
+    return []
+
+
+def _study_problems(cfg: Any) -> list[str]:
+    """seeds, methods, train_sources, eval_splits and how they fit the simulated design."""
+    sources = get(cfg, "data.sim.sources")
+    sources = tuple(sources) if isinstance(sources, (tuple, list)) else ()
+    out = _names(cfg, "seeds", lambda s: _is_int(s) and s >= 0, "seed", "use integers >= 0")
+    out += _names(cfg, "methods", registry.available(), "method")
+    out += _names(cfg, "train_sources", sources, "source",
+                  f"use some of config.data.sim.sources={sources!r}")
+    out += _names(cfg, "eval_splits", splits.SPLITS, "split")
+    evals, trains = get(cfg, "eval_splits"), get(cfg, "train_sources")
+    if isinstance(evals, (tuple, list)) and "new_source" in evals:
+        for src in trains if isinstance(trains, (tuple, list)) else ():
+            if src in sources and not set(sources) - {src}:
+                out.append(f"config.eval_splits={tuple(evals)!r} scores new_source, but "
+                           f"config.data.sim.sources={sources!r} has no source besides the "
+                           f"training source {src!r}; add one (e.g. 'source_8') or drop "
+                           "new_source from config.eval_splits")
+    return out
+
+
+def _data_problems(cfg: Any) -> list[str]:
+    """The simulator design, and the fields that must agree with it."""
+    sim = get(cfg, "data.sim")
+    if sim is MISSING:
+        return [_lacks("data.sim")]
+    out = [m if not m.startswith("sim ") else "config.data.sim." + m[4:]  # "sim <field>=..."
+           for m in _guarded(design.check_config, sim)]
+    crop, size = get(cfg, "data.crop_size"), get(sim, "image_size")
+    if _is_int(crop) and _is_int(size) and crop > size:
+        out.append(f"config.data.crop_size={crop} exceeds config.data.sim.image_size={size}; "
+                   f"set crop_size <= {size} or raise image_size")
+    classes, channels = len(design.POSCONS), len(schema.CHANNELS)  # of the jump_poscon preset
+    k = get(cfg, "model.num_classes")
+    if _is_int(k) and k < classes:
+        out.append(f"config.model.num_classes={k}: the {get(sim, 'preset')} simulator has "
+                   f"{classes} classes; set --config.model.num_classes={classes}")
+    c = get(cfg, "model.in_channels")
+    if _is_int(c) and c != channels:
+        out.append(f"config.model.in_channels={c}: the simulator renders {channels} channels "
+                   f"{schema.CHANNELS}; set --config.model.in_channels={channels}")
+    trains, n_batches = get(cfg, "train_sources"), get(sim, "batches_per_source")
+    for src in trains if isinstance(trains, (tuple, list)) and _is_int(n_batches) else ():
+        out += _guarded(splits.batch_counts, cfg.splits, n_batches, src)
+    out += _guarded(splits.in_domain_fraction, cfg.splits)
+    return out
+
+
+def _guarded(check: Callable, *args) -> list[str]:
+    try:
+        check(*args)
+    except ValueError as err:
+        return [str(err)]
+    return []
+
+
+def _train_problems(cfg: Any) -> list[str]:
+    """The training loop's settings, checked by the loop's own FitConfig."""
+    t = cfg.train
+    try:
+        FitConfig(num_epochs=t.num_epochs, patience=t.patience, log_every_steps=t.log_every_steps,
+                  stop_after_epochs=t.stop_after_epochs or None, progress=False)
+    except ValueError as err:
+        return [str(err).replace("FitConfig.", "config.train.", 1)]
+    return []
+
+
+def _device_problems(cfg: Any) -> list[str]:
+    """Batch sizes that the study's trainers split over the local devices.
+
+    Builds the model and each method (cheap: nothing is initialized or compiled) to learn
+    which trainers the study runs; so it runs on an otherwise valid config only. (How
+    episodes spread over several hosts is checked when the episodic trainer is built,
+    which the study runner also does before any rendering.)
+    """
+    model = build_model(cfg.model)
+    trainers = {registry.make_method(n, model, cfg, {}).trainer for n in cfg.methods}
+    out = []
+    for key in sorted({k for t in trainers for k in _DEVICE_SPLIT.get(t, ())}):
+        out += _guarded(supervised.check_batch_size, get(cfg, key), f"config.{key}")
+    return out
+
+
+def sweep_problems(sweep: Any) -> list[str]:
+    """What is wrong with `config.sweep` (a tuple of dicts of known keys); [] if nothing.
+
+    Args:
+      sweep: the value of `config.sweep` (None or () for no sweep).
+
+    Returns:
+      One message per problem, each naming the setting, the key, the value and the fix.
+    """
+    if sweep is None or sweep is MISSING:
+        return []
+    if isinstance(sweep, (str, bytes)):
+        return [f"config.sweep={sweep!r} is a string; a sweep is a tuple of dicts, "
+                f"e.g. {SWEEP_SYNTAX}"]
+    if isinstance(sweep, (Mapping, ml_collections.ConfigDict)):
+        return [f"config.sweep={sweep!r} is one dict; a sweep is a tuple of them, "
+                f"e.g. {SWEEP_SYNTAX}"]
+    if not isinstance(sweep, (tuple, list)):
+        return [f"config.sweep={sweep!r}: a sweep is a tuple of dicts, e.g. {SWEEP_SYNTAX}"]
+    if sweep and all(isinstance(s, str) and s in SWEEP_KEYS for s in sweep):
+        return [f"config.sweep={tuple(sweep)!r} holds key names, not settings: a single dict on "
+                f"the command line is read as its keys; wrap it in a tuple (note the trailing "
+                f"comma), e.g. {SWEEP_SYNTAX}"]
+    out = []
+    not_dicts = [s for s in sweep if not isinstance(s, (Mapping, ml_collections.ConfigDict))]
+    if not_dicts:  # one message: the same fix holds for every such setting
+        out.append(f"config.sweep setting {not_dicts[0]!r} is a {type(not_dicts[0]).__name__}, "
+                   f"not a dict; write each setting as a dict of {sorted(SWEEP_KEYS)}, "
+                   f"e.g. {SWEEP_SYNTAX}")
+    for s in sweep:
+        if not isinstance(s, (Mapping, ml_collections.ConfigDict)):
+            continue
+        for key in s.keys():
+            if key not in SWEEP_KEYS:
+                known = "; ".join(f"{k}: {what}" for k, (_, what) in SWEEP_KEYS.items())
+                out.append(f"config.sweep setting {dict(s)}: unknown key {key!r}; "
+                           f"known keys: {known}")
+            elif not SWEEP_KEYS[key][0](s[key]):
+                out.append(f"config.sweep setting {dict(s)}: {key}={s[key]!r}; "
+                           f"use {SWEEP_KEYS[key][1]}")
+    return out
+
+
+_CHECKS = (_scalar_problems, _study_problems, _data_problems, _train_problems,
+           lambda cfg: _guarded(build_model, cfg.model),
+           lambda cfg: sweep_problems(get(cfg, "sweep")))
+
+
+def problems(cfg: ml_collections.ConfigDict) -> list[str]:
+    """Every problem of a study config, each naming the key, its value and the fix.
+
+    Args:
+      cfg: the study config (see `jaxadapt.config.get_defaults`).
+
+    Returns:
+      The messages, in a fixed order; [] for a valid config.
+    """
+    out: list[str] = []
+    for check in _CHECKS:
+        try:
+            found = check(cfg)
+        except ValueError as err:  # a reused check that raises the first problem
+            found = [str(err)]
+        except (KeyError, AttributeError, TypeError) as err:
+            found = [f"config is malformed near {err}; start from jaxadapt.config.get_defaults()"]
+        out += [p for p in found if p not in out]
+    if not out:
+        out = _device_problems(cfg)
+    return out
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Raises `ConfigError` (a ValueError) listing every problem of a study config.
+
+    Args:
+      cfg: the study config.
+
+    Raises:
+      ConfigError: one line per problem, each naming the key, its value and the fix.
+    """
+    found = problems(cfg)
+    if found:
+        raise ConfigError(found)

@@ -1,0 +1,187 @@
+"""The whole config is validated before anything is rendered or trained."""
+
+import glob
+import os
+
+import ml_collections
+import pytest
+
+from jaxadapt import config as defaults
+from jaxadapt.eval import cli, protocol, study, validation
+from jaxadapt.eval.validation import SWEEP_SYNTAX
+
+
+def _cfg(**changes):
+    c = defaults.get_defaults()
+    for key, value in changes.items():
+        *path, leaf = key.split(".")
+        node = c
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def _problems(**changes):
+    return validation.problems(_cfg(**changes))
+
+
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob("configs/*.py"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_study_config_is_valid_in_both_variants(name):
+    for variant in ("cpu", "gpu"):
+        cfg = cli.load_config_file(f"configs/{name}.py:{variant}")
+        assert validation.problems(cfg) == [], (name, variant)
+        validation.validate(cfg)
+    assert len(CONFIGS) >= 5
+
+
+def test_defaults_are_valid():
+    assert _problems() == []
+
+
+# (key, bad value, text the message must hold besides `config.<key>=<value>`)
+BAD_FIELDS = [
+    ("eval.batch_size", 0, "--config.eval.batch_size=32"),
+    ("eval.unit", "well", "'plate', 'batch', 'source'"),
+    ("eval.seed", -1, "integer >= 0"),
+    ("train.batch_size", 0, "integer >= 1"),
+    ("train.learning_rate", 0.0, "number > 0"),
+    ("train.learning_rate", float("nan"), "number > 0"),
+    ("train.num_epochs", 0, "integer >= 1"),
+    ("train.patience", 0, "integer >= 1"),
+    ("data.crop_size", 0, "integer >= 1"),
+    ("data.num_threads", 0, "integer >= 1"),
+    ("model.width", 0, "integer >= 1"),
+    ("model.stem", "tiny", "'imagenet', 'small'"),
+    ("arm.episodes_per_step", 0, "integer >= 1"),
+    ("arm.n_perturbed", 0, "integer >= 1"),
+    ("arm.n_controls", -1, "integer >= 0"),
+    ("arm.on_missing_controls", "Skip", "'raise', 'skip'"),
+    ("adapt.n_controls", -1, "integer >= 0"),
+    ("adapt.on_missing_controls", "skip", "'raise', 'perturbed_only'"),
+    ("adapt.tent_lr", -1e-3, "number > 0"),
+    ("adapt.plate_chunk_size", 0, "integer >= 1"),
+    ("study", "", "non-empty string"),
+]
+
+
+@pytest.mark.parametrize("key,value,fix", BAD_FIELDS)
+def test_each_bad_field_is_named_with_value_and_fix(key, value, fix):
+    found = _problems(**{key: value})
+    assert len(found) == 1, found
+    assert f"config.{key}={value!r}" in found[0] and fix in found[0]
+
+
+@pytest.mark.parametrize("key,value,fix", [
+    ("seeds", (0, -1), "invalid seed -1; use integers >= 0"),
+    ("seeds", (0, 0), "twice"),
+    ("seeds", (), "non-empty tuple"),
+    ("methods", ("erm", "ermm"), "unknown method 'ermm'; use some of ('adabn'"),
+    ("methods", ("erm,tent",), "pass a tuple, e.g. --config.methods="),
+    ("train_sources", ("source_9",),
+     "unknown source 'source_9'; use some of config.data.sim.sources=('source_3', 'source_8')"),
+    ("eval_splits", ("in_domain", "test"), "unknown split 'test'; use some of ('train'"),
+])
+def test_bad_study_lists_are_named(key, value, fix):
+    found = _problems(**{key: value})
+    assert len(found) == 1 and f"config.{key}={value!r}" in found[0] and fix in found[0], found
+
+
+def test_fields_that_must_agree_with_the_simulated_design():
+    assert "exceeds config.data.sim.image_size=64" in _problems(**{"data.crop_size": 80})[0]
+    assert "set --config.model.num_classes=8" in _problems(**{"model.num_classes": 4})[0]
+    assert "set --config.model.in_channels=5" in _problems(**{"model.in_channels": 3})[0]
+    one_source = _problems(**{"data.sim.sources": ("source_3",)})
+    assert "no source besides the training source 'source_3'" in one_source[0]
+    assert _problems(**{"data.sim.sources": ("source_3",),
+                        "eval_splits": ("in_domain", "new_batch")}) == []
+    # 6 batches: 1 validation + 5 new-batch leave none to train on.
+    assert "at least 1 training batch" in _problems(**{"splits.new_batch_batches": 5})[0]
+    assert "splits.in_domain_fraction=1.5" in _problems(**{"splits.in_domain_fraction": 1.5})[0]
+
+
+def test_simulator_checks_are_reused_and_named_by_their_config_key():
+    found = _problems(**{"data.sim.severity.batch": -1.0})
+    assert found == ["config.data.sim.severity.batch=-1.0 must be >= 0 (0 turns it off)"]
+    assert "config.data.sim.image_size=8" in _problems(**{"data.sim.image_size": 8})[0]
+    assert "model.name='resnet7'" in _problems(**{"model.name": "resnet7"})[0]
+
+
+def test_all_problems_are_reported_together():
+    err = pytest.raises(validation.ConfigError, validation.validate, _cfg(**{
+        "eval.batch_size": 0, "train.learning_rate": 0.0, "sweep": ({"L": 0},)}))
+    assert isinstance(err.value, ValueError) and len(err.value.problems) == 3
+    keys = ("config.eval.batch_size=0", "config.train.learning_rate=0.0", "L=0")
+    assert all(any(k in p for p in err.value.problems) for k in keys)
+    assert str(err.value).count("\n") == 2  # one line per problem
+
+
+def test_batches_split_over_devices_only_for_the_trainers_that_split_them():
+    # conftest fakes 8 devices: ERM's batches must divide by 8, episodic trainers' need not.
+    found = _problems(**{"train.batch_size": 12})
+    assert len(found) == 1 and "multiple of the 8 local devices" in found[0]
+    assert "--config.train.batch_size=8" in found[0]
+    assert _problems(**{"train.batch_size": 12, "methods": ("arm_bn", "cs_arm_bn")}) == []
+
+
+@pytest.mark.parametrize("sweep,fix", [
+    (("L", "N"), "single dict on the command line is read as its keys"),
+    ((("L", 16), ("N", 128)), "is a tuple, not a dict"),
+    (('{"L": 16}',), "is a str, not a dict"),
+    (({"L": 0},), "L=0; use an integer >= 1"),
+    (({"L": 2.5},), "L=2.5; use an integer >= 1"),
+    (({"L": True},), "L=True; use an integer >= 1"),
+    (({"N": -1},), "N=-1; use an integer >= 0"),
+    (({"alpha": 0},), "alpha=0; use a number > 0 or 'balanced'"),
+    (({"alpha": "skewed"},), "alpha='skewed'"),
+    (({"unit": "well"},), "unit='well'; use one of ('plate', 'batch', 'source')"),
+    (({"M": 3},), "unknown key 'M'; known keys: L"),
+])
+def test_malformed_sweeps_are_named_with_the_right_syntax(sweep, fix):
+    found = validation.sweep_problems(sweep)
+    assert len(found) == 1 and fix in found[0], found
+    assert found[0].startswith("config.sweep")
+    if not isinstance(sweep[0], dict):
+        assert SWEEP_SYNTAX in found[0]
+
+
+def test_sweep_given_as_string_or_single_dict_shows_syntax():
+    for bad in ('({"L": 16},)', {"L": 16}, 16):
+        found = validation.sweep_problems(bad)
+        assert len(found) == 1 and SWEEP_SYNTAX in found[0]
+
+
+def test_valid_sweeps_pass_including_config_dict_settings():
+    ok = ({"L": 1, "N": 0}, {"alpha": "balanced", "N": 128}, {"alpha": 0.01, "unit": "batch"},
+          ml_collections.ConfigDict({"L": 4}), {})
+    assert validation.sweep_problems(ok) == []
+    assert validation.sweep_problems(()) == [] and validation.sweep_problems(None) == []
+    assert protocol.swept_settings(_cfg(sweep=ok))[3] == {"L": 4}
+
+
+@pytest.fixture
+def nothing_may_run(monkeypatch):
+    """Fails the test if data is loaded (rendered) or a trainer is built."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("rendering or training started before the config was validated")
+    monkeypatch.setattr(study.tfds_sim, "load_simulated", forbidden)
+    monkeypatch.setattr(study.supervised, "make_erm_trainer", forbidden)
+    monkeypatch.setattr(study.episodic, "make_episodic_trainer", forbidden)
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"eval.batch_size": 0}, "config.eval.batch_size=0"),
+    ({"sweep": ("L", "N")}, "holds key names"),
+    ({"sweep": ('{"L": 16, "N": 128}',)}, "not a dict"),
+])
+def test_study_fails_before_rendering_or_training(tmp_path, nothing_may_run, changes, match):
+    cfg = _cfg(**{"data.cache_dir": str(tmp_path / "cache")}, **changes)
+    with pytest.raises(validation.ConfigError, match=match):
+        study.run_study(cfg, str(tmp_path / "run"))
+    rep = protocol.Replicate("source_3", 0)
+    with pytest.raises(validation.ConfigError, match=match):
+        study.load_replicate(cfg, "erm", rep, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "cache") and not os.path.exists(tmp_path / "run")
