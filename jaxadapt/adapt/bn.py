@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import shutil
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxadapt.adapt import staged
 from jaxadapt.adapt.base import Variables
 from jaxadapt.models.norm import merge_suff, norm_stats_from_suff
 
@@ -211,6 +214,7 @@ def _suff_pass(model, variables, norm_stats, images, mask, group=None):
 
 
 _merge = jax.jit(merge_suff)
+_finalize = jax.jit(norm_stats_from_suff)
 
 
 # ------------------------------------------------------- layer dependency levels
@@ -309,9 +313,115 @@ def layer_levels(model: nn.Module, variables: Variables,
     Returns:
       Tuple of groups, each a tuple of layer paths.
     """
+    return _levels_cached(model, _var_struct(variables), tuple(int(s) for s in image_shape),
+                          jnp.dtype(dtype))
+
+
+# ------------------------------------------- carried activations (one pass in all)
+
+
+def _var_struct(variables: Variables) -> tuple:
     flat, tree = jax.tree.flatten(variables)
-    struct = (tree, tuple(jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in flat))
-    return _levels_cached(model, struct, tuple(int(s) for s in image_shape), jnp.dtype(dtype))
+    return tree, tuple(jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in flat)
+
+
+@functools.lru_cache(maxsize=16)
+def _carry_plan(model: nn.Module, var_struct, shape: tuple, dtype, mask_dtype) -> tuple:
+    """The staged plan of ``suff(norm_stats, variables, images, mask)``: stage k makes
+    group k's statistics; the inputs of group g become ready at stage g + 1."""
+    variables = jax.tree.unflatten(var_struct[0], var_struct[1])
+    placeholder = running_norm_stats(variables)
+    groups = _levels_cached(model, var_struct, shape, dtype)
+    level = {p: g for g, group in enumerate(groups) for p in group}
+
+    def suff(norm_stats, variables, images, mask):
+        _, upd = model.apply({**variables, "norm_stats": norm_stats}, images,
+                             norm_mode="given", stats_mask=mask, mutable=["suff_stats"])
+        return upd["suff_stats"]
+
+    args = (placeholder, variables, jax.ShapeDtypeStruct(shape, dtype),
+            jax.ShapeDtypeStruct(shape[:1], mask_dtype))
+    closed = jax.make_jaxpr(suff)(*args)
+    stat_paths = tuple(_path(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(placeholder)[0])
+    out_paths = tuple(_path(kp) for kp, _ in
+                      jax.tree_util.tree_flatten_with_path(jax.eval_shape(suff, *args))[0])
+    n_var = len(var_struct[1])
+    # Every chunk's shift is the layer's running mean (a fixed input), so merging the
+    # chunks' shifted sums is plain addition (what merge_suff does for equal shifts).
+    plan = staged.plan(closed, [level[p[:-1]] + 1 for p in stat_paths] + [0] * (n_var + 2),
+                       [False] * (len(stat_paths) + n_var) + [True, True],
+                       [level[p[:-1]] for p in out_paths],
+                       ["same" if p[-1] == "shift" else "sum" for p in out_paths])
+    return plan, stat_paths, out_paths
+
+
+def carry_bytes(model: nn.Module, variables: Variables, image_shape: Sequence[int],
+                dtype: Any = jnp.float32, mask_dtype: Any = jnp.bool_) -> int:
+    """Host bytes that `plate_stats`' carried path holds at its peak, per chunk.
+
+    Found by tracing (no compute). Per image: divide by the chunk size; a plate of
+    ``n`` chunks needs ``n * carry_bytes`` (padded chunks count in full).
+
+    Args:
+      model: the model.
+      variables: its variables (only shapes are used; `jax.eval_shape` output works).
+      image_shape: one chunk's shape ``[B, H, W, C]``.
+      dtype, mask_dtype: image and mask dtypes.
+
+    Returns:
+      Bytes per chunk.
+    """
+    shape = tuple(int(s) for s in image_shape)
+    plan = _carry_plan(model, _var_struct(variables), shape, jnp.dtype(dtype),
+                       jnp.dtype(mask_dtype))[0]
+    return plan.peak_nbytes
+
+
+def _host_budget(spill_dir: str | None) -> float:
+    """Half of the available host memory (or of the free disk space under spill_dir)."""
+    if spill_dir is not None:
+        return shutil.disk_usage(spill_dir).free / 2
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024 / 2
+    except (OSError, KeyError, ValueError):
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2
+        except (ValueError, OSError, AttributeError):
+            return 0.0  # unknown: keep the path that needs no host memory
+
+
+def _plate_stats_carried(model, variables, chunks, first, budget: float,
+                         spill_dir: str | None) -> NormStats | None:
+    """Plate statistics in one staged pass; None if the carry would exceed ``budget``."""
+    plan, stat_paths, out_paths = _carry_plan(
+        model, _var_struct(variables), first[0].shape, first[0].dtype, first[1].dtype)
+    init = traverse_util.flatten_dict(running_norm_stats(variables))
+    inputs = [init[p] for p in stat_paths] + jax.tree.leaves(variables) + [None, None]
+    index = {p: i for i, p in enumerate(stat_paths)}
+
+    def finish(k, outs):
+        suff: dict = {}
+        for j, value in outs.items():
+            suff.setdefault(out_paths[j][:-1], {})[out_paths[j][-1]] = value
+        new = {}
+        for layer, s in suff.items():
+            for key, value in _finalize(s).items():
+                new[index[layer + (key,)]] = value
+        return new
+
+    store = staged.CarryStore(spill_dir)
+    try:
+        if not staged.run(plan, inputs, chunks, store, finish, budget):
+            return None
+        log.info("plate_stats: carried path (%d stages = one forward pass; %.1f KiB/image, "
+                 "peak %.1f MiB on the %s, budget %.0f MiB)", len(plan.stages),
+                 plan.peak_nbytes / len(first[0]) / 2**10, store.peak / 2**20,
+                 "host" if spill_dir is None else f"disk under {spill_dir}", budget / 2**20)
+    finally:
+        store.close()
+    return traverse_util.unflatten_dict({p: inputs[index[p]] for p in stat_paths})
 
 
 # --------------------------------------------------------------- plate statistics
@@ -353,19 +463,27 @@ def _reiterable(chunks: Iterable[Chunk] | Callable[[], Iterable[Chunk]]):
 
 def plate_stats(model: nn.Module, variables: Variables,
                 image_batches: Iterable[Chunk] | Callable[[], Iterable[Chunk]],
-                *, chunk_size: int | None = None, truncate: bool = False) -> NormStats:
+                *, chunk_size: int | None = None, truncate: bool = False,
+                carry_budget: float | None = None, spill_dir: str | None = None) -> NormStats:
     """Exact BN statistics over a context larger than one batch (a whole plate).
 
     Equals `context_stats` of one joint train-mode pass over all selected images, with
     peak device memory bounded by the chunk size. Layer l's statistics depend on layers
     < l being normalized with the *whole-context* statistics, so the layers are finalized
-    group by group (`layer_levels`): pass k streams every chunk with
-    ``norm_mode="given"`` (groups < k: final statistics; later layers: placeholders that
-    group k does not read), sums group k's shifted sufficient statistics over the chunks
-    (`merge_suff`) and finalizes them. Cost: ``len(layer_levels)`` forward passes over the
-    context (ResNet-18: 17, ResNet-50: 49), one compiled program (or, with
-    ``truncate``, as many truncated passes, about half that compute). Unlike the reference
-    code, variances are pooled, never averaged over batches.
+    group by group (`layer_levels`; ResNet-18: 17 groups, ResNet-50: 49). Unlike the
+    reference code, variances are pooled, never averaged over batches. Two paths, with
+    the same result (one log line says which ran and why):
+
+    - *carried* (default when the host has room): the traced model is cut into one stage
+      per group (`jaxadapt.adapt.staged`); stage k runs on every chunk only the layers
+      that group k's statistics newly need, sums them (`merge_suff`) and finalizes them;
+      the activations later stages read wait on the host (or on disk) in between. In all
+      one forward pass plus host copies; host memory `carry_bytes` per chunk.
+    - *recompute*: pass k streams every chunk from the input with ``norm_mode="given"``
+      (groups < k final, later ones placeholders that group k does not read): one
+      forward pass per group, no host memory. Used when the carried state would exceed
+      ``carry_budget`` (also found out while streaming, for a source of unknown length),
+      or the model cannot be staged.
 
     Args:
       model: the model.
@@ -373,32 +491,59 @@ def plate_stats(model: nn.Module, variables: Variables,
       image_batches: ``(images [B, H, W, C], mask [B] or None)`` pairs or bare image
         arrays; a list / re-iterable, or a zero-argument callable returning a fresh
         iterable per pass (e.g. re-reading from disk). A one-shot iterator is first
-        copied to host memory (it is read once per pass).
+        copied to host memory (the recompute path reads it once per pass).
       chunk_size: rows per device call; chunks are split / padded to it so that one
         shape is compiled (default: the first chunk's size).
-      truncate: compile one program per group that stops after that group's layers
-        (XLA drops the rest): about half the compute of full passes, but one compile
-        per group instead of one in all -- worth it for many plates of one shape.
+      truncate: recompute path only: compile one program per group that stops after
+        that group's layers (XLA drops the rest), about half the compute of full passes
+        but one compile per group.
+      carry_budget: bytes of host memory (disk with ``spill_dir``) the carried path may
+        use; None: half of what is available now; 0: always recompute.
+      spill_dir: keep the carried activations as files in a temporary folder under this
+        directory instead of in RAM (removed at the end).
 
     Returns:
       ``norm_stats`` for every BN layer.
 
     Raises:
-      ValueError: no context image, non-finite pixels (naming chunk and rows), or a
-        mask of the wrong length.
+      ValueError: no context image, non-finite pixels (naming chunk and rows), a mask
+        of the wrong length, or a negative ``carry_budget``.
     """
+    if carry_budget is not None and not carry_budget >= 0:
+        raise ValueError(f"plate_stats: carry_budget={carry_budget!r}; give bytes >= 0 "
+                         "(0: recompute, None: half of the available host memory)")
     source = _reiterable(image_batches)
     if chunk_size is None:
         first = next(iter(_rechunk(source(), None, check=False)), None)
-        if first is None:
-            raise ValueError("plate_stats: the context has no image (all chunks empty or "
-                             "masked); give the plate's images and/or controls")
-        chunk_size = len(first[0])
-    first = next(iter(_rechunk(source(), chunk_size, check=False)), None)
+        chunk_size = None if first is None else len(first[0])
+    first = None if chunk_size is None else next(
+        iter(_rechunk(source(), chunk_size, check=False)), None)
     if first is None:
         raise ValueError("plate_stats: the context has no image (all chunks empty or "
                          "masked); give the plate's images and/or controls")
     groups = layer_levels(model, variables, first[0].shape, first[0].dtype)
+    budget = _host_budget(spill_dir) if carry_budget is None else float(carry_budget)
+    why = "carry_budget=0"
+    if budget > 0:
+        try:
+            per_chunk = carry_bytes(model, variables, first[0].shape, first[0].dtype,
+                                    first[1].dtype)
+        except ValueError as err:  # a model the staging cannot cut
+            why = f"the model cannot be staged ({err})"
+        else:
+            stats = _plate_stats_carried(model, variables, _rechunk(source(), chunk_size),
+                                         first, budget, spill_dir)
+            if stats is not None:
+                return stats
+            why = (f"carrying {per_chunk / len(first[0]) / 2**10:.1f} KiB/image would "
+                   f"exceed the budget of {budget / 2**20:.0f} MiB")
+    log.info("plate_stats: recompute path (%d passes): %s", len(groups), why)
+    return _plate_stats_recompute(model, variables, source, chunk_size, groups, truncate)
+
+
+def _plate_stats_recompute(model, variables, source, chunk_size: int, groups: tuple,
+                           truncate: bool) -> NormStats:
+    """One pass from the input per group (no host memory)."""
     norm_stats = traverse_util.flatten_dict(running_norm_stats(variables))
     for g, group in enumerate(groups):
         total = None
