@@ -59,7 +59,7 @@ class Plan:
     stages: tuple[Stage, ...]
     carry_nbytes: tuple[int, ...]  # bytes per chunk of each carried value (by id)
     peak_nbytes: int  # most bytes per chunk held at once (freed chunk by chunk)
-    chunk_eqns: tuple[int, ...]  # per-chunk equations evaluated by each stage
+    chunk_prims: tuple[tuple[str, ...], ...]  # per-chunk primitives each stage evaluates
 
 
 def _is_var(v: Any) -> bool:
@@ -213,7 +213,8 @@ def plan(closed: Any, ready: Sequence[int], per_chunk: Sequence[bool],
             zeros=tuple(jax.ShapeDtypeStruct(jaxpr.outvars[j].aval.shape,
                                              jaxpr.outvars[j].aval.dtype) for j in outs[k])))
     nbytes = tuple(_nbytes(v) for v in carried)
-    return Plan(tuple(stages), nbytes, _peak(stages, nbytes), tuple(map(len, work)))
+    prims = tuple(tuple(e.primitive.name for e in es) for es in work)
+    return Plan(tuple(stages), nbytes, _peak(stages, nbytes), prims)
 
 
 def _peak(stages: Sequence[Stage], nbytes: Sequence[int]) -> int:
