@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 import shutil
+import tempfile
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
@@ -377,22 +378,49 @@ def carry_bytes(model: nn.Module, variables: Variables, image_shape: Sequence[in
     return plan.peak_nbytes
 
 
-def _host_budget(spill_dir: str | None) -> float:
-    """Half of the available host memory (or of the free disk space under spill_dir)."""
-    if spill_dir is not None:
-        return shutil.disk_usage(spill_dir).free / 2
+#: Where `plate_stats` may keep carried activations ("auto": device, else host RAM).
+CARRY: tuple[str, ...] = ("auto", "device", "host", "disk", "recompute")
+
+
+def _host_free() -> float:
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024 / 2
+        return int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2
+            return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
         except (ValueError, OSError, AttributeError):
-            return 0.0  # unknown: keep the path that needs no host memory
+            return 0.0  # unknown: keep the path that needs no memory
 
 
-def _plate_stats_carried(model, variables, chunks, first, budget: float,
+def _free_bytes(kind: str, spill_dir: str | None) -> float:
+    """Free bytes where a store of this kind lives (a CPU device lives in host RAM)."""
+    if kind == "disk":
+        return float(shutil.disk_usage(spill_dir or tempfile.gettempdir()).free)
+    if kind == "device" and jax.default_backend() != "cpu":
+        stats = jax.local_devices()[0].memory_stats() or {}
+        return float(stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0))
+    return _host_free()
+
+
+def _carry_tiers(carry: str, budget: float | None, spill_dir: str | None) -> list:
+    """``[(store kind, budget bytes)]`` to try in order; none means recompute."""
+    if carry not in CARRY:
+        raise ValueError(f"plate_stats: carry={carry!r}; use one of {CARRY}")
+    if budget is not None and not budget >= 0:
+        raise ValueError(f"plate_stats: carry_budget={budget!r}; give bytes >= 0 "
+                         "(0: recompute, None: half of the free memory)")
+    if carry == "auto":
+        kinds = (["disk"] if spill_dir is not None else
+                 ["device", "host"] if jax.default_backend() != "cpu" else ["device"])
+    else:
+        kinds = [] if carry == "recompute" else [carry]
+    return [(k, _free_bytes(k, spill_dir) / 2 if budget is None else float(budget))
+            for k in kinds]
+
+
+def _plate_stats_carried(model, variables, chunks, first, kind: str, budget: float,
                          spill_dir: str | None) -> NormStats | None:
     """Plate statistics in one staged pass; None if the carry would exceed ``budget``."""
     plan, stat_paths, out_paths = _carry_plan(
@@ -411,14 +439,16 @@ def _plate_stats_carried(model, variables, chunks, first, budget: float,
                 new[index[layer + (key,)]] = value
         return new
 
-    store = staged.CarryStore(spill_dir)
+    store = staged.CarryStore(kind, spill_dir)
     try:
         if not staged.run(plan, inputs, chunks, store, finish, budget):
             return None
+        where = {"device": f"{jax.default_backend()} device", "host": "host",
+                 "disk": f"disk under {spill_dir or tempfile.gettempdir()}"}[kind]
         log.info("plate_stats: carried path (%d stages = one forward pass; %.1f KiB/image, "
-                 "peak %.1f MiB on the %s, budget %.0f MiB)", len(plan.stages),
-                 plan.peak_nbytes / len(first[0]) / 2**10, store.peak / 2**20,
-                 "host" if spill_dir is None else f"disk under {spill_dir}", budget / 2**20)
+                 "peak %.3g MiB on the %s, budget %.3g MiB)", len(plan.stages),
+                 plan.peak_nbytes / len(first[0]) / 2**10, store.peak / 2**20, where,
+                 budget / 2**20)
     finally:
         store.close()
     return traverse_util.unflatten_dict({p: inputs[index[p]] for p in stat_paths})
@@ -464,7 +494,8 @@ def _reiterable(chunks: Iterable[Chunk] | Callable[[], Iterable[Chunk]]):
 def plate_stats(model: nn.Module, variables: Variables,
                 image_batches: Iterable[Chunk] | Callable[[], Iterable[Chunk]],
                 *, chunk_size: int | None = None, truncate: bool = False,
-                carry_budget: float | None = None, spill_dir: str | None = None) -> NormStats:
+                carry: str = "auto", carry_budget: float | None = None,
+                spill_dir: str | None = None) -> NormStats:
     """Exact BN statistics over a context larger than one batch (a whole plate).
 
     Equals `context_stats` of one joint train-mode pass over all selected images, with
@@ -474,16 +505,17 @@ def plate_stats(model: nn.Module, variables: Variables,
     reference code, variances are pooled, never averaged over batches. Two paths, with
     the same result (one log line says which ran and why):
 
-    - *carried* (default when the host has room): the traced model is cut into one stage
+    - *carried* (default where memory allows): the traced model is cut into one stage
       per group (`jaxadapt.adapt.staged`); stage k runs on every chunk only the layers
-      that group k's statistics newly need, sums them (`merge_suff`) and finalizes them;
-      the activations later stages read wait on the host (or on disk) in between. In all
-      one forward pass plus host copies; host memory `carry_bytes` per chunk.
+      that group k's statistics newly need, sums their sufficient statistics and
+      finalizes them; the activations later stages read wait in between (`carry_bytes`
+      per chunk): on the device where they fit (on a CPU backend that is host RAM),
+      else in host RAM, or on disk. In all one forward pass (plus any host copies).
     - *recompute*: pass k streams every chunk from the input with ``norm_mode="given"``
       (groups < k final, later ones placeholders that group k does not read): one
-      forward pass per group, no host memory. Used when the carried state would exceed
-      ``carry_budget`` (also found out while streaming, for a source of unknown length),
-      or the model cannot be staged.
+      forward pass per group, no extra memory. Used when the carried state would exceed
+      the budget (found out while streaming, so a source of unknown length works), or
+      the model cannot be staged.
 
     Args:
       model: the model.
@@ -497,21 +529,22 @@ def plate_stats(model: nn.Module, variables: Variables,
       truncate: recompute path only: compile one program per group that stops after
         that group's layers (XLA drops the rest), about half the compute of full passes
         but one compile per group.
-      carry_budget: bytes of host memory (disk with ``spill_dir``) the carried path may
-        use; None: half of what is available now; 0: always recompute.
-      spill_dir: keep the carried activations as files in a temporary folder under this
-        directory instead of in RAM (removed at the end).
+      carry: where carried activations may wait: "auto" (the device if an accelerator
+        has room, else host RAM; with ``spill_dir``: disk), "device", "host", "disk", or
+        "recompute" (today's path, always).
+      carry_budget: bytes the carried state may take there; None: half of the free
+        memory (device / host RAM / disk) at the call; 0: recompute.
+      spill_dir: folder for carry="disk" (a temporary subfolder, removed at the end);
+        default: the system's temporary folder.
 
     Returns:
       ``norm_stats`` for every BN layer.
 
     Raises:
       ValueError: no context image, non-finite pixels (naming chunk and rows), a mask
-        of the wrong length, or a negative ``carry_budget``.
+        of the wrong length, an unknown ``carry`` or a negative ``carry_budget``.
     """
-    if carry_budget is not None and not carry_budget >= 0:
-        raise ValueError(f"plate_stats: carry_budget={carry_budget!r}; give bytes >= 0 "
-                         "(0: recompute, None: half of the available host memory)")
+    tiers = _carry_tiers(carry, carry_budget, spill_dir)
     source = _reiterable(image_batches)
     if chunk_size is None:
         first = next(iter(_rechunk(source(), None, check=False)), None)
@@ -522,21 +555,23 @@ def plate_stats(model: nn.Module, variables: Variables,
         raise ValueError("plate_stats: the context has no image (all chunks empty or "
                          "masked); give the plate's images and/or controls")
     groups = layer_levels(model, variables, first[0].shape, first[0].dtype)
-    budget = _host_budget(spill_dir) if carry_budget is None else float(carry_budget)
-    why = "carry_budget=0"
-    if budget > 0:
+    why = "carry='recompute'"
+    for kind, budget in tiers:
+        if budget <= 0:
+            why = f"carry_budget=0 ({kind})"
+            continue
         try:
             per_chunk = carry_bytes(model, variables, first[0].shape, first[0].dtype,
                                     first[1].dtype)
         except ValueError as err:  # a model the staging cannot cut
             why = f"the model cannot be staged ({err})"
-        else:
-            stats = _plate_stats_carried(model, variables, _rechunk(source(), chunk_size),
-                                         first, budget, spill_dir)
-            if stats is not None:
-                return stats
-            why = (f"carrying {per_chunk / len(first[0]) / 2**10:.1f} KiB/image would "
-                   f"exceed the budget of {budget / 2**20:.0f} MiB")
+            break
+        stats = _plate_stats_carried(model, variables, _rechunk(source(), chunk_size),
+                                     first, kind, budget, spill_dir)
+        if stats is not None:
+            return stats
+        why = (f"carrying {per_chunk / len(first[0]) / 2**10:.1f} KiB/image would exceed "
+               f"the {kind} budget of {budget / 2**20:.3g} MiB")
     log.info("plate_stats: recompute path (%d passes): %s", len(groups), why)
     return _plate_stats_recompute(model, variables, source, chunk_size, groups, truncate)
 

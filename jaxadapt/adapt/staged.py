@@ -15,8 +15,10 @@ into stages, each evaluated once per chunk:
 - each stage's outputs are reduced over the chunks inside its compiled step ("sum",
   or "same" for values that do not depend on the chunk);
 - the carried state after stage k is the per-chunk values computed so far that later
-  stages read; it waits on the host (RAM, or .npy files on disk) between stages, so
-  device memory stays bounded by one chunk.
+  stages read; it waits between stages in a `CarryStore`: on the device where it fits
+  (on a GPU, host copies of every activation would cost more than the compute), else
+  in host RAM or in .npy files on disk, so that device memory stays bounded by one
+  chunk.
 
 Evaluation goes through public `jax.extend.core` (``Jaxpr``, ``ClosedJaxpr``,
 ``jaxpr_as_fun``), which binds each equation as `jax.core.eval_jaxpr` does.
@@ -230,14 +232,22 @@ def _peak(stages: Sequence[Stage], nbytes: Sequence[int]) -> int:
     return peak
 
 
-class CarryStore:
-    """Carried values of every chunk on the host: in RAM, or as .npy files in a
-    temporary folder under ``spill_dir`` (read back memory-mapped). Counts its bytes."""
+#: Where a `CarryStore` keeps the carried values.
+KINDS: tuple[str, ...] = ("device", "host", "disk")
 
-    def __init__(self, spill_dir: str | None = None):
-        self._ram: dict[tuple[int, int], np.ndarray] = {}
+
+class CarryStore:
+    """Carried values of every chunk: on the device (no copies; host memory on a CPU
+    backend), in host RAM (NumPy), or as .npy files in a temporary folder under
+    ``spill_dir`` (read back memory-mapped). Counts its bytes."""
+
+    def __init__(self, kind: str = "host", spill_dir: str | None = None):
+        if kind not in KINDS:
+            raise ValueError(f"CarryStore kind={kind!r}; use one of {KINDS}")
+        self.kind = kind
+        self._ram: dict[tuple[int, int], Any] = {}
         self._sizes: dict[tuple[int, int], int] = {}
-        self._dir = None if spill_dir is None else tempfile.mkdtemp(
+        self._dir = None if kind != "disk" else tempfile.mkdtemp(
             prefix="plate_carry_", dir=spill_dir)
         self.nbytes = self.peak = 0
 
@@ -245,8 +255,8 @@ class CarryStore:
         return os.path.join(self._dir, f"{key[0]}_{key[1]}.npy")
 
     def put(self, cid: int, chunk: int, value: Any) -> None:
-        """Keep one chunk's value (copied to the host)."""
-        arr = np.asarray(value)
+        """Keep one chunk's value (copied to the host unless kind is "device")."""
+        arr = value if self.kind == "device" else np.asarray(value)
         if self._dir is None:
             self._ram[(cid, chunk)] = arr
         else:
@@ -312,7 +322,7 @@ def run(plan: Plan, inputs: list, chunks: Iterable[Sequence], store: CarryStore,
                                  *([item[j] for j in st.chunk_in] if k == 0 else ()))
             for c in st.free:
                 store.free(c, i)
-            for a in carry:
+            for a in carry if store.kind != "device" else ():
                 a.copy_to_host_async()  # overlaps the copy with the next chunk's compute
             if pending is not None:
                 _put(store, st.carry_out, *pending)

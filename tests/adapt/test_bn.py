@@ -88,10 +88,10 @@ def test_apply_with_context_equals_stats_of_the_context(tiny):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("path", ["carried", "recompute"])
-def test_plate_stats_chunked_equal_one_joint_pass(tiny, path, caplog):
+@pytest.mark.parametrize("path,kw", [("carried", {}), ("carried", {"carry": "host"}),
+                                     ("recompute", {"carry_budget": 0})])
+def test_plate_stats_chunked_equal_one_joint_pass(tiny, path, kw, caplog):
     model, v = tiny
-    kw = {} if path == "carried" else {"carry_budget": 0}
     x = _images(23, seed=6)
     mask = np.ones(23, bool)
     mask[[4, 17]] = False
@@ -132,12 +132,14 @@ def test_plate_stats_budget_disk_and_fallback_equal_joint(tiny, tmp_path, caplog
         reads.clear()
         # room for 2.5 chunks of 5: found out while streaming, then recomputed
         short = bn.plate_stats(model, v, source, carry_budget=2.5 * per_chunk)
-        assert "recompute path" in caplog.text and "exceed the budget" in caplog.text
+        assert "recompute path" in caplog.text and "exceed the device budget" in caplog.text
     groups = bn.layer_levels(model, v, (4, 32, 32, 2))
     assert len(reads) == 2 + 1 + len(groups)  # 2 peeks, the aborted stream, one per pass
     assert _maxdiff(joint, disk) < 1e-5 and _maxdiff(joint, short) < 1e-5
     with pytest.raises(ValueError, match="carry_budget=-1"):
         bn.plate_stats(model, v, source, carry_budget=-1)
+    with pytest.raises(ValueError, match="carry='gpu'; use one of"):
+        bn.plate_stats(model, v, source, carry="gpu")
 
 
 def test_carried_plan_is_one_forward_pass_and_its_memory_scales_with_the_chunk():

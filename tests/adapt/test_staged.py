@@ -47,8 +47,8 @@ def _run(plan, x, store, budget=float("inf")):
     return ok, inputs, got
 
 
-@pytest.mark.parametrize("disk", [False, True])
-def test_stages_equal_numpy_and_compute_each_op_once(tmp_path, disk):
+@pytest.mark.parametrize("kind", staged.KINDS)
+def test_stages_equal_numpy_and_compute_each_op_once(tmp_path, kind):
     x = np.random.default_rng(0).normal(size=(3 * B, D)).astype(np.float32)
     plan = _plan()
     assert len(plan.stages) == 3
@@ -60,7 +60,7 @@ def test_stages_equal_numpy_and_compute_each_op_once(tmp_path, disk):
     assert [(s.carry_in, s.carry_out) for s in plan.stages] == [((), (0,)), ((0,), (1,)),
                                                                 ((1,), ())]
     assert plan.peak_nbytes == B * D * 4
-    store = staged.CarryStore(str(tmp_path) if disk else None)
+    store = staged.CarryStore(kind, str(tmp_path))
     ok, inputs, got = _run(plan, x, store)
     a, b, s2 = _numpy(x)
     assert ok
@@ -69,6 +69,8 @@ def test_stages_equal_numpy_and_compute_each_op_once(tmp_path, disk):
     np.testing.assert_allclose(got[2], s2, rtol=1e-5)
     np.testing.assert_allclose(got[3], 3.0 * a, rtol=1e-6)  # "same": not summed over chunks
     assert store.peak == 3 * plan.peak_nbytes and store.nbytes == 0  # freed as read
+    if kind == "disk":
+        assert len(os.listdir(tmp_path)) == 1  # the spill folder, empty by now
     store.close()
     assert os.listdir(tmp_path) == []
 
@@ -80,6 +82,8 @@ def test_budget_stops_stage_zero_before_anything_is_finished():
     ok, inputs, got = _run(plan, x, store, budget=2.5 * plan.peak_nbytes)
     assert not ok and got == {} and float(jnp.abs(inputs[0]).max()) == 0.0
     store.close()
+    with pytest.raises(ValueError, match="kind='gpu'"):
+        staged.CarryStore("gpu")
 
 
 def test_unstageable_outputs_raise():
