@@ -1,6 +1,6 @@
 """Cost of BN adaptation: adapted-plate inference vs ERM, and exact whole-plate statistics.
 
-Reproduce (2 CPU cores, about 4 minutes; the numbers in the README came from this):
+Reproduce (2 CPU cores, about 5 minutes):
     JAX_PLATFORMS=cpu python experiments/benchmarks/bench_adapt.py
 Paper-sized on a GPU:
     python experiments/benchmarks/bench_adapt.py --model resnet50 --width 64 \
@@ -12,9 +12,10 @@ Prints, per model
     batch, and their ratio (target >= 0.9: adapted inference is at ERM cost);
 (b) the time of exact whole-plate statistics (`plate_stats`) relative to one forward
     pass (ERM, same chunks, host-to-device copies included):
-    - new: the carried path (one stage per BN dependency level, activations carried on
-      the host between stages: one forward pass in all plus host copies), on the whole
-      plate; target about 2x;
+    - new: the carried path (one stage per BN dependency level, activations carried
+      between stages: one forward pass in all), on the whole plate, with the automatic
+      store (the device; on a CPU backend that is host RAM without copies) and with
+      ``carry="host"`` (NumPy copies to and from host RAM); target about 2x;
     - old: the recompute path (``carry_budget=0``: one full pass per level), on the first
       ``--old-plate-size`` images (it costs tens of passes), against a forward pass over
       those same images;
@@ -98,9 +99,10 @@ def bench(name: str, a: argparse.Namespace) -> None:
         return [erm(variables, jnp.asarray(c)) for c in cs]
 
     passes = len(bn.layer_levels(model, variables, shape))
-    (fwd, new) = _time_cpu([lambda: forward(chunks),
-                            lambda: bn.plate_stats(model, variables, chunks,
-                                                   chunk_size=a.batch_size)], a.repeats)
+    new_path = lambda carry: bn.plate_stats(model, variables, chunks,  # noqa: E731
+                                            chunk_size=a.batch_size, carry=carry)
+    (fwd, new, host) = _time_cpu([lambda: forward(chunks), lambda: new_path("auto"),
+                                  lambda: new_path("host")], a.repeats)
     old_path = lambda cs: bn.plate_stats(model, variables, cs,  # noqa: E731
                                          chunk_size=a.batch_size, carry_budget=0)
     old_path(old_chunks[:1])  # compile (one program for all passes)
@@ -110,9 +112,12 @@ def bench(name: str, a: argparse.Namespace) -> None:
     kib = bn.carry_bytes(model, variables, shape) / a.batch_size / 2**10
     print(f"(b) one forward pass over the plate     {fwd[0]:7.3f} s wall {fwd[1]:7.3f} s CPU"
           f"  ({a.plate_size} images)")
-    print(f"    new: carried path                   {new[0]:7.3f} s wall {new[1]:7.3f} s CPU"
+    print(f"    new: carried path (auto: device)    {new[0]:7.3f} s wall {new[1]:7.3f} s CPU"
           f"  = {new[0] / fwd[0]:.2f}x one pass (CPU {new[1] / fwd[1]:.2f}x); first call "
           f"incl. {passes} stage compiles {t_first:.1f} s")
+    print(f"    new: carried path, host RAM store  {host[0]:7.3f} s wall {host[1]:7.3f} s CPU"
+          f"  = {host[0] / fwd[0]:.2f}x one pass (CPU {host[1] / fwd[1]:.2f}x), host copies "
+          "included")
     print(f"    old: recompute path, {passes} passes   {old[0]:7.3f} s wall {old[1]:7.3f} s CPU"
           f"  = {old[0] / fwd_old[0]:.2f}x one pass (CPU {old[1] / fwd_old[1]:.2f}x) over "
           f"the same {n_old} images ({fwd_old[0]:.3f} s wall)")

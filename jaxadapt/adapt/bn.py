@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import shutil
 import tempfile
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
-import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
@@ -221,35 +218,6 @@ _finalize = jax.jit(norm_stats_from_suff)
 # ------------------------------------------------------- layer dependency levels
 
 
-def _sub_jaxpr(eqn) -> Any:
-    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        sub = eqn.params.get(key)
-        if isinstance(sub, jex.ClosedJaxpr):
-            return sub.jaxpr
-        if isinstance(sub, jex.Jaxpr):
-            return sub
-    return None
-
-
-def _propagate(jaxpr, in_deps: Sequence[frozenset]) -> list[frozenset]:
-    """Which inputs each output of ``jaxpr`` depends on (exact through nested calls,
-    conservative -- union of all inputs -- through any other primitive)."""
-    env: dict[Any, frozenset] = dict(zip(jaxpr.invars, in_deps))
-
-    def read(v):
-        return frozenset() if isinstance(v, jex.Literal) else env.get(v, frozenset())
-
-    for eqn in jaxpr.eqns:
-        ins = [read(v) for v in eqn.invars]
-        sub = _sub_jaxpr(eqn)
-        if sub is not None and len(sub.invars) == len(ins) and len(sub.outvars) == len(eqn.outvars):
-            outs = _propagate(sub, ins)
-        else:
-            outs = [frozenset().union(*ins)] * len(eqn.outvars)
-        env.update(zip(eqn.outvars, outs))
-    return [read(v) for v in jaxpr.outvars]
-
-
 def _path(keypath) -> LayerPath:
     return tuple(str(getattr(k, "key", k)) for k in keypath)
 
@@ -276,7 +244,7 @@ def _levels_cached(model: nn.Module, var_struct, shape: tuple, dtype) -> tuple:
     closed = jax.make_jaxpr(suff)(placeholder, variables, x)
     in_deps = [frozenset([index[_path(kp)[:-1]]]) for kp, _ in leaves]
     in_deps += [frozenset()] * (len(closed.jaxpr.invars) - len(in_deps))
-    out_deps = _propagate(closed.jaxpr, in_deps)
+    out_deps = staged.propagate(closed.jaxpr, in_deps)
     out_leaves, _ = jax.tree_util.tree_flatten_with_path(
         jax.eval_shape(suff, placeholder, variables, x))
     deps: dict[int, frozenset] = {}
@@ -382,28 +350,6 @@ def carry_bytes(model: nn.Module, variables: Variables, image_shape: Sequence[in
 CARRY: tuple[str, ...] = ("auto", "device", "host", "disk", "recompute")
 
 
-def _host_free() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        try:
-            return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-        except (ValueError, OSError, AttributeError):
-            return 0.0  # unknown: keep the path that needs no memory
-
-
-def _free_bytes(kind: str, spill_dir: str | None) -> float:
-    """Free bytes where a store of this kind lives (a CPU device lives in host RAM)."""
-    if kind == "disk":
-        return float(shutil.disk_usage(spill_dir or tempfile.gettempdir()).free)
-    if kind == "device" and jax.default_backend() != "cpu":
-        stats = jax.local_devices()[0].memory_stats() or {}
-        return float(stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0))
-    return _host_free()
-
-
 def _carry_tiers(carry: str, budget: float | None, spill_dir: str | None) -> list:
     """``[(store kind, budget bytes)]`` to try in order; none means recompute."""
     if carry not in CARRY:
@@ -416,7 +362,7 @@ def _carry_tiers(carry: str, budget: float | None, spill_dir: str | None) -> lis
                  ["device", "host"] if jax.default_backend() != "cpu" else ["device"])
     else:
         kinds = [] if carry == "recompute" else [carry]
-    return [(k, _free_bytes(k, spill_dir) / 2 if budget is None else float(budget))
+    return [(k, staged.free_bytes(k, spill_dir) / 2 if budget is None else float(budget))
             for k in kinds]
 
 

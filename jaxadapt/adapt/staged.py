@@ -108,12 +108,50 @@ def _step_fn(eqns: list, consts: dict, invars: list, outvars: list, reduce: tupl
     return cache[key]
 
 
+def _sub_jaxpr(eqn) -> Any:
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        sub = eqn.params.get(key)
+        if isinstance(sub, jex.ClosedJaxpr):
+            return sub.jaxpr
+        if isinstance(sub, jex.Jaxpr):
+            return sub
+    return None
+
+
+def propagate(jaxpr, in_deps: Sequence[frozenset]) -> list[frozenset]:
+    """Which inputs each output of ``jaxpr`` depends on (exact through nested calls,
+    conservative -- union of all inputs -- through any other primitive).
+
+    Args:
+      jaxpr: a `Jaxpr`.
+      in_deps: per input, a set of labels (e.g. which BN layers' statistics it holds).
+
+    Returns:
+      Per output, the union of the labels of the inputs it depends on.
+    """
+    env: dict[Any, frozenset] = dict(zip(jaxpr.invars, in_deps))
+
+    def read(v):
+        return frozenset() if isinstance(v, jex.Literal) else env.get(v, frozenset())
+
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        sub = _sub_jaxpr(eqn)
+        if sub is not None and len(sub.invars) == len(ins) and len(sub.outvars) == len(eqn.outvars):
+            outs = propagate(sub, ins)
+        else:
+            outs = [frozenset().union(*ins)] * len(eqn.outvars)
+        env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]
+
+
 def _live_eqns(jaxpr: Any) -> list:
-    """The equations that some output depends on, in order (dead code dropped)."""
+    """The equations that some output depends on, in order (dead code dropped, and with
+    it side effects such as debug prints that no output needs)."""
     live = {v for v in jaxpr.outvars if _is_var(v)}
     keep = []
     for e in reversed(jaxpr.eqns):
-        if any(o in live for o in e.outvars) or e.effects:
+        if any(o in live for o in e.outvars):
             keep.append(e)
             live.update(v for v in e.invars if _is_var(v))
     return keep[::-1]
@@ -230,6 +268,29 @@ def _peak(stages: Sequence[Stage], nbytes: Sequence[int]) -> int:
         peak = max(peak, keep + max(new, sum(nbytes[i] for i in dying)))
         held = (held - dying) | (set(s.carry_out) - set(s.free))
     return peak
+
+
+def _host_free() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        try:
+            return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return 0.0  # unknown: keep the path that needs no memory
+
+
+def free_bytes(kind: str, spill_dir: str | None) -> float:
+    """Free bytes where a `CarryStore` of this kind would live (a CPU device's memory
+    is host RAM; disk: under ``spill_dir``, default the temporary folder)."""
+    if kind == "disk":
+        return float(shutil.disk_usage(spill_dir or tempfile.gettempdir()).free)
+    if kind == "device" and jax.default_backend() != "cpu":
+        stats = jax.local_devices()[0].memory_stats() or {}
+        return float(stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0))
+    return _host_free()
 
 
 #: Where a `CarryStore` keeps the carried values.
