@@ -7,7 +7,9 @@ paths of the ``batch_stats`` collection) that a model consumes with
 - `context_stats`: one train-mode pass over a context batch; every layer is normalized
   with the context's own statistics, exactly as train-mode BN does.
 - `plate_stats`: exact statistics of a context larger than one batch (a whole plate of
-  thousands of images), streamed in chunks with peak memory bounded by the chunk size.
+  thousands of images), streamed in chunks with peak device memory bounded by the chunk
+  size, in about one forward pass (activations carried between the BN dependency
+  levels, `jaxadapt.adapt.staged`), or one pass per level where memory is short.
   Never an average of per-chunk variances (the reference code's defect).
 - per-batch statistics inside the forward pass (`norm_mode="batch"`).
 
@@ -326,7 +328,8 @@ def _carry_plan(model: nn.Module, var_struct, shape: tuple, dtype, mask_dtype) -
 
 def carry_bytes(model: nn.Module, variables: Variables, image_shape: Sequence[int],
                 dtype: Any = jnp.float32, mask_dtype: Any = jnp.bool_) -> int:
-    """Host bytes that `plate_stats`' carried path holds at its peak, per chunk.
+    """Bytes of carried activations that `plate_stats`' carried path holds at its peak,
+    per chunk (in its store: device, host RAM or disk).
 
     Found by tracing (no compute). Per image: divide by the chunk size; a plate of
     ``n`` chunks needs ``n * carry_bytes`` (padded chunks count in full).

@@ -1,4 +1,4 @@
-"""Evaluate a traced function in stages over a stream of chunks, carrying state on the host.
+"""Evaluate a traced function in stages over a stream of chunks, carrying state between stages.
 
 `jaxadapt.adapt.bn.plate_stats` needs the outputs of a function in rounds: round k's
 outputs (BN group k's sufficient statistics, summed over every chunk of a plate) are
@@ -283,8 +283,15 @@ def _host_free() -> float:
 
 
 def free_bytes(kind: str, spill_dir: str | None) -> float:
-    """Free bytes where a `CarryStore` of this kind would live (a CPU device's memory
-    is host RAM; disk: under ``spill_dir``, default the temporary folder)."""
+    """Free bytes where a `CarryStore` of this kind would live.
+
+    Args:
+      kind: "device" (a CPU device's memory is host RAM), "host" or "disk".
+      spill_dir: the folder for "disk" (default: the system's temporary folder).
+
+    Returns:
+      Bytes free now (0 when unknown, so that callers take the path needing none).
+    """
     if kind == "disk":
         return float(shutil.disk_usage(spill_dir or tempfile.gettempdir()).free)
     if kind == "device" and jax.default_backend() != "cpu":
