@@ -94,8 +94,10 @@ def _step_fn(eqns: list, consts: dict, invars: list, outvars: list, reduce: tupl
     effects = frozenset().union(*(e.effects for e in eqns))
     jaxpr = jex.Jaxpr(constvars, invars, outvars, eqns, effects,
                       _debug_info(len(invars), len(outvars)))
+    # The printed program (shapes, parameters, literals) identifies it unless it closes
+    # over constants, whose values are not printed.
     key = None if constvars else (str(jaxpr), reduce)
-    if key in cache:
+    if key is not None and key in cache:
         return cache[key]
     fun = jex.jaxpr_as_fun(jex.ClosedJaxpr(jaxpr, [consts[v] for v in constvars]))
 
@@ -104,8 +106,10 @@ def _step_fn(eqns: list, consts: dict, invars: list, outvars: list, reduce: tupl
         new = [a + r if how == "sum" else r for a, r, how in zip(acc, res, reduce)]
         return new, list(res[len(reduce):])
 
-    cache[key] = jax.jit(step)
-    return cache[key]
+    fn = jax.jit(step)
+    if key is not None:
+        cache[key] = fn
+    return fn
 
 
 def _sub_jaxpr(eqn) -> Any:
