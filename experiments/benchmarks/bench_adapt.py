@@ -19,10 +19,12 @@ Prints, per model
     - old: the recompute path (``carry_budget=0``: one full pass per level), on the first
       ``--old-plate-size`` images (it costs tens of passes), against a forward pass over
       those same images;
-    - the host memory the carried state needs per image, at this size and at paper size
+    - the memory the carried state needs per image at its peak, at this size and at paper size
       (ResNet-50, 128 px, width 64, ImageNet stem; found by tracing, no compute).
 Times are best-of-N per call, excluding compilation (a warm-up call runs first; the
 carried path's first call, which compiles one program per stage, is printed apart).
+Process CPU seconds are printed beside wall seconds: on a machine shared with other jobs
+they are the steadier measure of cost.
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ def bench(name: str, a: argparse.Namespace) -> None:
     print(f"    old: recompute path, {passes} passes   {old[0]:7.3f} s wall {old[1]:7.3f} s CPU"
           f"  = {old[0] / fwd_old[0]:.2f}x one pass (CPU {old[1] / fwd_old[1]:.2f}x) over "
           f"the same {n_old} images ({fwd_old[0]:.3f} s wall)")
-    print(f"    carried state on the host: {kib:.1f} KiB/image = "
+    print(f"    carried state at its peak: {kib:.1f} KiB/image = "
           f"{kib * a.plate_size / 2**10:.1f} MiB for this plate "
           f"({len(bn.layer_paths(variables))} BN layers)")
 
