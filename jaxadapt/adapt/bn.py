@@ -7,7 +7,9 @@ paths of the ``batch_stats`` collection) that a model consumes with
 - `context_stats`: one train-mode pass over a context batch; every layer is normalized
   with the context's own statistics, exactly as train-mode BN does.
 - `plate_stats`: exact statistics of a context larger than one batch (a whole plate of
-  thousands of images), streamed in chunks with peak memory bounded by the chunk size.
+  thousands of images), streamed in chunks with peak device memory bounded by the chunk
+  size, in about one forward pass (activations carried between the BN dependency
+  levels, `jaxadapt.adapt.staged`), or one pass per level where memory is short.
   Never an average of per-chunk variances (the reference code's defect).
 - per-batch statistics inside the forward pass (`norm_mode="batch"`).
 
@@ -19,15 +21,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import tempfile
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
-import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxadapt.adapt import staged
 from jaxadapt.adapt.base import Variables
 from jaxadapt.models.norm import merge_suff, norm_stats_from_suff
 
@@ -211,38 +214,10 @@ def _suff_pass(model, variables, norm_stats, images, mask, group=None):
 
 
 _merge = jax.jit(merge_suff)
+_finalize = jax.jit(norm_stats_from_suff)
 
 
 # ------------------------------------------------------- layer dependency levels
-
-
-def _sub_jaxpr(eqn) -> Any:
-    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        sub = eqn.params.get(key)
-        if isinstance(sub, jex.ClosedJaxpr):
-            return sub.jaxpr
-        if isinstance(sub, jex.Jaxpr):
-            return sub
-    return None
-
-
-def _propagate(jaxpr, in_deps: Sequence[frozenset]) -> list[frozenset]:
-    """Which inputs each output of ``jaxpr`` depends on (exact through nested calls,
-    conservative -- union of all inputs -- through any other primitive)."""
-    env: dict[Any, frozenset] = dict(zip(jaxpr.invars, in_deps))
-
-    def read(v):
-        return frozenset() if isinstance(v, jex.Literal) else env.get(v, frozenset())
-
-    for eqn in jaxpr.eqns:
-        ins = [read(v) for v in eqn.invars]
-        sub = _sub_jaxpr(eqn)
-        if sub is not None and len(sub.invars) == len(ins) and len(sub.outvars) == len(eqn.outvars):
-            outs = _propagate(sub, ins)
-        else:
-            outs = [frozenset().union(*ins)] * len(eqn.outvars)
-        env.update(zip(eqn.outvars, outs))
-    return [read(v) for v in jaxpr.outvars]
 
 
 def _path(keypath) -> LayerPath:
@@ -271,7 +246,7 @@ def _levels_cached(model: nn.Module, var_struct, shape: tuple, dtype) -> tuple:
     closed = jax.make_jaxpr(suff)(placeholder, variables, x)
     in_deps = [frozenset([index[_path(kp)[:-1]]]) for kp, _ in leaves]
     in_deps += [frozenset()] * (len(closed.jaxpr.invars) - len(in_deps))
-    out_deps = _propagate(closed.jaxpr, in_deps)
+    out_deps = staged.propagate(closed.jaxpr, in_deps)
     out_leaves, _ = jax.tree_util.tree_flatten_with_path(
         jax.eval_shape(suff, placeholder, variables, x))
     deps: dict[int, frozenset] = {}
@@ -309,9 +284,123 @@ def layer_levels(model: nn.Module, variables: Variables,
     Returns:
       Tuple of groups, each a tuple of layer paths.
     """
+    return _levels_cached(model, _var_struct(variables), tuple(int(s) for s in image_shape),
+                          jnp.dtype(dtype))
+
+
+# ------------------------------------------- carried activations (one pass in all)
+
+
+def _var_struct(variables: Variables) -> tuple:
     flat, tree = jax.tree.flatten(variables)
-    struct = (tree, tuple(jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in flat))
-    return _levels_cached(model, struct, tuple(int(s) for s in image_shape), jnp.dtype(dtype))
+    return tree, tuple(jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in flat)
+
+
+@functools.lru_cache(maxsize=16)
+def _carry_plan(model: nn.Module, var_struct, shape: tuple, dtype, mask_dtype) -> tuple:
+    """The staged plan of ``suff(norm_stats, variables, images, mask)``: stage k makes
+    group k's statistics; the inputs of group g become ready at stage g + 1."""
+    variables = jax.tree.unflatten(var_struct[0], var_struct[1])
+    placeholder = running_norm_stats(variables)
+    groups = _levels_cached(model, var_struct, shape, dtype)
+    level = {p: g for g, group in enumerate(groups) for p in group}
+
+    def suff(norm_stats, variables, images, mask):
+        _, upd = model.apply({**variables, "norm_stats": norm_stats}, images,
+                             norm_mode="given", stats_mask=mask, mutable=["suff_stats"])
+        return upd["suff_stats"]
+
+    args = (placeholder, variables, jax.ShapeDtypeStruct(shape, dtype),
+            jax.ShapeDtypeStruct(shape[:1], mask_dtype))
+    closed = jax.make_jaxpr(suff)(*args)
+    stat_paths = tuple(_path(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(placeholder)[0])
+    out_paths = tuple(_path(kp) for kp, _ in
+                      jax.tree_util.tree_flatten_with_path(jax.eval_shape(suff, *args))[0])
+    n_var = len(var_struct[1])
+    # Every chunk's shift is the layer's running mean (a fixed input), so merging the
+    # chunks' shifted sums is plain addition (what merge_suff does for equal shifts).
+    plan = staged.plan(closed, [level[p[:-1]] + 1 for p in stat_paths] + [0] * (n_var + 2),
+                       [False] * (len(stat_paths) + n_var) + [True, True],
+                       [level[p[:-1]] for p in out_paths],
+                       ["same" if p[-1] == "shift" else "sum" for p in out_paths])
+    return plan, stat_paths, out_paths
+
+
+def carry_bytes(model: nn.Module, variables: Variables, image_shape: Sequence[int],
+                dtype: Any = jnp.float32, mask_dtype: Any = jnp.bool_) -> int:
+    """Bytes of carried activations that `plate_stats`' carried path holds at its peak,
+    per chunk (in its store: device, host RAM or disk).
+
+    Found by tracing (no compute). Per image: divide by the chunk size; a plate of
+    ``n`` chunks needs ``n * carry_bytes`` (padded chunks count in full).
+
+    Args:
+      model: the model.
+      variables: its variables (only shapes are used; `jax.eval_shape` output works).
+      image_shape: one chunk's shape ``[B, H, W, C]``.
+      dtype, mask_dtype: image and mask dtypes.
+
+    Returns:
+      Bytes per chunk.
+    """
+    shape = tuple(int(s) for s in image_shape)
+    plan = _carry_plan(model, _var_struct(variables), shape, jnp.dtype(dtype),
+                       jnp.dtype(mask_dtype))[0]
+    return plan.peak_nbytes
+
+
+#: Where `plate_stats` may keep carried activations ("auto": device, else host RAM).
+CARRY: tuple[str, ...] = ("auto", "device", "host", "disk", "recompute")
+
+
+def _carry_tiers(carry: str, budget: float | None, spill_dir: str | None) -> list:
+    """``[(store kind, budget bytes)]`` to try in order; none means recompute."""
+    if carry not in CARRY:
+        raise ValueError(f"plate_stats: carry={carry!r}; use one of {CARRY}")
+    if budget is not None and not budget >= 0:
+        raise ValueError(f"plate_stats: carry_budget={budget!r}; give bytes >= 0 "
+                         "(0: recompute, None: half of the free memory)")
+    if carry == "auto":
+        kinds = (["disk"] if spill_dir is not None else
+                 ["device", "host"] if jax.default_backend() != "cpu" else ["device"])
+    else:
+        kinds = [] if carry == "recompute" else [carry]
+    return [(k, staged.free_bytes(k, spill_dir) / 2 if budget is None else float(budget))
+            for k in kinds]
+
+
+def _plate_stats_carried(model, variables, chunks, first, kind: str, budget: float,
+                         spill_dir: str | None) -> NormStats | None:
+    """Plate statistics in one staged pass; None if the carry would exceed ``budget``."""
+    plan, stat_paths, out_paths = _carry_plan(
+        model, _var_struct(variables), first[0].shape, first[0].dtype, first[1].dtype)
+    init = traverse_util.flatten_dict(running_norm_stats(variables))
+    inputs = [init[p] for p in stat_paths] + jax.tree.leaves(variables) + [None, None]
+    index = {p: i for i, p in enumerate(stat_paths)}
+
+    def finish(k, outs):
+        suff: dict = {}
+        for j, value in outs.items():
+            suff.setdefault(out_paths[j][:-1], {})[out_paths[j][-1]] = value
+        new = {}
+        for layer, s in suff.items():
+            for key, value in _finalize(s).items():
+                new[index[layer + (key,)]] = value
+        return new
+
+    store = staged.CarryStore(kind, spill_dir)
+    try:
+        if not staged.run(plan, inputs, chunks, store, finish, budget):
+            return None
+        where = {"device": f"{jax.default_backend()} device", "host": "host",
+                 "disk": f"disk under {spill_dir or tempfile.gettempdir()}"}[kind]
+        log.info("plate_stats: carried path (%d stages = one forward pass; %.1f KiB/image, "
+                 "peak %.3g MiB on the %s, budget %.3g MiB)", len(plan.stages),
+                 plan.peak_nbytes / len(first[0]) / 2**10, store.peak / 2**20, where,
+                 budget / 2**20)
+    finally:
+        store.close()
+    return traverse_util.unflatten_dict({p: inputs[index[p]] for p in stat_paths})
 
 
 # --------------------------------------------------------------- plate statistics
@@ -353,19 +442,29 @@ def _reiterable(chunks: Iterable[Chunk] | Callable[[], Iterable[Chunk]]):
 
 def plate_stats(model: nn.Module, variables: Variables,
                 image_batches: Iterable[Chunk] | Callable[[], Iterable[Chunk]],
-                *, chunk_size: int | None = None, truncate: bool = False) -> NormStats:
+                *, chunk_size: int | None = None, truncate: bool = False,
+                carry: str = "auto", carry_budget: float | None = None,
+                spill_dir: str | None = None) -> NormStats:
     """Exact BN statistics over a context larger than one batch (a whole plate).
 
     Equals `context_stats` of one joint train-mode pass over all selected images, with
     peak device memory bounded by the chunk size. Layer l's statistics depend on layers
     < l being normalized with the *whole-context* statistics, so the layers are finalized
-    group by group (`layer_levels`): pass k streams every chunk with
-    ``norm_mode="given"`` (groups < k: final statistics; later layers: placeholders that
-    group k does not read), sums group k's shifted sufficient statistics over the chunks
-    (`merge_suff`) and finalizes them. Cost: ``len(layer_levels)`` forward passes over the
-    context (ResNet-18: 17, ResNet-50: 49), one compiled program (or, with
-    ``truncate``, as many truncated passes, about half that compute). Unlike the reference
-    code, variances are pooled, never averaged over batches.
+    group by group (`layer_levels`; ResNet-18: 17 groups, ResNet-50: 49). Unlike the
+    reference code, variances are pooled, never averaged over batches. Two paths, with
+    the same result (one log line says which ran and why):
+
+    - *carried* (default where memory allows): the traced model is cut into one stage
+      per group (`jaxadapt.adapt.staged`); stage k runs on every chunk only the layers
+      that group k's statistics newly need, sums their sufficient statistics and
+      finalizes them; the activations later stages read wait in between (`carry_bytes`
+      per chunk): on the device where they fit (on a CPU backend that is host RAM),
+      else in host RAM, or on disk. In all one forward pass (plus any host copies).
+    - *recompute*: pass k streams every chunk from the input with ``norm_mode="given"``
+      (groups < k final, later ones placeholders that group k does not read): one
+      forward pass per group, no extra memory. Used when the carried state would exceed
+      the budget (found out while streaming, so a source of unknown length works), or
+      the model cannot be staged.
 
     Args:
       model: the model.
@@ -373,32 +472,62 @@ def plate_stats(model: nn.Module, variables: Variables,
       image_batches: ``(images [B, H, W, C], mask [B] or None)`` pairs or bare image
         arrays; a list / re-iterable, or a zero-argument callable returning a fresh
         iterable per pass (e.g. re-reading from disk). A one-shot iterator is first
-        copied to host memory (it is read once per pass).
+        copied to host memory (the recompute path reads it once per pass).
       chunk_size: rows per device call; chunks are split / padded to it so that one
         shape is compiled (default: the first chunk's size).
-      truncate: compile one program per group that stops after that group's layers
-        (XLA drops the rest): about half the compute of full passes, but one compile
-        per group instead of one in all -- worth it for many plates of one shape.
+      truncate: recompute path only: compile one program per group that stops after
+        that group's layers (XLA drops the rest), about half the compute of full passes
+        but one compile per group.
+      carry: where carried activations may wait: "auto" (the device if an accelerator
+        has room, else host RAM; with ``spill_dir``: disk), "device", "host", "disk", or
+        "recompute" (today's path, always).
+      carry_budget: bytes the carried state may take there; None: half of the free
+        memory (device / host RAM / disk) at the call; 0: recompute.
+      spill_dir: folder for carry="disk" (a temporary subfolder, removed at the end);
+        default: the system's temporary folder.
 
     Returns:
       ``norm_stats`` for every BN layer.
 
     Raises:
-      ValueError: no context image, non-finite pixels (naming chunk and rows), or a
-        mask of the wrong length.
+      ValueError: no context image, non-finite pixels (naming chunk and rows), a mask
+        of the wrong length, an unknown ``carry`` or a negative ``carry_budget``.
     """
+    tiers = _carry_tiers(carry, carry_budget, spill_dir)
     source = _reiterable(image_batches)
     if chunk_size is None:
         first = next(iter(_rechunk(source(), None, check=False)), None)
-        if first is None:
-            raise ValueError("plate_stats: the context has no image (all chunks empty or "
-                             "masked); give the plate's images and/or controls")
-        chunk_size = len(first[0])
-    first = next(iter(_rechunk(source(), chunk_size, check=False)), None)
+        chunk_size = None if first is None else len(first[0])
+    first = None if chunk_size is None else next(
+        iter(_rechunk(source(), chunk_size, check=False)), None)
     if first is None:
         raise ValueError("plate_stats: the context has no image (all chunks empty or "
                          "masked); give the plate's images and/or controls")
     groups = layer_levels(model, variables, first[0].shape, first[0].dtype)
+    why = "carry='recompute'"
+    for kind, budget in tiers:
+        if budget <= 0:
+            why = f"carry_budget=0 ({kind})"
+            continue
+        try:
+            per_chunk = carry_bytes(model, variables, first[0].shape, first[0].dtype,
+                                    first[1].dtype)
+        except ValueError as err:  # a model the staging cannot cut
+            why = f"the model cannot be staged ({err})"
+            break
+        stats = _plate_stats_carried(model, variables, _rechunk(source(), chunk_size),
+                                     first, kind, budget, spill_dir)
+        if stats is not None:
+            return stats
+        why = (f"carrying {per_chunk / len(first[0]) / 2**10:.1f} KiB/image would exceed "
+               f"the {kind} budget of {budget / 2**20:.3g} MiB")
+    log.info("plate_stats: recompute path (%d passes): %s", len(groups), why)
+    return _plate_stats_recompute(model, variables, source, chunk_size, groups, truncate)
+
+
+def _plate_stats_recompute(model, variables, source, chunk_size: int, groups: tuple,
+                           truncate: bool) -> NormStats:
+    """One pass from the input per group (no host memory)."""
     norm_stats = traverse_util.flatten_dict(running_norm_stats(variables))
     for g, group in enumerate(groups):
         total = None

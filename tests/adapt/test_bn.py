@@ -88,23 +88,76 @@ def test_apply_with_context_equals_stats_of_the_context(tiny):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_plate_stats_chunked_equal_one_joint_pass(tiny):
+@pytest.mark.parametrize("path,kw", [("carried", {}), ("carried", {"carry": "host"}),
+                                     ("recompute", {"carry_budget": 0})])
+def test_plate_stats_chunked_equal_one_joint_pass(tiny, path, kw, caplog):
     model, v = tiny
     x = _images(23, seed=6)
     mask = np.ones(23, bool)
     mask[[4, 17]] = False
     joint = bn.context_stats(model, v, x, mask)
     chunks = [(x[:10], mask[:10]), (x[10:], mask[10:])]
-    plate = bn.plate_stats(model, v, chunks, chunk_size=7)  # 7 divides neither 10 nor 13
+    with caplog.at_level("INFO", logger="jaxadapt.adapt.bn"):
+        plate = bn.plate_stats(model, v, chunks, chunk_size=7, **kw)  # 7 divides neither
+    assert f"plate_stats: {path} path" in caplog.text  # the log says which path ran
     assert _maxdiff(joint, plate) < 1e-5
     gen = bn.plate_stats(model, v, ((x[i:i + 5], mask[i:i + 5]) for i in range(0, 23, 5)),
-                         chunk_size=7)  # one-shot iterator
+                         chunk_size=7, **kw)  # one-shot iterator
     assert _maxdiff(joint, gen) < 1e-5
-    trunc = bn.plate_stats(model, v, lambda: iter(chunks), chunk_size=8, truncate=True)
+    trunc = bn.plate_stats(model, v, lambda: iter(chunks), chunk_size=8, truncate=True, **kw)
     assert _maxdiff(joint, trunc) < 1e-5
     # and differs from the reference's mean of per-chunk variances
     per_chunk = [bn.context_stats(model, v, im, m) for im, m in chunks]
     assert _maxdiff(joint["stage2_block1"]["bn2"], per_chunk[0]["stage2_block1"]["bn2"]) > 1e-3
+
+
+def test_plate_stats_budget_disk_and_fallback_equal_joint(tiny, tmp_path, caplog):
+    model, v = tiny
+    x = _images(20, seed=16)
+    joint = bn.context_stats(model, v, x)
+    reads = []
+
+    def source():  # a re-readable source, e.g. from disk; counts how often it is read
+        reads.append(1)
+        return [x[i:i + 4] for i in range(0, 20, 4)]
+
+    per_chunk = bn.carry_bytes(model, v, (4, 32, 32, 2))
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    with caplog.at_level("INFO", logger="jaxadapt.adapt.bn"):
+        disk = bn.plate_stats(model, v, source, spill_dir=str(spill))
+        assert "carried path" in caplog.text and "on the disk" in caplog.text
+        assert list(spill.iterdir()) == []  # the spill folder is removed
+        caplog.clear()
+        reads.clear()
+        # room for 2.5 chunks of 5: found out while streaming, then recomputed
+        short = bn.plate_stats(model, v, source, carry_budget=2.5 * per_chunk)
+        assert "recompute path" in caplog.text and "exceed the device budget" in caplog.text
+    groups = bn.layer_levels(model, v, (4, 32, 32, 2))
+    assert len(reads) == 2 + 1 + len(groups)  # 2 peeks, the aborted stream, one per pass
+    assert _maxdiff(joint, disk) < 1e-5 and _maxdiff(joint, short) < 1e-5
+    with pytest.raises(ValueError, match="carry_budget=-1"):
+        bn.plate_stats(model, v, source, carry_budget=-1)
+    with pytest.raises(ValueError, match="carry='gpu'; use one of"):
+        bn.plate_stats(model, v, source, carry="gpu")
+
+
+def test_carried_plan_is_one_forward_pass_and_its_memory_scales_with_the_chunk():
+    m = resnet18(width=4, stem="small", num_classes=3, in_channels=2)
+    v = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 2))))
+    plan = bn._carry_plan(m, bn._var_struct(v), (4, 32, 32, 2), jnp.dtype(jnp.float32),
+                          jnp.dtype(bool))[0]
+    assert len(plan.stages) == 17
+    # every conv of the network (stem + 16 + 3 projections) runs once per chunk in all
+    convs = [p for stage in plan.chunk_prims for p in stage if p == "conv_general_dilated"]
+    assert len(convs) == 20
+    small, large = (bn.carry_bytes(m, v, (b, 32, 32, 2)) for b in (4, 8))
+    assert abs(large / 8 - small / 4) < 0.01 * small / 4  # per image, up to a few scalars
+    # at least the stem's conv output [16, 16, 4] float32 (read by the stem BN, next stage)
+    assert small / 4 >= 16 * 16 * 4 * 4
+    # masks pass through to the model as they are (e.g. float row weights trace too)
+    weighted = bn.carry_bytes(m, v, (4, 32, 32, 2), mask_dtype=jnp.float32)
+    assert abs(weighted - small) < 0.01 * small
 
 
 def test_layer_levels_group_parallel_layers():
