@@ -137,6 +137,9 @@ def gpu_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.arm.n_perturbed = 64
     c.arm.n_controls = 128
     c.adapt.n_controls = 128
+    # in_domain units hold a quarter of a plate's DMSO wells (8 x 9 sites = 72 < 128):
+    # their controls are drawn with replacement, logged and counted in the results.
+    c.adapt.on_short_controls = "resample"
     return c
 
 
