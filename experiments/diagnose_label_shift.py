@@ -23,6 +23,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the replicate to analyse.")
 _TRAINER = flags.DEFINE_string("trainer", "cs_arm_bn", "Which trained model: erm, arm_bn or cs_arm_bn.")
 _SPLIT = flags.DEFINE_string("split", "new_batch", "Test split whose plates get one-class contexts.")
 _CONTROLS = flags.DEFINE_list("controls", ["0", "32", "128"], "Controls N per context.")
+_TRAIN_CONTROLS = flags.DEFINE_integer(
+    "train_controls", None, "Load the CS-ARM-BN model meta-trained with this many controls "
+    "per episode (as a study sweeping N scores it); default: config.arm.n_controls.")
 flags.mark_flag_as_required("config")
 
 
@@ -39,7 +42,8 @@ def main(argv):
     cfg = _CONFIG.value
     workdir = _WORKDIR.value or f"runs/{cfg.study}"
     rep = protocol.Replicate(cfg.train_sources[0], _SEED.value)
-    model, view, rows, variables = study.load_replicate(cfg, _TRAINER.value, rep, workdir)
+    overrides = () if _TRAIN_CONTROLS.value is None else (("arm.n_controls", _TRAIN_CONTROLS.value),)
+    model, view, rows, variables = study.load_replicate(cfg, _TRAINER.value, rep, workdir, overrides)
     stats_of = diagnostics.context_stats_fn(model, variables, images_of(view))
     L = int(cfg.eval.batch_size)
     print(f"{_TRAINER.value}, {rep.run_id}; standardized shift of BN means, mean per stage; "

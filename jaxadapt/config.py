@@ -105,7 +105,14 @@ def _adapt() -> ml_collections.ConfigDict:
     a = ml_collections.ConfigDict()
     a.n_controls = 32  # cs_arm_bn: fresh controls appended to each test chunk (paper 128)
     a.control_seed = 0
-    a.on_missing_controls = "raise"  # or "perturbed_only": fall back, with a warning
+    a.on_missing_controls = "raise"  # or "perturbed_only": fall back, logged and counted
+    # cs_arm_bn: a unit with fewer controls than N: "raise", or "resample" (with
+    # replacement, logged and counted as units_short_of_controls in the results).
+    a.on_short_controls = "raise"
+    # A test context's control share N / (L + N) must equal the training episodes'
+    # (arm.n_controls / (arm.n_perturbed + arm.n_controls)); True scores a mismatch on
+    # purpose and marks the result rows (setting "share_mismatch").
+    a.allow_share_mismatch = False
     a.tent_lr = 1e-3
     a.plate_chunk_size = 64  # images per pass of exact whole-plate statistics
     return a
@@ -130,6 +137,9 @@ def gpu_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.arm.n_perturbed = 64
     c.arm.n_controls = 128
     c.adapt.n_controls = 128
+    # in_domain units hold a quarter of a plate's DMSO wells (8 x 9 sites = 72 < 128):
+    # their controls are drawn with replacement, logged and counted in the results.
+    c.adapt.on_short_controls = "resample"
     return c
 
 

@@ -10,7 +10,10 @@ cross-entropy, i.e. the average of the episodes' gradients, as the paper does wi
 
 Test time: no weight changes. ARM-BN normalizes each test chunk of L perturbed images
 with its own statistics; CS-ARM-BN appends N fresh random controls of the same unit to
-each chunk, forwards the L + N together and scores the L perturbed images.
+each chunk, forwards the L + N together and scores the L perturbed images. The control
+share N / (L + N) of a test context must equal the training episodes' (see
+`jaxadapt.adapt.shares`): the trained variables record their episode shape, and a
+prediction with another share is a ValueError unless the config allows it explicitly.
 
 Running BN averages are not used by these predictions; the training step still updates
 them (see `episode_forward`) so that an ERM-style "running" evaluation stays possible.
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxadapt.adapt import adabn
+from jaxadapt.adapt import shares
 from jaxadapt.adapt.base import Method, Unit, Variables
 
 log = logging.getLogger(__name__)
@@ -215,12 +218,6 @@ def chunk_seed(base: int, unit_name: str, chunk: int) -> int:
     return int(np.random.SeedSequence(words).generate_state(1, np.uint32)[0])
 
 
-def _known_control_count(unit: Unit) -> int | None:
-    spec = getattr(unit, "spec", None)
-    rows = getattr(spec, "control_rows", None)
-    return None if rows is None else len(rows)
-
-
 def _adapt_cfg(cfg: Any) -> Mapping[str, Any]:
     sub = cfg.get("adapt") if cfg is not None else None
     return {} if sub is None else sub
@@ -228,39 +225,55 @@ def _adapt_cfg(cfg: Any) -> Mapping[str, Any]:
 
 def cs_arm_bn_predict_unit(predict: Callable, variables: Variables, unit: Unit, *,
                            n_controls: int, seed: int = 0,
-                           on_missing_controls: str = "raise") -> np.ndarray:
+                           on_missing_controls: str = "raise",
+                           on_short_controls: str = "raise",
+                           allow_share_mismatch: bool = False,
+                           method: str = "cs_arm_bn") -> np.ndarray:
     """CS-ARM-BN prediction on one unit (ARM-BN when ``n_controls == 0``).
 
     Args:
       predict: from `context_predictor`.
-      variables: trained ``{"params", "batch_stats"}``.
+      variables: trained variables with their episode record (`shares.episode_shape`).
       unit: the target unit; each of its batches is one chunk of L perturbed images.
       n_controls: N fresh controls appended to every chunk (drawn with
         ``unit.controls(N, chunk_seed(seed, unit.name, k))``); 0: chunk statistics only.
       seed: base of the control seeds.
       on_missing_controls: "raise" (default): a unit without controls is a ValueError;
-        "perturbed_only": fall back to the chunk's own statistics, with a warning.
+        "perturbed_only": fall back to the chunk's own statistics, with a warning, counted
+        as ``units_without_controls``.
+      on_short_controls: "raise" (default): a unit with fewer than N controls is a
+        ValueError naming it and both counts; "resample": draw N with replacement, with a
+        warning, counted as ``units_short_of_controls``.
+      allow_share_mismatch: score chunks whose control share N / (L + N) (L = the chunk's
+        capacity) differs from training instead of raising.
+      method: the method's name, for messages.
 
     Returns:
       float32 ``[n, K]`` logits of the unit's real samples in batch order; padding
       rows are neither scored nor part of any statistics.
     """
-    if on_missing_controls not in ("raise", "perturbed_only"):
-        raise ValueError(f"on_missing_controls={on_missing_controls!r}; use 'raise' or "
-                         "'perturbed_only'")
+    shares.check_control_modes(on_missing_controls, on_short_controls)
     n = int(n_controls)
     if n < 0:
         raise ValueError(f"n_controls={n}; use 0 (ARM-BN) or a positive count")
-    if n > 0 and _known_control_count(unit) == 0:
-        n = _missing(unit, on_missing_controls, None)
+    trained = shares.episode_shape(variables, method=method)
+    have = shares.known_control_count(unit)
+    if n > 0 and have == 0:
+        n = shares.missing_controls(unit, on_missing_controls, None)
+    elif n > 0 and have is not None and have < n:
+        shares.short_of_controls(unit, have, n, on_short_controls)
     out = []
     for k, batch in enumerate(unit.batches()):
         images, mask = np.asarray(batch.image), np.asarray(batch.mask, bool)
+        # Every chunk has the same capacity L; a configured missing-controls fallback
+        # (n dropped to 0) is counted, not a share error.
+        if k == 0 and (n > 0 or int(n_controls) == 0):
+            shares.check_share(trained, len(mask), n, allow=allow_share_mismatch, method=method)
         if n > 0:
             try:
                 ctrl = np.asarray(unit.controls(n, chunk_seed(seed, unit.name, k)))
             except ValueError as err:  # a unit that only finds out when asked
-                n = _missing(unit, on_missing_controls, err)
+                n = shares.missing_controls(unit, on_missing_controls, err)
         if n > 0:
             images = np.concatenate([images, ctrl.astype(images.dtype)])
             stats_mask = np.concatenate([mask, np.ones(len(ctrl), bool)])
@@ -271,23 +284,12 @@ def cs_arm_bn_predict_unit(predict: Callable, variables: Variables, unit: Unit, 
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def _missing(unit: Unit, mode: str, err: Exception | None) -> int:
-    """Handle a unit without controls: raise, or warn and return N = 0."""
-    if mode != "perturbed_only":
-        raise ValueError(
-            f"cs_arm_bn: unit {unit.name!r} has no negative-control images to add to its "
-            "context; evaluate units with DMSO wells, or set "
-            "config.adapt.on_missing_controls='perturbed_only' to fall back to ARM-BN "
-            "statistics on such units") from err
-    log.warning("cs_arm_bn: unit %r has no controls; using perturbed-only (ARM-BN) "
-                "statistics as config.adapt.on_missing_controls='perturbed_only' asks",
-                unit.name)
-    return 0
-
-
 def arm_bn(model: nn.Module, cfg: Any = None, setting: Mapping[str, Any] | None = None
            ) -> Method:
     """ARM-BN: each test chunk (the unit's batches) normalized with its own statistics.
+
+    Its contexts hold no controls (share 0), as its training episodes do; the variables
+    must carry their episode record (`shares.episode_shape`).
 
     Args:
       model: the architecture.
@@ -299,8 +301,17 @@ def arm_bn(model: nn.Module, cfg: Any = None, setting: Mapping[str, Any] | None 
     """
     predict = context_predictor(model)
 
-    predict_unit = functools.partial(cs_arm_bn_predict_unit, predict, n_controls=0)
+    predict_unit = functools.partial(cs_arm_bn_predict_unit, predict, n_controls=0,
+                                     method="arm_bn")
     return Method(name="arm_bn", trainer="arm_bn", predict_unit=predict_unit)
+
+
+def _test_chunk(cfg: Any, setting: Mapping[str, Any]) -> int | None:
+    """The protocol's test chunk L: the setting's L, else config.eval.batch_size."""
+    if "L" in setting:
+        return int(setting["L"])
+    ev = cfg.get("eval") if cfg is not None else None
+    return None if ev is None or "batch_size" not in ev else int(ev["batch_size"])
 
 
 def cs_arm_bn(model: nn.Module, cfg: Any = None, setting: Mapping[str, Any] | None = None
@@ -308,11 +319,15 @@ def cs_arm_bn(model: nn.Module, cfg: Any = None, setting: Mapping[str, Any] | No
     """CS-ARM-BN: each test chunk + N fresh controls of its unit define the statistics.
 
     Reads (defaults in brackets):
-      ``setting["N"]`` [``cfg.adapt.n_controls``, else 128]: controls per chunk; 0 gives
-        ARM-BN behaviour.
+      ``setting["N"]`` [``cfg.adapt.n_controls``, else 128]: controls per chunk. A swept
+        N also sets the training episodes' N (``arm.n_controls``), so each swept share
+        gets a model meta-trained with it (N = 0: the ARM-BN recipe and model).
       ``cfg.adapt.control_seed`` [0]: base of the per-chunk control seeds.
-      ``cfg.adapt.on_missing_controls`` ["raise"]: or "perturbed_only" (see
-        `cs_arm_bn_predict_unit`).
+      ``cfg.adapt.on_missing_controls`` ["raise"]: or "perturbed_only";
+      ``cfg.adapt.on_short_controls`` ["raise"]: or "resample" (see
+        `cs_arm_bn_predict_unit`); a configured fallback is counted in the results.
+      ``cfg.adapt.allow_share_mismatch`` [False]: score contexts whose control share
+        N / (L + N) differs from training (the result rows say so) instead of raising.
 
     Args:
       model: the architecture.
@@ -320,38 +335,70 @@ def cs_arm_bn(model: nn.Module, cfg: Any = None, setting: Mapping[str, Any] | No
       setting: swept values, e.g. ``{"L": 16, "N": 128}``; L is the protocol's batch size.
 
     Returns:
-      The ``cs_arm_bn`` method, trained by the ``cs_arm_bn`` trainer.
+      The ``cs_arm_bn`` method; its ``check`` tests the trained share before scoring.
     """
     adapt = _adapt_cfg(cfg)
     setting = setting or {}
     n_controls = int(setting.get("N", adapt.get("n_controls", DEFAULT_N_CONTROLS)))
-    seed = int(adapt.get("control_seed", 0))
     on_missing = adapt.get("on_missing_controls", "raise")
-    predict = context_predictor(model)
-    predict_unit = functools.partial(cs_arm_bn_predict_unit, predict, n_controls=n_controls,
-                                     seed=seed, on_missing_controls=on_missing)
-    # Validate the mode now rather than on the first unit.
-    if on_missing not in ("raise", "perturbed_only"):
-        raise ValueError(f"config.adapt.on_missing_controls={on_missing!r}; use 'raise' "
-                         "or 'perturbed_only'")
-    return Method(name="cs_arm_bn", trainer="cs_arm_bn", predict_unit=predict_unit,
-                  setting_keys=("N",))
+    on_short = adapt.get("on_short_controls", "raise")
+    allow = bool(adapt.get("allow_share_mismatch", False))
+    shares.check_control_modes(on_missing, on_short)  # now rather than on the first unit
+    predict_unit = functools.partial(
+        cs_arm_bn_predict_unit, context_predictor(model), n_controls=n_controls,
+        seed=int(adapt.get("control_seed", 0)), on_missing_controls=on_missing,
+        on_short_controls=on_short, allow_share_mismatch=allow)
+    chunk = _test_chunk(cfg, setting)
+
+    def check(variables: Variables) -> Mapping[str, Any]:
+        trained = shares.episode_shape(variables, method="cs_arm_bn")
+        if chunk is None:
+            return {}
+        notes = shares.check_share(trained, chunk, n_controls, allow=allow, method="cs_arm_bn")
+        if notes:
+            log.warning("cs_arm_bn: control share mismatch scored on purpose "
+                        "(config.adapt.allow_share_mismatch): %s", notes["share_mismatch"])
+        return notes
+
+    trainer, overrides = "cs_arm_bn", ()
+    if "N" in setting:
+        trainer = "arm_bn" if n_controls == 0 else "cs_arm_bn"
+        overrides = (("arm.n_controls", n_controls),)
+    counts = (("units_without_controls",) if on_missing == "perturbed_only" else ()) + (
+        ("units_short_of_controls",) if on_short == "resample" else ())
+    return Method(name="cs_arm_bn", trainer=trainer, predict_unit=predict_unit,
+                  setting_keys=("N",), train_overrides=overrides, check=check, counts=counts)
 
 
 def cs_arm_bn_plate(model: nn.Module, cfg: Any = None,
                     setting: Mapping[str, Any] | None = None) -> Method:
-    """CS-ARM-BN with exact whole-plate statistics: every perturbed image and control.
+    """CS-ARM-BN with exact whole-plate statistics of every perturbed image and control.
 
-    The plate's statistics are computed once (exact, in chunks) and every image is then
-    classified at ERM cost: the streaming variant of the paper's chunked test protocol.
+    The unit's statistics are computed once (exact, in chunks) and every image is then
+    classified at ERM cost. All perturbed images and all controls enter the pooled
+    statistics with per-row weights that give the controls the training share N / (L + N)
+    of the total weight at every BN layer (`shares.plate_predict_unit`), whatever the
+    plate's number of controls: the whole-plate analogue of a training episode.
 
     Args:
       model: the architecture trained by the ``cs_arm_bn`` recipe.
-      cfg: reads ``cfg.adapt.plate_chunk_size``.
+      cfg: reads ``cfg.adapt.plate_chunk_size`` and ``cfg.adapt.on_missing_controls``.
       setting: unused.
 
     Returns:
-      The ``cs_arm_bn_plate`` method.
+      The ``cs_arm_bn_plate`` method (its ``check`` requires the episode record).
     """
-    return adabn.plate_method("cs_arm_bn_plate", model, cfg, images=True, controls=True,
-                           trainer="cs_arm_bn")
+    on_missing = shares.adapt_field(cfg, "on_missing_controls", "raise")
+    shares.check_control_modes(on_missing, "raise")
+    predict_unit = functools.partial(
+        shares.plate_predict_unit, model, chunk_size=shares.adapt_field(cfg, "plate_chunk_size", None),
+        on_missing_controls=on_missing)
+
+    def check(variables: Variables) -> Mapping[str, Any]:
+        shares.episode_shape(variables, method="cs_arm_bn_plate")
+        return {}
+
+    counts = ("units_without_controls",) if on_missing == "perturbed_only" else ()
+    # Whole-unit statistics: the test batch size cannot change a prediction.
+    return Method(name="cs_arm_bn_plate", trainer="cs_arm_bn", predict_unit=predict_unit,
+                  ignores=("L",), check=check, counts=counts)

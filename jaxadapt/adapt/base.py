@@ -10,7 +10,7 @@ batch itself for AdaBN, batch + fresh controls for CS-ARM-BN, ...).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, NamedTuple, Protocol
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Protocol
 
 import jax
 import numpy as np
@@ -59,6 +59,17 @@ class Method(NamedTuple):
       ignores: runner keys whose value cannot change the method's predictions, e.g.
         ("L",) for methods that never use a test batch's statistics (ERM, whole-plate
         statistics), so a context-size sweep scores them once.
+      train_overrides: training-config changes its weights need, as sorted
+        ((dotted key, value), ...) pairs, e.g. (("arm.n_controls", 128),) for cs_arm_bn
+        scored with 128 controls per chunk: the runner trains (and caches) one model per
+        distinct (trainer, overrides).
+      check: optional (trained variables) -> setting notes, called by the runner once per
+        trained model before scoring: raises ValueError when the model does not fit the
+        method's test protocol, and returns entries the results row's ``setting`` must
+        carry (e.g. a control-share mismatch the config explicitly allows).
+      counts: names of event counters its predict_unit may raise on a unit with
+        `count_event` (e.g. "units_short_of_controls" when a fallback is configured);
+        the runner writes each as a result metric per split, 0 when it never happened.
     """
 
     name: str
@@ -66,6 +77,24 @@ class Method(NamedTuple):
     predict_unit: Callable[[Variables, Unit], np.ndarray]
     setting_keys: tuple[str, ...] = ()
     ignores: tuple[str, ...] = ()
+    train_overrides: tuple[tuple[str, Any], ...] = ()
+    check: Callable[[Variables], Mapping[str, Any]] | None = None
+    counts: tuple[str, ...] = ()
+
+
+def count_event(unit: Unit, name: str) -> None:
+    """Counts one event (e.g. a configured fallback) on a unit that keeps counters.
+
+    Units built by the protocol runner (`jaxadapt.eval.units.PipelineUnit`) have an
+    ``events`` counter that the runner turns into result metrics; other units ignore it.
+
+    Args:
+      unit: the target unit.
+      name: the counter, one of the method's `Method.counts`.
+    """
+    events = getattr(unit, "events", None)
+    if events is not None:
+        events[name] += 1
 
 
 def collect_logits(predict: Callable[[jax.Array], jax.Array], unit: Unit) -> np.ndarray:

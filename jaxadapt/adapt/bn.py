@@ -413,7 +413,7 @@ def _rechunk(chunks: Iterable[Chunk], size: int | None,
     for item in chunks:
         images, mask = item if isinstance(item, tuple) else (item, None)
         images = np.asarray(images)
-        mask = np.ones(len(images), bool) if mask is None else np.asarray(mask, bool)
+        mask = np.ones(len(images), bool) if mask is None else _mask_or_weights(mask)
         if len(mask) != len(images):
             raise ValueError(
                 f"plate_stats: chunk {k} has {len(images)} images but a mask of "
@@ -427,9 +427,15 @@ def _rechunk(chunks: Iterable[Chunk], size: int | None,
                 pad = step - len(im)
                 if pad:
                     im = np.concatenate([im, np.zeros((pad,) + im.shape[1:], im.dtype)])
-                    m = np.concatenate([m, np.zeros(pad, bool)])
+                    m = np.concatenate([m, np.zeros(pad, m.dtype)])
                 yield im, m
         k += 1
+
+
+def _mask_or_weights(mask: Any) -> np.ndarray:
+    """A chunk's bool row mask, or its float row weights passed through unchanged."""
+    mask = np.asarray(mask)
+    return mask if np.issubdtype(mask.dtype, np.floating) else mask.astype(bool)
 
 
 def _reiterable(chunks: Iterable[Chunk] | Callable[[], Iterable[Chunk]]):
@@ -470,7 +476,8 @@ def plate_stats(model: nn.Module, variables: Variables,
       model: the model.
       variables: ``{"params", "batch_stats"}``.
       image_batches: ``(images [B, H, W, C], mask [B] or None)`` pairs or bare image
-        arrays; a list / re-iterable, or a zero-argument callable returning a fresh
+        arrays; a float mask holds per-row weights (weighted statistics, see
+        `jaxadapt.models.norm`; give weights for every chunk or for none); a list / re-iterable, or a zero-argument callable returning a fresh
         iterable per pass (e.g. re-reading from disk). A one-shot iterator is first
         copied to host memory (the recompute path reads it once per pass).
       chunk_size: rows per device call; chunks are split / padded to it so that one

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -40,12 +40,16 @@ class EvalUnit(NamedTuple):
       rows: int64 [n_batches, batch_size]; padding repeats a row of the unit.
       mask: bool [n_batches, batch_size]; False on padding.
       control_rows: int64 [n_controls] the unit's control rows (from the given rows).
+      short_batches: label-shift units only: how many batches hold fewer than
+        ``batch_size`` samples because a class had fewer rows than the batch's count of
+        it (that class is then taken whole, never resampled); 0 otherwise.
     """
 
     name: str
     rows: np.ndarray
     mask: np.ndarray
     control_rows: np.ndarray
+    short_batches: int = 0
 
 
 def _rows(rows) -> np.ndarray:
@@ -54,6 +58,11 @@ def _rows(rows) -> np.ndarray:
         raise ValueError(f"rows must be a 1-D integer index array, got dtype {rows.dtype} "
                          f"shape {rows.shape}; pass np.flatnonzero(mask) for a boolean mask")
     return rows.astype(np.int64)
+
+
+def _seed_words(seed: int | Sequence[int]) -> list[int]:
+    """Entropy words of a seed given as an int or a sequence of ints (e.g. (eval seed, replicate seed))."""
+    return [int(seed)] if np.ndim(seed) == 0 else [int(x) for x in seed]
 
 
 def mixed_batches(rows, batch_size: int, *, seed: int, epoch: int,
@@ -202,7 +211,7 @@ def padded_batches(rows, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def eval_units(table: schema.SiteTable, rows, *, unit: str = "plate", batch_size: int,
-               seed: int | None = 0) -> list[EvalUnit]:
+               seed: int | Sequence[int] | None = 0) -> list[EvalUnit]:
     """Groups the perturbed rows of each plate/batch/source into padded evaluation batches.
 
     Args:
@@ -210,9 +219,10 @@ def eval_units(table: schema.SiteTable, rows, *, unit: str = "plate", batch_size
       rows: the evaluation rows (controls included; they become `control_rows`).
       unit: "plate", "batch" or "source".
       batch_size: rows per batch; the last batch is padded (mask False), never dropped.
-      seed: shuffles each unit's perturbed rows (by seed and unit name) before cutting, so
-        that batches mix classes as the paper's test chunks do (batch-statistics methods
-        would otherwise see one-class batches); None keeps row order.
+      seed: an int or a sequence of ints; shuffles each unit's perturbed rows (by seed
+        and unit name) before cutting, so that batches mix classes as the paper's test
+        chunks do (batch-statistics methods would otherwise see one-class batches); None
+        keeps row order.
 
     Returns:
       One EvalUnit per unit with perturbed rows, sorted by name. Every perturbed row
@@ -228,7 +238,7 @@ def eval_units(table: schema.SiteTable, rows, *, unit: str = "plate", batch_size
     for name in sorted(pert):
         r = np.sort(pert[name])
         if seed is not None:
-            r = np.random.default_rng([int(seed), zlib.crc32(name.encode())]).permutation(r)
+            r = np.random.default_rng(_seed_words(seed) + [zlib.crc32(name.encode())]).permutation(r)
         b, m = padded_batches(r, batch_size)
         units.append(EvalUnit(name, b, m, np.sort(ctrl.get(name, rows[:0]))))
     return units
@@ -241,20 +251,23 @@ def label_counts(table: schema.SiteTable, rows, num_classes: int) -> np.ndarray:
 
 
 def label_shift_units(table: schema.SiteTable, rows, *, alpha: float | None, batch_size: int,
-                      num_classes: int, seed: int, unit: str = "plate") -> list[EvalUnit]:
+                      num_classes: int, seed: int | Sequence[int],
+                      unit: str = "plate") -> list[EvalUnit]:
     """Test batches with a per-batch Dirichlet label shift (CS-ARM-BN label-shift protocol).
 
     Per unit: ``p ~ Dirichlet(alpha * 1_K)`` over the K' classes present among the unit's
     perturbed rows (K' = K on a complete plate), ``counts ~ Multinomial(batch_size, p)``;
-    the unit gets K' batches, batch k holding ``roll(counts, k)[j]`` rows of class j, so
+    the unit gets K' batches, batch k asking for ``roll(counts, k)[j]`` rows of class j, so
     the unit is balanced over its batches while each batch is skewed (alpha = 0.01: most
     batches are (nearly) one class; large alpha: nearly balanced).
 
-    The rows of class j in a batch are drawn from the unit's rows of class j without
-    replacement when it has at least that many, with replacement otherwise. Draws are
-    independent across batches, so (as in the reference protocol) a row may appear in
-    several batches and some rows in none; the scores are then over the drawn samples.
-    Rows within a batch are shuffled. Unlabelled perturbed rows are never drawn.
+    As in the reference ("up to n_c"), the rows of class j in a batch are drawn from the
+    unit's rows of class j without replacement, and a class with fewer rows than asked
+    for is taken whole, never resampled: such a batch holds fewer than ``batch_size``
+    samples (padded, mask False) and is counted in `EvalUnit.short_batches`. Draws are
+    independent across batches, so (as in the reference) a row may appear in several
+    batches and some rows in none; the scores are then over the drawn samples. Rows
+    within a batch are shuffled. Unlabelled perturbed rows are never drawn.
 
     Args:
       table: the study's SiteTable.
@@ -263,12 +276,14 @@ def label_shift_units(table: schema.SiteTable, rows, *, alpha: float | None, bat
         (every perturbed row once, shuffled chunks, last one padded).
       batch_size: rows per batch (the test context L).
       num_classes: K; labels must lie in [0, K).
-      seed: the draw of unit u depends only on (seed, u's name).
+      seed: an int or a sequence of ints (e.g. ``(config.eval.seed, replicate seed)``);
+        the draw of unit u depends only on (seed, u's name).
       unit: "plate", "batch" or "source".
 
     Returns:
       One EvalUnit per unit with labelled perturbed rows, sorted by name; with alpha
-      set, ``rows`` is [K', batch_size] and ``mask`` all True.
+      set, ``rows`` is [K', batch_size], ``mask`` False only where a short batch is
+      padded.
     """
     if alpha is None:
         return eval_units(table, rows, unit=unit, batch_size=batch_size, seed=seed)
@@ -292,17 +307,24 @@ def label_shift_units(table: schema.SiteTable, rows, *, alpha: float | None, bat
         if lab.min() < 0 or lab.max() >= num_classes:
             raise ValueError(f"unit {name!r} has labels outside [0, {num_classes}); "
                              "check num_classes (config.model.num_classes)")
-        classes = np.unique(lab)
-        by_class = [r[lab == c] for c in classes]
-        rng = np.random.default_rng([int(seed), zlib.crc32(name.encode())])
-        p = rng.dirichlet(np.full(len(classes), float(alpha)))
-        counts = rng.multinomial(batch_size, p)
-        batches = []
-        for k in range(len(classes)):
-            c = np.roll(counts, k)
-            batch = np.concatenate([draw_rows(rng, pool, int(n)) for pool, n in zip(by_class, c)])
-            batches.append(rng.permutation(batch))
-        b = np.stack(batches).astype(np.int64)
-        units.append(EvalUnit(name, b, np.ones(b.shape, bool),
-                              np.sort(ctrl.get(name, rows[:0]))))
+        rng = np.random.default_rng(_seed_words(seed) + [zlib.crc32(name.encode())])
+        b, m = _shifted_batches(rng, [r[lab == c] for c in np.unique(lab)], alpha, batch_size)
+        units.append(EvalUnit(name, b, m, np.sort(ctrl.get(name, rows[:0])),
+                              short_batches=int((~m.all(1)).sum())))
     return units
+
+
+def _shifted_batches(rng: np.random.Generator, by_class: list[np.ndarray], alpha: float,
+                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One unit's K' label-shifted batches, padded: (rows [K', L], mask [K', L])."""
+    p = rng.dirichlet(np.full(len(by_class), float(alpha)))
+    counts = rng.multinomial(batch_size, p)
+    rows, masks = [], []
+    for k in range(len(by_class)):
+        c = np.roll(counts, k)
+        # Up to n_c of class c: a small pool is taken whole (permuted), never resampled.
+        batch = np.concatenate([rng.permutation(pool)[: int(n)] for pool, n in zip(by_class, c)])
+        b, m = padded_batches(rng.permutation(batch), batch_size)
+        rows.append(b[0])
+        masks.append(m[0])
+    return np.stack(rows).astype(np.int64), np.stack(masks)

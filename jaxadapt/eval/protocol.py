@@ -7,6 +7,8 @@ checkpointed under the workdir, so a re-run resumes instead of retraining.
 
 from __future__ import annotations
 
+import collections
+import copy
 import hashlib
 import json
 import logging
@@ -76,11 +78,95 @@ def training_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
     return f"{trainer}-{digest[:12]}"
 
 
+class TrainerSpec(NamedTuple):
+    """A training recipe and the config overrides a method needs from it.
+
+    Attributes:
+      name: the recipe (`erm`, `arm_bn`, `cs_arm_bn`, ...).
+      overrides: sorted ((dotted config key, value), ...) applied to the study config
+        before training, e.g. (("arm.n_controls", 128),); () for the config as it is.
+    """
+
+    name: str
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+
+def _get(cfg: ml_collections.ConfigDict, path: str) -> Any:
+    node = cfg
+    for key in path.split("."):
+        if not hasattr(node, "keys") or key not in node:
+            raise ValueError(f"training override {path!r}: the config has no such key; "
+                             "use a dotted key of the study config, e.g. 'arm.n_controls'")
+        node = node[key]
+    return node
+
+
+def trainer_spec(method: Method, cfg: ml_collections.ConfigDict) -> TrainerSpec:
+    """The canonical recipe a method's weights come from.
+
+    Overrides the recipe never reads (`IGNORED_BY_TRAINER`) or that equal the config's
+    value are dropped, so that identically trained models are built and stored once.
+
+    Args:
+      method: the method.
+      cfg: the study config.
+
+    Returns:
+      The TrainerSpec.
+    """
+    ignored = IGNORED_BY_TRAINER.get(method.trainer, ())
+    keep = [(k, v) for k, v in method.train_overrides
+            if not any(k == i or k.startswith(i + ".") for i in ignored) and _get(cfg, k) != v]
+    return TrainerSpec(method.trainer, tuple(sorted(keep, key=lambda kv: kv[0])))
+
+
+def training_config(cfg: ml_collections.ConfigDict, spec: TrainerSpec) -> ml_collections.ConfigDict:
+    """The study config with a spec's overrides applied (a copy; `cfg` is unchanged).
+
+    Args:
+      cfg: the study config.
+      spec: from `trainer_spec`.
+
+    Returns:
+      `cfg` itself without overrides, else a changed deep copy.
+    """
+    if not spec.overrides:
+        return cfg
+    out = copy.deepcopy(cfg)
+    for path, value in spec.overrides:
+        _get(out, path)  # names a missing key
+        *parents, leaf = path.split(".")
+        node = out
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return out
+
+
+def build_trainers(methods: Iterable[tuple[dict, Method]], cfg: ml_collections.ConfigDict,
+                   make: Callable[[ml_collections.ConfigDict, set[str]], dict[str, TrainFn]]
+                   ) -> dict[TrainerSpec, TrainFn]:
+    """One training function per distinct recipe the methods need, each built once.
+
+    Args:
+      methods: (setting, method) pairs from `method_settings`.
+      cfg: the study config.
+      make: (config, recipe names) -> name -> training function (e.g.
+        `jaxadapt.eval.study.make_trainers` with the model bound).
+
+    Returns:
+      TrainerSpec -> training function (built with the spec's training config).
+    """
+    specs = sorted({trainer_spec(m, cfg) for _, m in methods}, key=repr)
+    return {spec: make(training_config(cfg, spec), {spec.name})[spec.name] for spec in specs}
+
+
 def checkpoint_path(cfg: ml_collections.ConfigDict, rep: Replicate, trainer: str, workdir: str) -> str:
     """Where a replicate's trained model lives: `<checkpoint_dir>/<source>/seed<k>/<training_key>`.
 
     Args:
-      cfg: the study config (`checkpoint_dir`; "" means `<workdir>/checkpoints`).
+      cfg: the config the model is trained with (`training_config` of the study config
+        and the recipe's overrides); `checkpoint_dir` ("" means `<workdir>/checkpoints`).
       rep: the replicate.
       trainer: the training recipe's name.
       workdir: the study's run directory.
@@ -146,7 +232,7 @@ def method_settings(names, build: Callable[[str, dict], Method],
 
 
 def make_units(table, rows: np.ndarray, setting: Mapping[str, Any],
-               cfg: ml_collections.ConfigDict) -> list[samplers.EvalUnit]:
+               cfg: ml_collections.ConfigDict, replicate_seed: int) -> list[samplers.EvalUnit]:
     """Cuts a split into target units and test batches as the setting asks.
 
     Args:
@@ -154,6 +240,9 @@ def make_units(table, rows: np.ndarray, setting: Mapping[str, Any],
       rows: the split's rows (perturbed and control).
       setting: one swept setting (`L`, `alpha`, `unit` are used here).
       cfg: study config (defaults `eval.batch_size`, `eval.unit`, `eval.seed`).
+      replicate_seed: the replicate's seed; label-shift draws depend on
+        (`eval.seed`, replicate seed, unit), so every replicate sees its own draws.
+        Balanced chunks are shuffled by `eval.seed` alone (identical across replicates).
 
     Returns:
       The split's units, each with padded batches of size L and its control rows.
@@ -164,11 +253,13 @@ def make_units(table, rows: np.ndarray, setting: Mapping[str, Any],
     if alpha == "balanced":
         return samplers.eval_units(table, rows, unit=unit, batch_size=batch_size, seed=cfg.eval.seed)
     return samplers.label_shift_units(table, rows, alpha=float(alpha), batch_size=batch_size,
-                                      num_classes=cfg.model.num_classes, seed=cfg.eval.seed, unit=unit)
+                                      num_classes=cfg.model.num_classes, unit=unit,
+                                      seed=(int(cfg.eval.seed), int(replicate_seed)))
 
 
 def score_units(method: Method, variables: Variables, view: DataView,
-                units: Iterable[samplers.EvalUnit], num_classes: int) -> np.ndarray:
+                units: Iterable[samplers.EvalUnit], num_classes: int,
+                events: collections.Counter | None = None) -> np.ndarray:
     """Adapts and predicts on every unit; returns the confusion matrix summed over units.
 
     Args:
@@ -177,6 +268,7 @@ def score_units(method: Method, variables: Variables, view: DataView,
       view: data access.
       units: target units from `make_units`.
       num_classes: K.
+      events: optional counter that receives the units' events (`Method.counts`).
 
     Returns:
       int64 confusion matrix [K, K].
@@ -185,6 +277,8 @@ def score_units(method: Method, variables: Variables, view: DataView,
     for spec in units:
         target = PipelineUnit(view, spec, spec.rows.shape[1])
         logits = method.predict_unit(variables, target)
+        if events is not None:
+            events.update(target.events)
         labels = target.labels()
         if len(logits) != len(labels):
             raise RuntimeError(
@@ -197,8 +291,12 @@ def score_units(method: Method, variables: Variables, view: DataView,
 
 def run_replicate(rep: Replicate, cfg: ml_collections.ConfigDict, view: DataView,
                   rows: dict[str, np.ndarray], methods: Iterable[tuple[dict, Method]],
-                  trainers: dict[str, TrainFn], workdir: str) -> list[Score]:
+                  trainers: Mapping[TrainerSpec, TrainFn], workdir: str) -> list[Score]:
     """Trains what the methods need for one replicate, then scores every method and split.
+
+    Besides accuracy and macro-F1, a split's rows count what a method's configured
+    fallbacks did (`Method.counts`, e.g. `units_short_of_controls`) and, under label shift,
+    `label_shift_short_batches`: test batches short of L because a class was taken whole.
 
     Args:
       rep: the replicate.
@@ -206,28 +304,45 @@ def run_replicate(rep: Replicate, cfg: ml_collections.ConfigDict, view: DataView
       view: data access normalized with this replicate's training statistics.
       rows: split name -> table rows, from `splits.make_splits`.
       methods: (setting, method) pairs to score; a method built for a setting.
-      trainers: trainer name -> training function.
+      trainers: from `build_trainers`.
       workdir: run directory; checkpoints go below it.
 
     Returns:
-      One Score per (method, split, metric).
+      One Score per (method, split, metric); a setting carries the notes of the
+      method's `check` (e.g. an allowed control-share mismatch).
     """
-    trained: dict[str, Variables] = {}
+    trained: dict[TrainerSpec, Variables] = {}
     scores = []
     for setting, method in methods:
-        if method.trainer not in trained:
-            if method.trainer not in trainers:
+        spec = trainer_spec(method, cfg)
+        if spec not in trained:
+            if spec not in trainers:
                 raise ValueError(
-                    f"method {method.name!r} needs trainer {method.trainer!r}, which this study "
-                    f"does not provide (trainers: {sorted(trainers)})"
-                )
-            run_dir = checkpoint_path(cfg, rep, method.trainer, workdir)
-            trained[method.trainer] = trainers[method.trainer](view, rows, run_dir, rep.seed)
-        for split in cfg.eval_splits:
-            units = make_units(view.table, rows[split], setting, cfg)
-            cm = score_units(method, trained[method.trainer], view, units, cfg.model.num_classes)
-            for metric, value in metrics.scores(cm).items():
-                scores.append(Score(method.name, split, metric, value, setting, run=rep.run_id))
-            log.info("%s %s%s %s: accuracy %.3f", rep.run_id, method.name, f" {setting}" if setting else "", split,
-                     metrics.accuracy(cm))
+                    f"method {method.name!r} needs trainer {spec.name!r}"
+                    f"{f' with {dict(spec.overrides)}' if spec.overrides else ''}, which this "
+                    f"study does not provide (trainers: {sorted(t.name for t in trainers)})")
+            run_dir = checkpoint_path(training_config(cfg, spec), rep, spec.name, workdir)
+            trained[spec] = trainers[spec](view, rows, run_dir, rep.seed)
+        notes = dict(method.check(trained[spec])) if method.check else {}
+        scores += _score_splits(rep, cfg, view, rows, {**setting, **notes}, method, trained[spec])
+    return scores
+
+
+def _score_splits(rep: Replicate, cfg: ml_collections.ConfigDict, view: DataView,
+                  rows: dict[str, np.ndarray], setting: dict, method: Method,
+                  variables: Variables) -> list[Score]:
+    """One method under one setting on every evaluation split."""
+    scores = []
+    for split in cfg.eval_splits:
+        units = make_units(view.table, rows[split], setting, cfg, rep.seed)
+        events: collections.Counter = collections.Counter()
+        cm = score_units(method, variables, view, units, cfg.model.num_classes, events)
+        values = dict(metrics.scores(cm))
+        values.update({name: float(events[name]) for name in method.counts})
+        if setting.get("alpha", "balanced") != "balanced":
+            values["label_shift_short_batches"] = float(sum(u.short_batches for u in units))
+        for metric, value in values.items():
+            scores.append(Score(method.name, split, metric, value, setting, run=rep.run_id))
+        log.info("%s %s%s %s: accuracy %.3f", rep.run_id, method.name, f" {setting}" if setting else "",
+                 split, metrics.accuracy(cm))
     return scores

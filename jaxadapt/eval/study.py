@@ -86,7 +86,9 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> list[reports.Row]
     methods = protocol.method_settings(
         cfg.methods, lambda name, setting: registry.make_method(name, model, cfg, setting),
         protocol.swept_settings(cfg))
-    trainers = make_trainers(model, cfg, {m.trainer for _, m in methods})
+    # One per (recipe, training overrides), e.g. a CS-ARM-BN per swept control count.
+    trainers = protocol.build_trainers(methods, cfg,
+                                       lambda c, names: make_trainers(model, c, names))
     source, table = tfds_sim.load_simulated(cfg.data.sim, cfg.data.cache_dir)
     scores = []
     for rep in protocol.replicates(cfg):
@@ -99,7 +101,7 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> list[reports.Row]
 
 
 def load_replicate(cfg: ml_collections.ConfigDict, trainer: str, rep: protocol.Replicate,
-                   workdir: str):
+                   workdir: str, overrides: tuple[tuple[str, object], ...] = ()):
     """One replicate's data and trained model, as the study runner sees them.
 
     Loads the model from its checkpoint (`protocol.checkpoint_path`) or trains it there
@@ -111,6 +113,8 @@ def load_replicate(cfg: ml_collections.ConfigDict, trainer: str, rep: protocol.R
       rep: training source and seed.
       workdir: the study's run directory (checkpoints go below it unless
         `cfg.checkpoint_dir` is set).
+      overrides: training-config overrides, as a method declares them (e.g.
+        (("arm.n_controls", 128),) for the model a sweep's N = 128 is scored with).
 
     Returns:
       (model, view, rows of each split, trained variables).
@@ -120,11 +124,12 @@ def load_replicate(cfg: ml_collections.ConfigDict, trainer: str, rep: protocol.R
     """
     validation.validate(cfg)
     model = build_model(cfg.model)
-    train = make_trainers(model, cfg, {trainer})[trainer]
+    train_cfg = protocol.training_config(cfg, protocol.TrainerSpec(trainer, tuple(overrides)))
+    train = make_trainers(model, train_cfg, {trainer})[trainer]
     source, table = tfds_sim.load_simulated(cfg.data.sim, cfg.data.cache_dir)
     rows = splits_lib.make_splits(table, train_source=rep.train_source, cfg=cfg.splits)
     view = make_view(source, table, rows["train"], cfg.data)
-    variables = train(view, rows, protocol.checkpoint_path(cfg, rep, trainer, workdir), rep.seed)
+    variables = train(view, rows, protocol.checkpoint_path(train_cfg, rep, trainer, workdir), rep.seed)
     return model, view, rows, variables
 
 

@@ -6,6 +6,7 @@ with the protocol runner, so no method can peek at them.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any, Iterator
 
@@ -51,15 +52,25 @@ class DataView:
 
 @dataclasses.dataclass
 class PipelineUnit:
-    """One target unit whose images are read through the data pipeline on demand."""
+    """One target unit whose images are read through the data pipeline on demand.
+
+    ``events`` counts what methods report on the unit (`jaxadapt.adapt.base.count_event`,
+    e.g. a configured fallback); the protocol runner writes the counts to the results.
+    """
 
     view: DataView
     spec: samplers.EvalUnit
     batch_size: int
+    events: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def n_controls(self) -> int:
+        """How many control images the unit has."""
+        return len(self.spec.control_rows)
 
     def batches(self) -> Iterator[UnitBatch]:
         for batch in self.view.eval_batches(self.spec.rows, self.spec.mask):

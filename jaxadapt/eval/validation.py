@@ -81,6 +81,7 @@ _CHOICES = {
     "model.stem": STEMS,
     "arm.on_missing_controls": ("raise", "skip"),
     "adapt.on_missing_controls": ("raise", "perturbed_only"),
+    "adapt.on_short_controls": ("raise", "resample"),
 }
 _STRINGS = ("study", "checkpoint_dir", "data.cache_dir")
 # Batch-size fields each trainer splits over the local devices.

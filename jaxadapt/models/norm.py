@@ -9,7 +9,10 @@ call with ``mode``:
 - ``"batch"``: mean / variance of the input over every axis but the last, restricted to
   the rows ``b`` with ``mask[b]`` True (e.g. a plate's perturbed wells plus its DMSO
   controls, never the padding). Gradients flow through these statistics. When
-  ``batch_stats`` is mutable the running averages are updated.
+  ``batch_stats`` is mutable the running averages are updated. A *float* mask is a
+  per-row weight (>= 0): weighted mean and variance, ``sum_b w_b x_b / sum_b w_b``, so
+  that e.g. a plate's controls can carry a fixed share of the statistics whatever their
+  number (`jaxadapt.adapt.arm.cs_arm_bn_plate`); weight 0 acts as mask False.
 - ``"given"``: mean / variance from the collection ``norm_stats`` at the same tree path
   as ``batch_stats``; a layer without an entry there falls back to ``"batch"``
   statistics (without touching the running averages). This lets a caller fix the
@@ -28,7 +31,8 @@ stores the *unbiased* (ddof 1) variance; convert with ``n / (n - 1)`` when impor
 Sufficient statistics: when the collection ``suff_stats`` is mutable, each layer stores
 its input's masked ``{count, shift, sum, sumsq}`` with ``shift`` = the layer's running
 mean, ``sum = sum(x - shift)`` and ``sumsq = sum((x - shift)^2)`` over the selected rows
-and all spatial positions. With a common shift these add exactly across chunks and
+and all spatial positions (with float row weights: weighted sums, and ``count`` the
+float total weight). With a common shift these add exactly across chunks and
 devices (`merge_suff` also handles different shifts); `stats_from_suff` turns them into
 (mean, var). The shifted frame keeps float32 sums small as long as the running mean is
 within a few standard deviations of the data mean (true for a trained model).
@@ -66,18 +70,25 @@ def _concrete(mask: Any) -> np.ndarray | None:
         return None
 
 
+def is_weights(mask: Any) -> bool:
+    """True when a row mask is a float array of per-row weights (not a bool selection)."""
+    return mask is not None and jnp.issubdtype(jnp.result_type(mask), jnp.floating)
+
+
 def check_mask(x: Array, mask: Any | None) -> Array | None:
-    """Validate a row mask for input ``x`` and return it as a bool array.
+    """Validate a row mask (or row weights) for input ``x``.
 
     Args:
       x: the layer input, batch axis first.
-      mask: None (all rows) or shape ``[B]``; nonzero entries select rows.
+      mask: None (all rows) or shape ``[B]``: bool / int (nonzero entries select rows) or
+        float per-row weights (>= 0, finite; 0 = not selected).
 
     Returns:
-      None or a bool array of shape ``[B]``.
+      None, a bool array ``[B]``, or (float mask) float32-or-wider weights ``[B]``.
 
     Raises:
-      ValueError: wrong shape, or a concrete mask that selects no row.
+      ValueError: wrong shape, a concrete mask that selects no row, or concrete weights
+        that are negative or not finite.
     """
     if mask is None:
         return None
@@ -86,29 +97,48 @@ def check_mask(x: Array, mask: Any | None) -> Array | None:
             f"BatchNorm mask has shape {tuple(np.shape(mask))}, expected ({x.shape[0]},) "
             "= one entry per row of the batch; pass stats_mask with the batch size"
         )
+    weights = is_weights(mask)
     concrete = _concrete(mask)
-    if concrete is not None and not concrete.astype(bool).any():
+    if concrete is not None and weights and not (np.isfinite(concrete) & (concrete >= 0)).all():
+        raise ValueError(
+            f"BatchNorm row weights must be finite and >= 0, got min {np.min(concrete)!r}; "
+            "pass 0 for rows outside the context")
+    if concrete is not None and not (concrete > 0 if weights else concrete.astype(bool)).any():
         raise ValueError(
             "BatchNorm mask selects no row (all False): batch statistics need at least "
             "one row; include context rows (e.g. controls) or use mode='running'"
         )
+    if weights:
+        return jnp.asarray(mask).astype(jnp.promote_types(jnp.result_type(mask), jnp.float32))
     return jnp.asarray(mask).astype(bool)
 
 
 def _row_select(x: Array, mask: Array | None) -> tuple[Array | None, Array]:
-    """Per-row selector broadcastable to x, and the number of selected elements per channel."""
+    """Per-row selector broadcastable to x, and the number (bool mask; int32) or total
+    weight (float weights) of selected elements per channel."""
     positions = int(np.prod(x.shape[1:-1], dtype=np.int64))
     if mask is None:
         return None, jnp.asarray(x.shape[0] * positions, jnp.int32)
     sel = mask.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
+    if is_weights(mask):
+        return sel, jnp.sum(mask) * positions
     count = jnp.sum(mask.astype(jnp.int32)) * positions
     return sel, count
 
 
 def _masked_sum(v: Array, sel: Array | None) -> Array:
     axes = tuple(range(v.ndim - 1))
-    # where (not multiply) so that inf/NaN in unselected padding rows cannot leak in.
-    return jnp.sum(v if sel is None else jnp.where(sel, v, 0.0), axis=axes)
+    if sel is None:
+        return jnp.sum(v, axis=axes)
+    # where (not multiply alone) so that inf/NaN in unselected padding rows cannot leak in.
+    if is_weights(sel):
+        return jnp.sum(jnp.where(sel > 0, v * sel.astype(v.dtype), 0.0), axis=axes)
+    return jnp.sum(jnp.where(sel, v, 0.0), axis=axes)
+
+
+def _safe_count(count: Array, dtype: Any) -> Array:
+    """The count as a divisor: itself when positive, 1 when empty (then sums are 0)."""
+    return jnp.where(count > 0, count, 1).astype(dtype)
 
 
 def masked_moments(x: Array, mask: Array | None = None) -> tuple[Array, Array, Array]:
@@ -116,16 +146,18 @@ def masked_moments(x: Array, mask: Array | None = None) -> tuple[Array, Array, A
 
     Args:
       x: input ``[B, ..., C]``.
-      mask: None or bool ``[B]`` selecting the rows that define the statistics.
+      mask: None, bool ``[B]`` selecting the rows that define the statistics, or float
+        ``[B]`` row weights (weighted mean and biased weighted variance).
 
     Returns:
       ``(mean [C], var [C], count [])`` in float32 (at least); count is the number of
-      selected elements per channel. With ``count == 0`` mean and var are 0 (no NaN).
+      selected elements per channel (the total weight for float weights). With
+      ``count == 0`` mean and var are 0 (no NaN).
     """
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     xf = x.astype(dtype)
     sel, count = _row_select(x, mask)
-    n = jnp.maximum(count, 1).astype(dtype)
+    n = _safe_count(count, dtype)
     mean = _masked_sum(xf, sel) / n
     var = _masked_sum(jnp.square(xf - mean), sel) / n
     return mean, var, count
@@ -136,18 +168,19 @@ def masked_suff_stats(x: Array, mask: Array | None, shift: Array) -> dict[str, A
 
     Args:
       x: input ``[B, ..., C]``.
-      mask: None or bool ``[B]``.
+      mask: None, bool ``[B]``, or float ``[B]`` row weights (weighted sums).
       shift: ``[C]``, e.g. the layer's running mean.
 
     Returns:
-      ``{"count": int32 [], "shift": [C], "sum": [C], "sumsq": [C]}``.
+      ``{"count": [], "shift": [C], "sum": [C], "sumsq": [C]}``; count is int32, or the
+      float total weight for float weights.
     """
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     shift = jnp.asarray(shift, dtype)
     sel, count = _row_select(x, mask)
     d = x.astype(dtype) - shift
     return {
-        "count": count.astype(jnp.int32),
+        "count": count.astype(dtype if is_weights(mask) else jnp.int32),
         "shift": shift,
         "sum": _masked_sum(d, sel),
         "sumsq": _masked_sum(jnp.square(d), sel),
@@ -169,7 +202,7 @@ def stats_from_suff(suff: Mapping[str, Array]) -> tuple[Array, Array]:
       ``(shift, 0)``.
     """
     s = jnp.asarray(suff["sum"])
-    n = jnp.maximum(jnp.asarray(suff["count"]), 1).astype(s.dtype)
+    n = _safe_count(jnp.asarray(suff["count"]), s.dtype)
     d = s / n
     var = jnp.maximum(jnp.asarray(suff["sumsq"]) / n - jnp.square(d), 0.0)
     return jnp.asarray(suff["shift"]) + d, var
@@ -252,7 +285,8 @@ class BatchNorm(nn.Module):
         Args:
           x: input, channels last.
           mode: "running", "batch" or "given".
-          mask: optional ``[B]`` rows that define batch statistics (all rows if None).
+          mask: optional ``[B]`` rows that define batch statistics (all rows if None);
+            bool, or float per-row weights.
 
         Returns:
           The normalized, scaled and shifted input.

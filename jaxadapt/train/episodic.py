@@ -11,6 +11,7 @@ fixed set of validation-split episodes, as in the paper. Same contract as
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any, Iterator
@@ -21,7 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxadapt.adapt import arm
+from jaxadapt.adapt import arm, shares
 from jaxadapt.data import samplers
 from jaxadapt.train import parallel
 from jaxadapt.train.loop import FitConfig, fit
@@ -96,7 +97,10 @@ def make_episodic_trainer(model: nn.Module, config: ml_collections.ConfigDict, *
       with_controls: True: CS-ARM-BN episodes (N controls); False: ARM-BN (N = 0).
 
     Returns:
-      ``train(view, rows, run_dir, seed) -> variables`` with the best-validation weights.
+      ``train(view, rows, run_dir, seed) -> variables`` with the best-validation weights
+      and the episode record ``{"episode": {"n_perturbed": L, "n_controls": N}}``
+      (`jaxadapt.adapt.shares.with_episode_shape`, also written to
+      ``<run_dir>/episode.json``), from which test-time methods check their control share.
       Episodes of step s depend only on (seed, s) and augmentation on (seed, epoch,
       step in epoch), so a resumed run is identical to an uninterrupted one.
     """
@@ -158,6 +162,29 @@ def make_episodic_trainer(model: nn.Module, config: ml_collections.ConfigDict, *
                          validate=validate, writer=writer)
         if not result.finished:
             raise Interrupted(run_dir, result.epochs_done)
-        return jax.device_put(jax.device_get(result.state.variables()))
+        record_episode_shape(run_dir, L, N)
+        variables = jax.device_put(jax.device_get(result.state.variables()))
+        return shares.with_episode_shape(variables, L, N)
 
     return train
+
+
+def record_episode_shape(run_dir: str, n_perturbed: int, n_controls: int) -> None:
+    """Writes ``<run_dir>/episode.json`` = {"n_perturbed": L, "n_controls": N}.
+
+    Raises:
+      ValueError: the directory already records another shape (a checkpoint directory
+        reused for a model trained differently).
+    """
+    path = os.path.join(run_dir, "episode.json")
+    shape = {"n_perturbed": int(n_perturbed), "n_controls": int(n_controls)}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != shape:
+            raise ValueError(f"{path} records episodes {old}, but this model trains on {shape}: "
+                             "the directory holds another model; use another checkpoint_dir")
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(shape, f)

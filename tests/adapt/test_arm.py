@@ -9,7 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from jaxadapt.adapt import arm
+import collections
+
+from jaxadapt.adapt import arm, shares
 from jaxadapt.adapt import base
 from jaxadapt.models.resnet import BasicBlock, ResNet
 from jaxadapt.train import parallel
@@ -147,6 +149,8 @@ class FakeUnit:
     def __init__(self, images, batch, controls, name="plate_a"):
         self.name, self.images, self.batch, self.ctrl = name, images, batch, controls
         self.seeds = []
+        self.events = collections.Counter()
+        self.n_controls = len(controls)
 
     def batches(self):
         n = len(self.images)
@@ -178,11 +182,16 @@ def _cfg(**adapt):
     return c
 
 
+def _trained(state, n_perturbed=L, n_controls=N):
+    """The state's variables with the episode record a trainer attaches."""
+    return shares.with_episode_shape(state.variables(), n_perturbed, n_controls)
+
+
 def test_cs_arm_bn_predicts_with_chunk_plus_fresh_controls(state):
     unit = _unit()
     method = arm.cs_arm_bn(MODEL, _cfg(n_controls=5), {"N": N})
     assert method.trainer == "cs_arm_bn"
-    variables = state.variables()
+    variables = _trained(state)
     got = method.predict_unit(variables, unit)
     assert got.shape == (10, 3)  # every perturbed sample exactly once, padding dropped
     assert len(unit.seeds) == 3 and len(set(unit.seeds)) == 3  # setting N wins, fresh seeds
@@ -194,7 +203,7 @@ def test_cs_arm_bn_predicts_with_chunk_plus_fresh_controls(state):
         want.append(np.asarray(logits)[: tb.mask.sum()])
     np.testing.assert_allclose(got, np.concatenate(want), atol=1e-4)
     # Controls matter: ARM-BN (chunk statistics only) differs.
-    arm_logits = arm.arm_bn(MODEL).predict_unit(variables, unit)
+    arm_logits = arm.arm_bn(MODEL).predict_unit(_trained(state, L, 0), unit)
     assert arm_logits.shape == got.shape and not np.allclose(arm_logits, got, atol=1e-3)
 
 
@@ -207,7 +216,7 @@ def test_fresh_controls_differ_per_chunk_and_ignore_order():
 
 def test_n_zero_is_arm_bn(state):
     unit = _unit(9)
-    v = state.variables()
+    v = _trained(state, L, 0)
     a = arm.arm_bn(MODEL).predict_unit(v, unit)
     b = arm.cs_arm_bn(MODEL, _cfg(), {"N": 0}).predict_unit(v, unit)
     np.testing.assert_allclose(a, b, atol=1e-6)
@@ -221,14 +230,16 @@ def test_n_zero_is_arm_bn(state):
 def test_missing_controls_error_or_explicit_fallback(state, caplog):
     unit = _unit(n_ctrl=0)
     unit.name = "plate_nodmso"
-    v = state.variables()
+    v = _trained(state)
     with pytest.raises(ValueError, match="plate_nodmso"):
         arm.cs_arm_bn(MODEL, _cfg(), {}).predict_unit(v, unit)
+    method = arm.cs_arm_bn(MODEL, _cfg(on_missing_controls="perturbed_only"), {"N": 8})
+    assert method.counts == ("units_without_controls",)
     with caplog.at_level(logging.WARNING):
-        got = arm.cs_arm_bn(MODEL, _cfg(on_missing_controls="perturbed_only"),
-                            {"N": 8}).predict_unit(v, unit)
-    assert "plate_nodmso" in caplog.text
-    np.testing.assert_allclose(got, arm.arm_bn(MODEL).predict_unit(v, unit), atol=1e-6)
+        got = method.predict_unit(v, unit)
+    assert "plate_nodmso" in caplog.text and unit.events["units_without_controls"] == 1
+    want = arm.arm_bn(MODEL).predict_unit(_trained(state, L, 0), unit)
+    np.testing.assert_allclose(got, want, atol=1e-6)
     with pytest.raises(ValueError, match="on_missing_controls"):
         arm.cs_arm_bn(MODEL, _cfg(on_missing_controls="ignore"), {})
 
@@ -243,3 +254,76 @@ def test_stats_mask_excludes_padding_per_episode(state):
                         norm_mode="batch")[0]
     np.testing.assert_allclose(got[0, :-2], np.asarray(want0), atol=1e-4)
     np.testing.assert_allclose(got[1], _logits(state, b["image"])[1], atol=1e-5)
+
+
+def test_share_mismatch_names_both_shares_and_keys_or_is_reported(state):
+    unit = _unit()  # chunks of L = 4
+    v = _trained(state, 4, 3)  # trained share 3/7
+    method = arm.cs_arm_bn(MODEL, _cfg(n_controls=12), {"L": 4})  # context share 12/16
+    with pytest.raises(ValueError) as err:
+        method.check(v)
+    msg = str(err.value)
+    assert "0.750" in msg and "0.429" in msg and "4 + 3" in msg
+    for key in ("config.adapt.n_controls", "config.eval.batch_size", "config.arm.n_controls",
+                "config.adapt.allow_share_mismatch"):
+        assert key in msg
+    with pytest.raises(ValueError, match="control share 0.750"):
+        method.predict_unit(v, unit)  # a library caller who skips check is stopped too
+    # The same share with another L is accepted: 8 + 6 against 4 + 3.
+    assert arm.cs_arm_bn(MODEL, _cfg(n_controls=6), {"L": 8}).check(v) == {}
+    allowed = arm.cs_arm_bn(MODEL, _cfg(n_controls=12, allow_share_mismatch=True), {"L": 4})
+    assert allowed.check(v) == {"share_mismatch": "context 4+12, trained 4+3"}
+    assert allowed.predict_unit(v, unit).shape == (10, 3)
+
+
+def test_variables_without_episode_record_are_refused(state):
+    with pytest.raises(ValueError, match="with_episode_shape"):
+        arm.cs_arm_bn(MODEL, _cfg(), {"N": N}).predict_unit(state.variables(), _unit())
+    with pytest.raises(ValueError, match="no 'episode' record"):
+        arm.cs_arm_bn_plate(MODEL, _cfg()).check(state.variables())
+
+
+def test_unit_short_of_controls_raises_with_counts_or_resamples_counted(state, caplog):
+    unit = _unit(n_ctrl=2)
+    unit.name = "plate_few"
+    v = _trained(state)
+    with pytest.raises(ValueError, match="'plate_few' has 2 negative-control images, fewer than "
+                                         "the N=3") as err:
+        arm.cs_arm_bn(MODEL, _cfg(), {"N": N}).predict_unit(v, unit)
+    assert "on_short_controls='resample'" in str(err.value)
+    method = arm.cs_arm_bn(MODEL, _cfg(on_short_controls="resample"), {"N": N})
+    assert method.counts == ("units_short_of_controls",)
+    with caplog.at_level(logging.WARNING):
+        got = method.predict_unit(v, unit)
+    assert got.shape == (10, 3) and unit.events["units_short_of_controls"] == 1
+    assert "plate_few" in caplog.text
+    with pytest.raises(ValueError, match="on_short_controls"):
+        arm.cs_arm_bn(MODEL, _cfg(on_short_controls="skip"), {})
+
+
+def test_swept_n_trains_its_own_share():
+    cfg = _cfg(n_controls=32)
+    assert arm.cs_arm_bn(MODEL, cfg, {}).train_overrides == ()
+    m = arm.cs_arm_bn(MODEL, cfg, {"N": 128, "L": 4})
+    assert (m.trainer, m.train_overrides) == ("cs_arm_bn", (("arm.n_controls", 128),))
+    zero = arm.cs_arm_bn(MODEL, cfg, {"N": 0})  # share 0: the ARM-BN recipe
+    assert (zero.trainer, zero.train_overrides) == ("arm_bn", (("arm.n_controls", 0),))
+
+
+def test_cs_arm_bn_plate_gives_controls_the_training_share(two_layer):
+    from tests.adapt.conftest import two_layer_numpy
+    model, v = two_layer
+    rng = np.random.default_rng(4)
+    pert = rng.normal(0.0, 1.0, size=(7, 2, 2, 2)).astype(np.float32)
+    ctrl = rng.normal(2.0, 1.5, size=(20, 2, 2, 2)).astype(np.float32)
+    unit = FakeUnit(pert, 3, ctrl)  # 3 chunks, the last one padded
+    for L_, N_ in ((2, 6), (4, 4), (5, 0)):
+        got = arm.cs_arm_bn_plate(model, _cfg(plate_chunk_size=4)).predict_unit(
+            shares.with_episode_shape(v, L_, N_), unit)
+        # Perturbed rows share L/(L+N) of the weight, the controls N/(L+N).
+        w = np.r_[np.full(7, L_ / (L_ + N_) / 7), np.full(20, N_ / (L_ + N_) / 20)]
+        _, want = two_layer_numpy(v, np.concatenate([pert, ctrl]), w)
+        np.testing.assert_allclose(got, want[:7], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="plate_a"):  # no controls, model trained with them
+        arm.cs_arm_bn_plate(model, _cfg()).predict_unit(
+            shares.with_episode_shape(v, 2, 6), FakeUnit(pert, 3, ctrl[:0]))

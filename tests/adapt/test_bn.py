@@ -160,6 +160,29 @@ def test_carried_plan_is_one_forward_pass_and_its_memory_scales_with_the_chunk()
     assert abs(weighted - small) < 0.01 * small
 
 
+def test_plate_stats_with_row_weights_match_numpy_two_layer_restatement(two_layer):
+    from tests.adapt.conftest import two_layer_numpy
+    model, v = two_layer
+    rng = np.random.default_rng(3)
+    x = rng.normal(1.0, 2.0, size=(11, 2, 2, 2)).astype(np.float32)
+    w = rng.uniform(0.1, 3.0, size=11).astype(np.float32)
+    w[4] = 0.0
+    x[4] = np.nan  # a zero-weight row never contributes
+    # Three chunks of uneven size, re-cut to 4 rows: weights travel with their rows.
+    chunks = [(x[:3], w[:3]), (x[3:9], w[3:9]), (x[9:], w[9:])]
+    stats = bn.plate_stats(model, v, chunks, chunk_size=4)
+    want, logits = two_layer_numpy(v, np.nan_to_num(x), w)
+    for layer in ("bn1", "bn2"):  # bn2 sees bn1 normalized with the weighted statistics
+        np.testing.assert_allclose(stats[layer]["mean"], want[layer][0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(stats[layer]["var"], want[layer][1], rtol=1e-4, atol=1e-5)
+    got = bn.apply_with_stats(model, v, stats, np.nan_to_num(x))
+    np.testing.assert_allclose(got, logits, rtol=1e-4, atol=1e-4)
+    # Uniform weights are a plain union.
+    ones = bn.plate_stats(model, v, [(x[:3], np.full(3, 2.5, np.float32))], chunk_size=4)
+    plain = bn.plate_stats(model, v, [(x[:3], None)], chunk_size=4)
+    assert _maxdiff(ones, plain) < 1e-5
+
+
 def test_layer_levels_group_parallel_layers():
     m = resnet18(width=4, stem="small", num_classes=3, in_channels=2)
     v = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 2))))

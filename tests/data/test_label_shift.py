@@ -73,12 +73,47 @@ def test_skew_grows_as_alpha_shrinks():
     assert shares[2] < 0.45  # nearly balanced (0.25 exactly balanced)
 
 
-def test_small_class_drawn_with_replacement():
+def test_small_classes_taken_whole_never_resampled_and_counted():
+    # Every class (3 rows) is smaller than L = 20: the reference takes "up to n_c".
     table = make_table(per_class=3, plates=("p0",))
     u, = samplers.label_shift_units(table, np.arange(len(table)), alpha=0.01,
                                     batch_size=20, num_classes=K, seed=1)
     assert u.rows.shape == (K, 20)
-    assert len(np.unique(u.rows[0])) < 20  # at most 12 distinct perturbed rows exist
+    for b, m in zip(u.rows, u.mask):
+        real = b[m]
+        assert len(np.unique(real)) == len(real)  # no row twice in a batch
+        assert 3 <= len(real) <= 12  # at most the whole of every class
+    assert u.short_batches == K  # every batch came out short of L
+    # A batch asks for at most what a class holds when pools are big enough: none short.
+    table = make_table(per_class=30, plates=("p0",))
+    big, = samplers.label_shift_units(table, np.arange(len(table)), alpha=0.01,
+                                      batch_size=20, num_classes=K, seed=1)
+    assert big.short_batches == 0 and big.mask.all()
+
+
+def test_short_batch_holds_whole_pool_of_the_dominant_class():
+    table = make_table(per_class=5, plates=("p0",))
+    rows = np.arange(len(table))
+    u, = samplers.label_shift_units(table, rows, alpha=1e-3, batch_size=16, num_classes=K,
+                                    seed=2)
+    for b, m in zip(u.rows, u.mask):
+        labels, counts = np.unique(table["label"][b[m]], return_counts=True)
+        # alpha 1e-3: one class asks for (nearly) all 16 rows and gets its whole pool of 5.
+        assert counts.max() == 5
+    assert u.short_batches == K
+
+
+def test_draws_differ_per_replicate_seed_and_repeat_per_seed():
+    table = make_table()
+    rows = np.arange(len(table))
+
+    def draw(seed):
+        return samplers.label_shift_units(table, rows, alpha=0.5, batch_size=16,
+                                          num_classes=K, seed=seed)[0].rows
+
+    np.testing.assert_array_equal(draw((0, 1)), draw((0, 1)))
+    assert not np.array_equal(draw((0, 1)), draw((0, 2)))
+    np.testing.assert_array_equal(draw(7), draw((7,)))  # an int is the 1-word sequence
 
 
 def test_balanced_mode_covers_every_row_once():

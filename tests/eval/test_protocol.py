@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from jaxadapt import config as defaults
-from jaxadapt.adapt.base import Method
+from jaxadapt.adapt.base import Method, count_event
 from jaxadapt.data import schema
 from jaxadapt.eval import protocol
 
@@ -68,12 +68,12 @@ def test_make_units_balanced_and_label_shift():
     cfg, table = _cfg(), _table()
     cfg.model.num_classes = 4
     rows = np.arange(len(table))
-    units = protocol.make_units(table, rows, {"L": 5}, cfg)
+    units = protocol.make_units(table, rows, {"L": 5}, cfg, 0)
     assert [u.name for u in units] == ["p0", "p1"]
     scored = np.concatenate([u.rows[u.mask] for u in units])
     assert sorted(scored) == sorted(rows[table["label"] >= 0])  # every sample exactly once
     assert all(len(u.control_rows) == 8 for u in units)
-    shifted = protocol.make_units(table, rows, {"L": 8, "alpha": 0.01}, cfg)
+    shifted = protocol.make_units(table, rows, {"L": 8, "alpha": 0.01}, cfg, 0)
     top_share = [np.bincount(table["label"][b], minlength=4).max() / 8 for u in shifted for b in u.rows]
     assert np.mean(top_share) > 0.8  # alpha 0.01: batches are (nearly) one class
 
@@ -86,10 +86,101 @@ def test_score_units_refuses_a_method_that_drops_samples():
             for r, m in zip(rows, masks):
                 yield {"image": np.zeros((len(r), 1)), "mask": m & (self.table["label"][r] >= 0)}
 
-    units = protocol.make_units(View.table, np.arange(48), {"L": 5}, _cfg())
+    units = protocol.make_units(View.table, np.arange(48), {"L": 5}, _cfg(), 0)
     perfect = Method("oracle", "erm", lambda v, u: np.eye(4)[u.labels()])
     cm = protocol.score_units(perfect, {}, View(), units, 4)
     assert np.trace(cm) == cm.sum() == 32
     lossy = Method("lossy", "erm", lambda v, u: np.eye(4)[u.labels()][:-1])
     with pytest.raises(RuntimeError, match="must score every sample"):
         protocol.score_units(lossy, {}, View(), units, 4)
+
+
+def test_label_shift_draws_differ_per_replicate():
+    cfg, table = _cfg(), _table()
+    cfg.model.num_classes = 4
+    rows, setting = np.arange(len(table)), {"L": 8, "alpha": 1.0}
+    draw = lambda seed: [u.rows for u in protocol.make_units(table, rows, setting, cfg, seed)]  # noqa: E731
+    assert all(np.array_equal(a, b) for a, b in zip(draw(1), draw(1)))
+    assert not all(np.array_equal(a, b) for a, b in zip(draw(1), draw(2)))
+    # Balanced chunks stay those of config.eval.seed in every replicate.
+    balanced = lambda seed: [u.rows for u in protocol.make_units(table, rows, {"L": 5}, cfg, seed)]  # noqa: E731
+    assert all(np.array_equal(a, b) for a, b in zip(balanced(1), balanced(2)))
+
+
+def _method(trainer="cs_arm_bn", overrides=(), **kw):
+    return Method("m", trainer, lambda v, u: None, train_overrides=overrides, **kw)
+
+
+def test_trainer_spec_is_canonical_and_keys_hash_the_overridden_config():
+    cfg = _cfg()  # arm.n_controls = 32
+    spec = protocol.trainer_spec(_method(overrides=(("arm.n_controls", 128),)), cfg)
+    assert spec == protocol.TrainerSpec("cs_arm_bn", (("arm.n_controls", 128),))
+    # An override equal to the config, or one the recipe never reads, is no override.
+    assert protocol.trainer_spec(_method(overrides=(("arm.n_controls", 32),)), cfg).overrides == ()
+    assert protocol.trainer_spec(_method("arm_bn", (("arm.n_controls", 0),)), cfg) == \
+        protocol.TrainerSpec("arm_bn")
+    # The overridden model lives where a study whose config trains N = 128 keeps it.
+    other = _cfg()
+    other.arm.n_controls = 128
+    train_cfg = protocol.training_config(cfg, spec)
+    assert protocol.training_key(train_cfg, "cs_arm_bn") == protocol.training_key(other, "cs_arm_bn")
+    assert cfg.arm.n_controls == 32  # the study config is left alone
+    with pytest.raises(ValueError, match="arm.n_control'"):
+        protocol.trainer_spec(_method(overrides=(("arm.n_control", 1),)), cfg)
+
+
+def test_build_trainers_one_per_spec_with_its_config():
+    cfg = _cfg()
+    methods = [({}, _method()), ({"N": 32}, _method(overrides=(("arm.n_controls", 32),))),
+               ({"N": 128}, _method(overrides=(("arm.n_controls", 128),))),
+               ({"N": 0}, _method("arm_bn", (("arm.n_controls", 0),)))]
+    built = []
+
+    def make(c, names):
+        built.append((sorted(names), c.arm.n_controls))
+        return {n: (n, c.arm.n_controls) for n in names}
+
+    trainers = protocol.build_trainers(methods, cfg, make)
+    assert sorted(built) == [(["arm_bn"], 32), (["cs_arm_bn"], 32), (["cs_arm_bn"], 128)]
+    assert trainers[protocol.TrainerSpec("cs_arm_bn", (("arm.n_controls", 128),))] == ("cs_arm_bn", 128)
+
+
+class _View:
+    table = _table()
+
+    def eval_batches(self, rows, masks):
+        for r, m in zip(rows, masks):
+            yield {"image": np.zeros((len(r), 1)), "mask": m}
+
+
+def test_run_replicate_reports_checks_counts_and_short_label_shift_batches(tmp_path):
+    cfg = _cfg()
+    cfg.model.num_classes = 4
+    cfg.eval_splits = ("new_batch",)
+    rows = {"new_batch": np.arange(48)}
+
+    def predict(v, unit):
+        if unit.name == "p1":
+            count_event(unit, "units_short_of_controls")
+        return np.eye(4)[unit.labels()]
+
+    seen = []
+    oracle = Method("oracle", "cs_arm_bn", predict, train_overrides=(("arm.n_controls", 8),),
+                    check=lambda v: seen.append(v) or {"share_mismatch": "context 8+8, trained 4+8"},
+                    counts=("units_short_of_controls", "units_without_controls"))
+    trainers = {protocol.TrainerSpec("cs_arm_bn", (("arm.n_controls", 8),)):
+                lambda view, rows, run_dir, seed: {"run_dir": run_dir}}
+    rep = protocol.Replicate("s", 3)
+    # 4 classes of 4 rows per plate, L = 8: a one-class batch takes its class whole.
+    scores = protocol.run_replicate(rep, cfg, _View(), rows, [({"L": 8, "alpha": 0.001}, oracle)],
+                                    trainers, str(tmp_path))
+    by = {s.metric: s for s in scores}
+    assert by["accuracy"].value == 1.0
+    assert by["accuracy"].setting == {"L": 8, "alpha": 0.001,
+                                      "share_mismatch": "context 8+8, trained 4+8"}
+    assert by["units_short_of_controls"].value == 1 and by["units_without_controls"].value == 0
+    assert by["label_shift_short_batches"].value == 8  # both plates, every batch short
+    assert "cs_arm_bn-" in seen[0]["run_dir"]  # the check saw the trained variables
+    missing = Method("m2", "erm", predict)
+    with pytest.raises(ValueError, match="needs trainer 'erm'"):
+        protocol.run_replicate(rep, cfg, _View(), rows, [({}, missing)], trainers, str(tmp_path))

@@ -44,7 +44,7 @@ def test_erm_study_writes_tables_and_resumes_to_the_same_result(tmp_path, cache_
     before = _mtimes(ckpt)
     model, view, rows, variables = study.load_replicate(cfg, "erm", rep, full)
     assert _mtimes(ckpt) == before
-    units = protocol.make_units(view.table, rows["in_domain"], {}, cfg)
+    units = protocol.make_units(view.table, rows["in_domain"], {}, cfg, rep.seed)
     cm = protocol.score_units(registry.make_method("erm", model, cfg, {}), variables, view, units,
                               cfg.model.num_classes)
     assert metrics.accuracy(cm) == pytest.approx(_accuracies(os.path.join(full, "results.json"))[
@@ -69,3 +69,34 @@ def test_batch_size_not_divisible_by_devices(tmp_path, cache_dir):
     # conftest fakes 8 devices: a batch of 12 cannot be split evenly.
     with pytest.raises(ValueError, match="multiple of the 8 local devices"):
         study.run_study(tiny_config(cache_dir, **{"train.batch_size": 12}), str(tmp_path))
+
+
+def test_swept_controls_train_their_share_and_mismatch_fails_or_is_reported(tmp_path, cache_dir):
+    ckpt = str(tmp_path / "ckpt")
+    base = {"methods": ("cs_arm_bn",), "eval_splits": ("new_batch",),
+            "arm.n_perturbed": 16, "arm.n_controls": 4, "adapt.n_controls": 4,
+            "arm.val_episodes": 4, "train.num_epochs": 1, "checkpoint_dir": ckpt,
+            "sweep": ({"alpha": 1.0, "N": 4}, {"alpha": 1.0, "N": 8})}
+    study.run_study(tiny_config(cache_dir, **base), str(tmp_path / "a"))
+    models = sorted(os.listdir(os.path.join(ckpt, "source_3", "seed0")))
+    # cs_arm_bn with N = 4 (= arm.n_controls: the default model) and N = 8: one per share.
+    assert [m.split("-")[0] for m in models] == ["cs_arm_bn", "cs_arm_bn"]
+    shapes = sorted(json.load(open(os.path.join(ckpt, "source_3", "seed0", m, "episode.json")))
+                    ["n_controls"] for m in models)
+    assert shapes == [4, 8]
+    rows = json.load(open(tmp_path / "a" / "results.json"))["rows"]
+    cs = {r["setting"]["N"] for r in rows if r["method"] == "cs_arm_bn"}
+    assert cs == {4, 8} and not any("share_mismatch" in r["setting"] for r in rows)
+    assert {r["metric"] for r in rows} >= {"accuracy", "label_shift_short_batches"}
+    # Test chunks of 8 against episodes of 16: the share differs, an error names it ...
+    base["eval.batch_size"] = 8
+    with pytest.raises(ValueError, match="control share 0.333.*share 0.200"):
+        study.run_study(tiny_config(cache_dir, **base), str(tmp_path / "b"))
+    # ... unless the config asks for it; then the rows say so (no retraining).
+    before = sorted(os.listdir(os.path.join(ckpt, "source_3", "seed0")))
+    study.run_study(tiny_config(cache_dir, **base, **{"adapt.allow_share_mismatch": True}),
+                    str(tmp_path / "c"))
+    assert sorted(os.listdir(os.path.join(ckpt, "source_3", "seed0"))) == before
+    rows = json.load(open(tmp_path / "c" / "results.json"))["rows"]
+    notes = {r["setting"].get("share_mismatch") for r in rows if r["method"] == "cs_arm_bn"}
+    assert notes == {"context 8+4, trained 16+4", "context 8+8, trained 16+8"}

@@ -62,6 +62,7 @@ BAD_FIELDS = [
     ("arm.on_missing_controls", "Skip", "'raise', 'skip'"),
     ("adapt.n_controls", -1, "integer >= 0"),
     ("adapt.on_missing_controls", "skip", "'raise', 'perturbed_only'"),
+    ("adapt.on_short_controls", "skip", "'raise', 'resample'"),
     ("adapt.tent_lr", -1e-3, "number > 0"),
     ("adapt.plate_chunk_size", 0, "integer >= 1"),
     ("study", "", "non-empty string"),

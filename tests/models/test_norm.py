@@ -193,3 +193,40 @@ def test_bad_mode_and_mask_shape():
         BatchNorm().apply(v, jnp.ones((3, 2)), mode="train")
     with pytest.raises(ValueError, match=r"shape \(4,\), expected \(3,\)"):
         BatchNorm().apply(v, jnp.ones((3, 2)), mode="batch", mask=jnp.ones(4, bool))
+
+
+def test_float_mask_is_row_weights_matching_numpy_weighted_moments():
+    rng = np.random.default_rng(7)
+    x = rng.normal(3.0, 2.0, size=(6, 2, 3, 4)).astype(np.float32)
+    w = np.array([0.5, 2.0, 0.0, 1.0, 3.0, 0.25], np.float32)
+    x[2] = np.nan  # weight 0 must act as mask False: nothing leaks
+    mean, var, count = masked_moments(jnp.asarray(x), jnp.asarray(w))
+    keep = w > 0
+    xs, ws = x[keep].astype(np.float64), np.repeat(w[keep], 6).astype(np.float64)
+    flat = xs.reshape(-1, 4)
+    want_mean = (ws[:, None] * flat).sum(0) / ws.sum()
+    want_var = (ws[:, None] * (flat - want_mean) ** 2).sum(0) / ws.sum()
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-5)
+    np.testing.assert_allclose(var, want_var, rtol=1e-4)
+    assert float(count) == pytest.approx(ws.sum())
+    # Integer weights equal repeating rows; total weight below 1 is no special case.
+    rep = np.repeat(x[keep], [2, 8, 4, 12, 1], axis=0)  # w[keep] = [2, 8, 4, 12, 1] / 4
+    m2, v2, _ = masked_moments(jnp.asarray(x), jnp.asarray(w / 1000))
+    np.testing.assert_allclose(m2, rep.reshape(-1, 4).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(v2, rep.reshape(-1, 4).var(0), rtol=1e-4)
+    # Sufficient statistics carry the float total weight and merge exactly.
+    bn = BatchNorm()
+    v = bn.init(jax.random.PRNGKey(0), jnp.asarray(x[:1]), mode="running")
+    _, upd = bn.apply(v, jnp.asarray(x), mode="batch", mask=jnp.asarray(w), mutable=["suff_stats"])
+    m3, v3 = stats_from_suff(upd["suff_stats"])
+    np.testing.assert_allclose(m3, want_mean, rtol=1e-5)
+    np.testing.assert_allclose(v3, want_var, rtol=1e-4)
+
+
+@pytest.mark.parametrize("w", [[1.0, -0.5, 1.0], [1.0, np.nan, 1.0], [0.0, 0.0, 0.0]])
+def test_bad_row_weights_are_named(w):
+    x = jnp.ones((3, 2, 2, 1))
+    bn = BatchNorm()
+    v = bn.init(jax.random.PRNGKey(0), x, mode="running")
+    with pytest.raises(ValueError, match="weights|selects no row"):
+        bn.apply(v, x, mode="batch", mask=np.asarray(w, np.float32))

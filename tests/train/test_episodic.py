@@ -1,5 +1,6 @@
 """The episodic (CS-)ARM-BN trainer end to end on a tiny in-memory study; exact resume."""
 
+import json
 import os
 
 import jax
@@ -7,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from jaxadapt.adapt import shares
 from jaxadapt.data import schema, transforms
 from jaxadapt.eval.units import DataView
 from jaxadapt.models.resnet import BasicBlock, ResNet
@@ -92,7 +94,19 @@ def test_trainer_runs_and_resumes_exactly(tmp_path, with_controls):
     v_resumed = full(view, rows, str(tmp_path / "part"), seed=1)
     for a, b in zip(jax.tree.leaves(v_full), jax.tree.leaves(v_resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert set(v_full) == {"params", "batch_stats"}
+    assert set(v_full) == {"params", "batch_stats", "episode"}
+    # The model records the episodes it was meta-trained on, with it and beside it.
+    shape = shares.episode_shape(v_full, method="test")
+    assert shape == (4, 2 if with_controls else 0)
+    with open(tmp_path / "full" / "episode.json") as f:
+        assert json.load(f) == shape._asdict()
+
+
+def test_checkpoint_dir_of_another_episode_shape_is_refused(tmp_path):
+    episodic.record_episode_shape(str(tmp_path), 4, 2)
+    episodic.record_episode_shape(str(tmp_path), 4, 2)  # the same shape: fine
+    with pytest.raises(ValueError, match="another model"):
+        episodic.record_episode_shape(str(tmp_path), 4, 8)
 
 
 def test_missing_validation_controls_is_an_error(tmp_path):
