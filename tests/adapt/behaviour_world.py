@@ -18,6 +18,7 @@ in-memory implementation of `jaxadapt.adapt.base.Unit`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterator
 
 import jax
@@ -108,6 +109,12 @@ class World:
     mean: np.ndarray
     std: np.ndarray
 
+    @functools.cached_property
+    def pooled(self) -> tuple[np.ndarray, np.ndarray]:
+        """All training plates' perturbed images and labels, pooled (ERM's view)."""
+        return (np.concatenate([p.images for p in self.train]),
+                np.concatenate([p.labels for p in self.train]))
+
     def norm(self, x: np.ndarray) -> np.ndarray:
         """Per-channel standardization with the training images' statistics."""
         return ((x - self.mean) / self.std).astype(np.float32)
@@ -149,7 +156,8 @@ class ArrayUnit:
             yield self.control_images[start : start + self.batch_size]
 
 
-def plate_unit(world: World, plate: Plate, name: str, classes=None) -> tuple[ArrayUnit, np.ndarray]:
+def plate_unit(world: World, plate: Plate, name: str,
+               classes: list[int] | None = None) -> tuple[ArrayUnit, np.ndarray]:
     """The plate as a unit (optionally only images of `classes`), and its labels."""
     keep = np.ones(len(plate.labels), bool) if classes is None else np.isin(plate.labels, classes)
     unit = ArrayUnit(name, world.norm(plate.images[keep]), world.norm(plate.controls))
@@ -170,8 +178,7 @@ def _init(seed: int, tx: optax.GradientTransformation):
 
 def _erm_batch(world: World, rng: np.random.Generator) -> dict[str, Any]:
     """A batch of L perturbed images mixed over the training plates (as ERM draws them)."""
-    x = np.concatenate([p.images for p in world.train])
-    y = np.concatenate([p.labels for p in world.train])
+    x, y = world.pooled
     pick = rng.choice(len(y), size=L, replace=False)
     return {"image": world.norm(x[pick]), "label": y[pick].astype(np.int32),
             "mask": np.ones(L, bool)}
