@@ -19,8 +19,10 @@ from tests.adapt import behaviour_world as bw
 
 SEED = 0
 #: Methods that must beat ERM on the shifted plate. `ben` joins once it has its own
-#: trainer (controls-only statistics in every episode): add it here, and its train step
-#: to `behaviour_world.TRAINERS` if that trainer is new.
+#: trainer (controls-only statistics in every episode): add "ben" here, and its trainer
+#: to `behaviour_world.TRAINERS`, e.g. ``"ben": (functools.partial(
+#: arm.make_episodic_train_step, controls_from=L), lambda w, r: _episode_batch(w, r, N),
+#: 100)`` if its step is the episodic one with ``controls_from``.
 ADAPTIVE = ("adabn", "adabn_plate", "tent", "arm_bn", "cs_arm_bn", "cs_arm_bn_plate")
 # Test chunks of L perturbed images + N controls: the episode shape of training.
 CFG = ml_collections.ConfigDict({"adapt": {"n_controls": bw.N}})
