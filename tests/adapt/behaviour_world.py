@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxadapt.adapt import arm
+from jaxadapt.adapt import arm, shares
 from jaxadapt.adapt.base import UnitBatch
 from jaxadapt.models.resnet import BasicBlock, ResNet
 from jaxadapt.train import steps
@@ -199,23 +199,29 @@ def _episode_batch(world: World, rng: np.random.Generator, n_controls: int) -> d
 
 
 def train(world: World, step_factory: Callable, batch_fn: Callable, n_steps: int,
-          seed: int) -> dict[str, Any]:
-    """Runs `n_steps` jitted steps of `step_factory(model, tx)` on `batch_fn(world, rng)`."""
+          episode: tuple[int, int] | None, seed: int) -> dict[str, Any]:
+    """Runs `n_steps` jitted steps of `step_factory(model, tx)` on `batch_fn(world, rng)`.
+
+    An episodic recipe's variables record its episode shape (L, N), as the package's
+    trainer records it, so that the share check of the predictors can read it.
+    """
     tx = optax.adam(LEARNING_RATE)
     state = _init(seed, tx)
     step = jax.jit(step_factory(MODEL, tx))
     rng = np.random.default_rng(seed)
     for _ in range(n_steps):
         state, _ = step(state, jax.tree.map(jnp.asarray, batch_fn(world, rng)))
-    return state.variables()
+    variables = state.variables()
+    return variables if episode is None else shares.with_episode_shape(variables, *episode)
 
 
-#: Trainer name (a Method's ``trainer``) -> (step factory, batch function, steps). Step
-#: counts give every trainer the same number of perturbed images (400 * L = 100 * E * L).
-TRAINERS: dict[str, tuple[Callable, Callable, int]] = {
-    "erm": (steps.make_train_step, _erm_batch, 400),
-    "arm_bn": (arm.make_episodic_train_step, lambda w, r: _episode_batch(w, r, 0), 100),
-    "cs_arm_bn": (arm.make_episodic_train_step, lambda w, r: _episode_batch(w, r, N), 100),
+#: Trainer name (a Method's ``trainer``) -> (step factory, batch function, steps, episode
+#: shape (L, N) or None). Step counts give every trainer the same number of perturbed
+#: images (400 * L = 100 * E * L).
+TRAINERS: dict[str, tuple[Callable, Callable, int, tuple[int, int] | None]] = {
+    "erm": (steps.make_train_step, _erm_batch, 400, None),
+    "arm_bn": (arm.make_episodic_train_step, lambda w, r: _episode_batch(w, r, 0), 100, (L, 0)),
+    "cs_arm_bn": (arm.make_episodic_train_step, lambda w, r: _episode_batch(w, r, N), 100, (L, N)),
 }
 
 
