@@ -119,6 +119,9 @@ def make_episodic_trainer(model: nn.Module, config: ml_collections.ConfigDict, *
     if stats not in EPISODE_STATS:
         raise ValueError(f"episode stats={stats!r}; use one of {EPISODE_STATS}")
     controls_from = L if stats == "controls" else None
+    if controls_from is not None and not with_controls:
+        raise ValueError("stats='controls' (BEN) normalizes with the episodes' controls: "
+                         "pass with_controls=True")
     if controls_from is not None and N < 1:
         raise ValueError(f"config.arm.n_controls={N}: BEN normalizes every episode with its "
                          "controls' statistics; set config.arm.n_controls >= 1")

@@ -7,6 +7,7 @@ import pytest
 
 from jaxadapt.adapt import registry
 from jaxadapt.eval import metrics, protocol, study
+from jaxadapt.models import build_model
 from jaxadapt.train.supervised import Interrupted
 from tests.eval.tiny import tiny_config
 
@@ -69,3 +70,13 @@ def test_batch_size_not_divisible_by_devices(tmp_path, cache_dir):
     # conftest fakes 8 devices: a batch of 12 cannot be split evenly.
     with pytest.raises(ValueError, match="multiple of the 8 local devices"):
         study.run_study(tiny_config(cache_dir, **{"train.batch_size": 12}), str(tmp_path))
+
+
+def test_every_method_has_its_training_recipe(tmp_path):
+    # e.g. ben trains its own model (controls-only statistics), not ERM's.
+    cfg = tiny_config(str(tmp_path))
+    model = build_model(cfg.model)
+    methods = {n: registry.make_method(n, model, cfg) for n in registry.available()}
+    assert methods["ben"].trainer == "ben" and methods["adabn_plate"].trainer == "erm"
+    trainers = study.make_trainers(model, cfg, {m.trainer for m in methods.values()})
+    assert all(callable(t) for t in trainers.values())
