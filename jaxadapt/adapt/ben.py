@@ -118,8 +118,11 @@ def ben(model: nn.Module, cfg: Any = None, setting: Mapping[str, Any] | None = N
     """BEN at test time: each unit normalized with exact statistics of all its controls.
 
     The weights come from the ``ben`` trainer (`jaxadapt.train.episodic`, episodes
-    normalized with their controls' statistics); see the module docstring for how this
-    differs from the reference (pooled, not momentum-shrunk, test statistics).
+    normalized with their controls' statistics). Unlike the reference, which resets the
+    running averages and accumulates the controls' batch statistics with momentum 0.1
+    (statistics shrunk towards mean 0, variance 1, per-batch variances averaged), the
+    statistics here are the exact pooled mean and variance over ALL the unit's controls
+    (`jaxadapt.adapt.bn.plate_stats`), computed once per unit.
 
     Args:
       model: the architecture.
