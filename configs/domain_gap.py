@@ -3,10 +3,12 @@
     python experiments/run.py --config configs/domain_gap.py         # CPU size
     python experiments/run.py --config configs/domain_gap.py:gpu     # ResNet-50, 128 px crops
 
-Methods erm, adabn (per test batch), adabn_plate (exact whole-plate statistics), tent, ben,
-arm_bn, cs_arm_bn and cs_arm_bn_plate; columns in_domain (held-out wells of
-training plates), new_batch (held-out batches of the training source), new_source
-(leave one source out, both directions); mean +- std over 3 seeds x 2 directions.
+Methods erm, adabn (per test batch), adabn_plate (full-domain AdaBN: exact statistics of
+the plate's perturbed images), tent, ben (trained and tested with the statistics of the
+plate's DMSO controls alone), arm_bn, cs_arm_bn and cs_arm_bn_plate; columns in_domain
+(held-out wells of training plates), new_batch (held-out batches of the training source),
+new_source (leave one source out, both directions); mean +- std over 3 seeds x 2
+directions.
 """
 
 from jaxadapt import config as defaults

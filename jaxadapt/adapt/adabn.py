@@ -2,8 +2,9 @@
 
 Each is a ``(model, cfg, setting) -> Method`` factory for the protocol runner:
 `adabn` (each test batch's own statistics), `adabn_plate` (exact whole-plate
-statistics once per unit, then ERM-cost prediction), `ben` (statistics of the unit's
-negative controls only), and `plate_method`, the shared whole-context recipe.
+statistics of the unit's perturbed images once per unit, then ERM-cost prediction),
+and `plate_method`, the shared whole-context recipe (also behind `ben` and
+`cs_arm_bn_plate`).
 """
 
 from __future__ import annotations
@@ -106,10 +107,14 @@ def plate_method(name: str, model: nn.Module, cfg: Any, *, images: bool,
 
 def adabn_plate(model: nn.Module, cfg: Any = None,
                 setting: Mapping[str, Any] | None = None) -> Method:
-    """AdaBN with exact whole-unit statistics: all perturbed images plus all controls.
+    """Full-domain AdaBN: exact statistics of all the unit's perturbed images.
 
-    Statistics are computed once per unit with `plate_stats` (pooled, exact), then every
-    batch is predicted at ERM cost.
+    The reference's full-domain AdaBN (``update_bn_with_full_domain``) pools the
+    plate's test images, i.e. its perturbed images (controls only if its data module is
+    asked to add them, which is off by default); the ERM weights it adapts never saw a
+    control, so controls stay out here too. Unlike the reference, which averages
+    per-batch variances, the statistics are pooled and exact (`plate_stats`), computed
+    once per unit; every batch is then predicted at ERM cost.
 
     Args:
       model: the trained architecture (`erm` recipe).
@@ -119,25 +124,4 @@ def adabn_plate(model: nn.Module, cfg: Any = None,
     Returns:
       The `adabn_plate` Method.
     """
-    return plate_method("adabn_plate", model, cfg, images=True, controls=True)
-
-
-def ben(model: nn.Module, cfg: Any = None, setting: Mapping[str, Any] | None = None) -> Method:
-    """BEN: normalize with statistics of the unit's negative controls only.
-
-    Uses ALL controls of the unit with exact pooled statistics (`plate_stats`). The
-    original code resets the running statistics and then accumulates them with momentum
-    0.1, so it normalizes with statistics shrunk towards the reset values (mean 0, var 1)
-    -- wrong; here the controls' statistics are used as they are.
-
-    Args:
-      model: the trained architecture (`erm` recipe).
-      cfg: reads ``cfg.adapt.plate_chunk_size`` (default None = the controls' batch size)
-        and ``cfg.adapt.on_missing_controls`` ("raise", default; or "perturbed_only":
-        fall back to the unit's perturbed images, with a warning).
-      setting: unused.
-
-    Returns:
-      The `ben` Method; its predict_unit raises ValueError for a unit without controls.
-    """
-    return plate_method("ben", model, cfg, images=False, controls=True)
+    return plate_method("adabn_plate", model, cfg, images=True, controls=False)

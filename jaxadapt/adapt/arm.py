@@ -15,6 +15,10 @@ share N / (L + N) of a test context must equal the training episodes' (see
 `jaxadapt.adapt.shares`): the trained variables record their episode shape, and a
 prediction with another share is a ValueError unless the config allows it explicitly.
 
+The same episodic steps train BEN (`jaxadapt.adapt.ben`) with ``controls_from=L``: the
+L perturbed images of an episode are normalized with constant statistics of its N
+controls alone.
+
 Running BN averages are not used by these predictions; the training step still updates
 them (see `episode_forward`) so that an ERM-style "running" evaluation stays possible.
 """
@@ -32,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxadapt.adapt import shares
+from jaxadapt.adapt import ben, shares
 from jaxadapt.adapt.base import Method, Unit, Variables
 
 log = logging.getLogger(__name__)
@@ -105,10 +109,35 @@ def _mean_over_episodes(per_episode: jax.Array, count: jax.Array) -> jax.Array:
     return jnp.sum(per_episode * has) / jnp.maximum(jnp.sum(has), 1.0)
 
 
+def _scored_forward(model: nn.Module, params: Any, batch_stats: Any, batch: Batch,
+                    controls_from: int | None) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
+    """(logits, new running stats, labels, loss weights) of the rows a step scores.
+
+    ``controls_from=None``: (CS-)ARM-BN, every episode normalized with the statistics of
+    its ``stats_mask`` rows (default all), gradients through them. An int L: BEN, the
+    first L rows normalized with constant statistics of the rows from L on (the
+    controls; ``stats_mask[:, L:]`` selects among them), only the first L rows scored.
+    """
+    mask = batch.get("mask")
+    if controls_from is None:
+        logits, new = episode_forward(model, params, batch_stats, batch["image"],
+                                      batch.get("stats_mask"))
+        return logits, new, batch["label"], _loss_weights(batch["is_control"], mask)
+    L = int(controls_from)
+    stats_mask = batch.get("stats_mask")
+    logits, new = ben.control_stats_forward(
+        model, params, batch_stats, batch["image"], L,
+        None if stats_mask is None else jnp.asarray(stats_mask)[:, L:])
+    w = _loss_weights(jnp.asarray(batch["is_control"])[:, :L],
+                      None if mask is None else jnp.asarray(mask)[:, :L])
+    return logits, new, jnp.asarray(batch["label"])[:, :L], w
+
+
 def episode_loss(model: nn.Module, params: Any, batch_stats: Any, images: jax.Array,
                  labels: jax.Array, is_control: jax.Array, mask: jax.Array | None = None,
-                 stats_mask: jax.Array | None = None) -> jax.Array:
-    """The (CS-)ARM-BN episodic loss.
+                 stats_mask: jax.Array | None = None, controls_from: int | None = None
+                 ) -> jax.Array:
+    """The (CS-)ARM-BN episodic loss (or BEN's, with ``controls_from``).
 
     Args:
       model, params, batch_stats: as in `episode_forward`.
@@ -117,24 +146,33 @@ def episode_loss(model: nn.Module, params: Any, batch_stats: Any, images: jax.Ar
       is_control: bool ``[E, L + N]``; controls shape the statistics, carry no loss.
       mask: optional ``[E, L + N]`` loss mask (False: not scored, e.g. padding).
       stats_mask: optional bool ``[E, L + N]`` rows defining the statistics.
+      controls_from: None: (CS-)ARM-BN. L: BEN, rows ``[:L]`` of each episode
+        normalized with the statistics of rows ``[L:]`` (its controls), held constant
+        in the gradient (`jaxadapt.adapt.ben.control_stats_forward`).
 
     Returns:
       Scalar: mean over episodes of the mean cross-entropy of each episode's scored
       (perturbed, valid, labelled) images; episodes without any scored image are left
       out of the mean.
     """
-    logits, _ = episode_forward(model, params, batch_stats, images, stats_mask)
-    ce, count, _ = _episode_ce(logits, labels, _loss_weights(is_control, mask))
+    batch = {"image": images, "label": labels, "is_control": is_control, "mask": mask,
+             "stats_mask": stats_mask}
+    logits, _, labels, w = _scored_forward(model, params, batch_stats, batch, controls_from)
+    ce, count, _ = _episode_ce(logits, labels, w)
     return _mean_over_episodes(ce, count)
 
 
-def make_episodic_train_step(model: nn.Module, tx: optax.GradientTransformation
+def make_episodic_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
+                             controls_from: int | None = None
                              ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """Build ``(state, batch) -> (state, metrics)`` for episodic (CS-)ARM-BN training.
 
     Args:
       model: the architecture.
       tx: optax optimizer whose state is ``state.opt_state``.
+      controls_from: None for (CS-)ARM-BN; L for BEN: rows ``[:L]`` of each episode are
+        the perturbed images, normalized with constant statistics of its controls, rows
+        ``[L:]`` (see `episode_loss`).
 
     Returns:
       The step (not jitted; use `jaxadapt.train.parallel.parallel_train_step`, which
@@ -146,10 +184,9 @@ def make_episodic_train_step(model: nn.Module, tx: optax.GradientTransformation
     """
 
     def loss_fn(params, batch_stats, batch):
-        logits, new_stats = episode_forward(model, params, batch_stats, batch["image"],
-                                            batch.get("stats_mask"))
-        w = _loss_weights(batch["is_control"], batch.get("mask"))
-        ce, count, hits = _episode_ce(logits, batch["label"], w)
+        logits, new_stats, labels, w = _scored_forward(model, params, batch_stats, batch,
+                                                       controls_from)
+        ce, count, hits = _episode_ce(logits, labels, w)
         return _mean_over_episodes(ce, count), (new_stats, jnp.sum(count), jnp.sum(hits))
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
@@ -166,11 +203,13 @@ def make_episodic_train_step(model: nn.Module, tx: optax.GradientTransformation
     return train_step
 
 
-def make_episodic_eval_step(model: nn.Module) -> Callable[[TrainState, Batch], dict]:
+def make_episodic_eval_step(model: nn.Module, *, controls_from: int | None = None
+                            ) -> Callable[[TrainState, Batch], dict]:
     """``(state, batch) -> {"loss", "loss_per_episode", "count", "correct"}`` without updates.
 
     Args:
       model: the architecture.
+      controls_from: as in `make_episodic_train_step` (None, or L for BEN).
 
     Returns:
       The step (not jitted). ``loss`` is `episode_loss`; ``loss_per_episode`` [E] and
@@ -178,10 +217,9 @@ def make_episodic_eval_step(model: nn.Module) -> Callable[[TrainState, Batch], d
     """
 
     def eval_step(state: TrainState, batch: Batch) -> dict:
-        logits, _ = episode_forward(model, state.params, state.batch_stats, batch["image"],
-                                    batch.get("stats_mask"))
-        w = _loss_weights(batch["is_control"], batch.get("mask"))
-        ce, count, hits = _episode_ce(logits, batch["label"], w)
+        logits, _, labels, w = _scored_forward(model, state.params, state.batch_stats, batch,
+                                               controls_from)
+        ce, count, hits = _episode_ce(logits, labels, w)
         return {"loss": _mean_over_episodes(ce, count), "loss_per_episode": ce,
                 "count": count, "correct": jnp.sum(hits)}
 

@@ -13,8 +13,8 @@ paths of the ``batch_stats`` collection) that a model consumes with
   Never an average of per-chunk variances (the reference code's defect).
 - per-batch statistics inside the forward pass (`norm_mode="batch"`).
 
-The methods built on them (AdaBN, BEN, whole-plate variants) are in
-`jaxadapt.adapt.adabn`.
+The methods built on them are in `jaxadapt.adapt.adabn` (AdaBN, whole-plate
+variants) and `jaxadapt.adapt.ben` (BEN).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import ml_collections
 
-from jaxadapt.adapt import adabn, arm, tent
+from jaxadapt.adapt import adabn, arm, ben, tent
 from jaxadapt.adapt import erm as erm_lib
 from jaxadapt.adapt.base import Method
 
@@ -18,7 +18,7 @@ _FACTORIES: dict[str, Factory] = {
     "erm": lambda model, cfg, setting: erm_lib.erm(model),
     "adabn": adabn.adabn,
     "adabn_plate": adabn.adabn_plate,
-    "ben": adabn.ben,
+    "ben": ben.ben,
     "tent": tent.tent,
     "arm_bn": arm.arm_bn,
     "cs_arm_bn": arm.cs_arm_bn,

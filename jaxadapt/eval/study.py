@@ -49,7 +49,7 @@ def make_trainers(model, cfg: ml_collections.ConfigDict, names: set[str]) -> dic
     Args:
       model: the architecture.
       cfg: the study config.
-      names: trainer names (`erm`, `arm_bn`, `cs_arm_bn`).
+      names: trainer names (`erm`, `arm_bn`, `cs_arm_bn`, `ben`).
 
     Returns:
       name -> `train(view, rows, run_dir, seed) -> variables`.
@@ -58,6 +58,8 @@ def make_trainers(model, cfg: ml_collections.ConfigDict, names: set[str]) -> dic
         "erm": lambda: supervised.make_erm_trainer(model, cfg),
         "arm_bn": lambda: episodic.make_episodic_trainer(model, cfg, with_controls=False),
         "cs_arm_bn": lambda: episodic.make_episodic_trainer(model, cfg, with_controls=True),
+        "ben": lambda: episodic.make_episodic_trainer(model, cfg, with_controls=True,
+                                                      stats="controls"),
     }
     unknown = names - set(recipes)
     if unknown:
@@ -109,7 +111,7 @@ def load_replicate(cfg: ml_collections.ConfigDict, trainer: str, rep: protocol.R
 
     Args:
       cfg: the study config.
-      trainer: training recipe (`erm`, `arm_bn`, `cs_arm_bn`).
+      trainer: training recipe (`erm`, `arm_bn`, `cs_arm_bn`, `ben`).
       rep: training source and seed.
       workdir: the study's run directory (checkpoints go below it unless
         `cfg.checkpoint_dir` is set).

@@ -1,9 +1,10 @@
-"""The episodic training recipe of ARM-BN and CS-ARM-BN: single-plate context episodes.
+"""The episodic training recipe of ARM-BN, CS-ARM-BN and BEN: single-plate episodes.
 
 Each optimizer step draws E plate episodes (default 8) from the training rows: one plate
 chosen uniformly at random, L perturbed images (+ N DMSO controls of the same plate for
-CS-ARM-BN); each episode is normalized with its own statistics and the step minimizes
-the mean of the episodes' cross-entropies (`jaxadapt.adapt.arm.episode_loss`). Adam at
+CS-ARM-BN and BEN); each episode is normalized with its own statistics (BEN: those of
+its controls alone, held constant in the gradient) and the step minimizes the mean of
+the episodes' cross-entropies (`jaxadapt.adapt.arm.episode_loss`). Adam at
 ``config.train.learning_rate``, no schedule; early stopping on the episodic loss of a
 fixed set of validation-split episodes, as in the paper. Same contract as
 `jaxadapt.train.supervised.make_erm_trainer`.
@@ -82,9 +83,14 @@ def _episode_batch(batch: dict, shape: tuple[int, int]) -> dict:
             "mask": batch["mask"].reshape(shape)}
 
 
+#: Which rows of an episode define its BN statistics: all (ARM-BN / CS-ARM-BN) or the
+#: controls alone, as constants (BEN).
+EPISODE_STATS = ("episode", "controls")
+
+
 def make_episodic_trainer(model: nn.Module, config: ml_collections.ConfigDict, *,
-                          with_controls: bool):
-    """Builds the (CS-)ARM-BN training function once per study (steps compile once).
+                          with_controls: bool, stats: str = "episode"):
+    """Builds the (CS-)ARM-BN or BEN training function once per study (steps compile once).
 
     Args:
       model: the architecture.
@@ -94,7 +100,11 @@ def make_episodic_trainer(model: nn.Module, config: ml_collections.ConfigDict, *
         val_episodes [32], on_missing_controls ["raise" | "skip"]), ``config.train``
         (learning_rate, num_epochs, patience, log_every_steps, stop_after_epochs),
         ``data.crop_size`` and ``model.in_channels``.
-      with_controls: True: CS-ARM-BN episodes (N controls); False: ARM-BN (N = 0).
+      with_controls: True: episodes hold N controls (CS-ARM-BN, BEN); False: ARM-BN.
+      stats: "episode" (default): every episode normalized with the statistics of all its
+        L + N rows, gradients through them; "controls": BEN, the L perturbed images
+        normalized with constant statistics of the N controls (needs with_controls and
+        n_controls >= 1; plates without controls follow on_missing_controls).
 
     Returns:
       ``train(view, rows, run_dir, seed) -> variables`` with the best-validation weights
@@ -110,13 +120,24 @@ def make_episodic_trainer(model: nn.Module, config: ml_collections.ConfigDict, *
     if E < 1 or L < 1 or N < 0:
         raise ValueError(f"config.arm: episodes_per_step={E}, n_perturbed={L} must be >= 1 "
                          f"and n_controls={N} >= 0")
+    if stats not in EPISODE_STATS:
+        raise ValueError(f"episode stats={stats!r}; use one of {EPISODE_STATS}")
+    controls_from = L if stats == "controls" else None
+    if controls_from is not None and not with_controls:
+        raise ValueError("stats='controls' (BEN) normalizes with the episodes' controls: "
+                         "pass with_controls=True")
+    if controls_from is not None and N < 1:
+        raise ValueError(f"config.arm.n_controls={N}: BEN normalizes every episode with its "
+                         "controls' statistics; set config.arm.n_controls >= 1")
     n_val = -(-max(int(a["val_episodes"]), 1) // E) * E
     cfg = config.train
     mesh = episode_mesh(E)
     tx = optax.adam(cfg.learning_rate)
-    train_step = parallel.parallel_train_step(arm.make_episodic_train_step(model, tx), mesh)
+    train_step = parallel.parallel_train_step(
+        arm.make_episodic_train_step(model, tx, controls_from=controls_from), mesh)
     rep, data = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
-    eval_step = jax.jit(arm.make_episodic_eval_step(model), in_shardings=(rep, data),
+    eval_step = jax.jit(arm.make_episodic_eval_step(model, controls_from=controls_from),
+                        in_shardings=(rep, data),
                         out_shardings={"loss": rep, "loss_per_episode": rep, "count": rep,
                                        "correct": rep})
 

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxadapt.adapt import adabn, bn
+from jaxadapt.adapt import adabn, ben, bn
 from jaxadapt.adapt.base import UnitBatch as Batch
 from jaxadapt.models.resnet import resnet18
 
@@ -227,20 +227,24 @@ def test_adabn_scores_each_sample_once_with_its_batch_stats(tiny):
     np.testing.assert_allclose(logits, np.concatenate(want), rtol=1e-4, atol=1e-4)
 
 
-def test_adabn_plate_uses_images_and_all_controls(tiny):
+def test_adabn_plate_uses_all_perturbed_images_and_no_control(tiny):
     model, v = tiny
     imgs, ctrl = _images(11, seed=11), _images(6, seed=12, loc=0.0)
-    unit = FakeUnit("plate_b", imgs, ctrl, batch_size=4)
-    logits = adabn.adabn_plate(model).predict_unit(v, unit)
-    stats = bn.context_stats(model, v, np.concatenate([imgs, ctrl]))
+    method = adabn.adabn_plate(model)
+    assert method.trainer == "erm"
+    logits = method.predict_unit(v, FakeUnit("plate_b", imgs, ctrl, batch_size=4))
+    stats = bn.context_stats(model, v, imgs)  # full-domain AdaBN: the perturbed images
     np.testing.assert_allclose(logits, bn.apply_with_stats(model, v, stats, imgs),
                                rtol=1e-4, atol=1e-4)
+    other = method.predict_unit(v, FakeUnit("plate_b", imgs, ctrl * 3.0 - 2.0, batch_size=4))
+    np.testing.assert_array_equal(other, logits)  # ERM never saw controls: not in the context
 
 
 def test_ben_uses_only_controls(tiny):
     model, v = tiny
     imgs, ctrl = _images(8, seed=13), _images(7, seed=14, loc=-1.0)
-    method = adabn.ben(model)
+    method = ben.ben(model)
+    assert method.trainer == "ben"
     logits = method.predict_unit(v, FakeUnit("plate_c", imgs, ctrl, batch_size=4))
     want = bn.apply_with_stats(model, v, bn.context_stats(model, v, ctrl), imgs)
     np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)
@@ -252,6 +256,6 @@ def test_ben_uses_only_controls(tiny):
         method.predict_unit(v, FakeUnit("plate_d", imgs, ctrl[:0], batch_size=4))
     cfg = ml_collections.ConfigDict({"adapt": {"on_missing_controls": "perturbed_only"}})
     cfg.lock()
-    fallback = adabn.ben(model, cfg).predict_unit(v, FakeUnit("plate_d", imgs, ctrl[:0], 4))
+    fallback = ben.ben(model, cfg).predict_unit(v, FakeUnit("plate_d", imgs, ctrl[:0], 4))
     want = bn.apply_with_stats(model, v, bn.context_stats(model, v, imgs), imgs)
     np.testing.assert_allclose(fallback, want, rtol=1e-4, atol=1e-4)

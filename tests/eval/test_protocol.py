@@ -28,6 +28,20 @@ def test_training_key_tracks_only_what_shapes_the_weights():
     assert protocol.training_key(a, "erm").startswith("erm-")
 
 
+def test_ben_trains_its_own_model_keyed_by_every_episode_field():
+    a = _cfg()
+    # Not ERM's (nor CS-ARM-BN's) checkpoint, although all three read the same data.
+    keys = {protocol.training_key(a, t) for t in ("erm", "cs_arm_bn", "ben")}
+    assert len(keys) == 3 and protocol.training_key(a, "ben").startswith("ben-")
+    # BEN's episodes hold L perturbed + N controls: every arm field shapes its weights.
+    for field, value in [("n_controls", 3), ("n_perturbed", 5), ("episodes_per_step", 2),
+                         ("steps_per_epoch", 7), ("val_episodes", 4),
+                         ("on_missing_controls", "skip")]:
+        b = _cfg()
+        b.arm[field] = value
+        assert protocol.training_key(a, "ben") != protocol.training_key(b, "ben"), field
+
+
 def _fake(name, keys=(), ignores=()):
     return Method(name=name, trainer="erm", predict_unit=lambda v, u: None, setting_keys=keys,
                   ignores=ignores)

@@ -7,6 +7,7 @@ import pytest
 
 from jaxadapt.adapt import registry
 from jaxadapt.eval import metrics, protocol, study
+from jaxadapt.models import build_model
 from jaxadapt.train.supervised import Interrupted
 from tests.eval.tiny import tiny_config
 
@@ -100,3 +101,13 @@ def test_swept_controls_train_their_share_and_mismatch_fails_or_is_reported(tmp_
     rows = json.load(open(tmp_path / "c" / "results.json"))["rows"]
     notes = {r["setting"].get("share_mismatch") for r in rows if r["method"] == "cs_arm_bn"}
     assert notes == {"context 8+4, trained 16+4", "context 8+8, trained 16+8"}
+
+
+def test_every_method_has_its_training_recipe(tmp_path):
+    # e.g. ben trains its own model (controls-only statistics), not ERM's.
+    cfg = tiny_config(str(tmp_path))
+    model = build_model(cfg.model)
+    methods = {n: registry.make_method(n, model, cfg) for n in registry.available()}
+    assert methods["ben"].trainer == "ben" and methods["adabn_plate"].trainer == "erm"
+    trainers = study.make_trainers(model, cfg, {m.trainer for m in methods.values()})
+    assert all(callable(t) for t in trainers.values())

@@ -81,14 +81,18 @@ def test_settings_come_from_the_config_and_missing_fields_are_named():
         episodic.arm_settings(c)
 
 
-@pytest.mark.parametrize("with_controls", [True, False])
-def test_trainer_runs_and_resumes_exactly(tmp_path, with_controls):
+RECIPES = {"cs_arm_bn": dict(with_controls=True), "arm_bn": dict(with_controls=False),
+           "ben": dict(with_controls=True, stats="controls")}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_trainer_runs_and_resumes_exactly(tmp_path, recipe):
     view, rows = make_study()
-    full = episodic.make_episodic_trainer(MODEL, make_config(), with_controls=with_controls)
+    full = episodic.make_episodic_trainer(MODEL, make_config(), **RECIPES[recipe])
     v_full = full(view, rows, str(tmp_path / "full"), seed=1)
     assert os.path.isdir(tmp_path / "full" / "logs")
     part = episodic.make_episodic_trainer(MODEL, make_config(stop_after_epochs=1),
-                                          with_controls=with_controls)
+                                          **RECIPES[recipe])
     with pytest.raises(Interrupted):
         part(view, rows, str(tmp_path / "part"), seed=1)
     v_resumed = full(view, rows, str(tmp_path / "part"), seed=1)
@@ -109,12 +113,41 @@ def test_checkpoint_dir_of_another_episode_shape_is_refused(tmp_path):
         episodic.record_episode_shape(str(tmp_path), 4, 8)
 
 
-def test_missing_validation_controls_is_an_error(tmp_path):
+@pytest.mark.parametrize("recipe", ["cs_arm_bn", "ben"])
+def test_missing_validation_controls_is_an_error(tmp_path, recipe):
     view, rows = make_study()
     rows = dict(rows, validation=rows["validation"][~view.table["is_control"][rows["validation"]]])
-    train = episodic.make_episodic_trainer(MODEL, make_config(), with_controls=True)
+    train = episodic.make_episodic_trainer(MODEL, make_config(), **RECIPES[recipe])
     with pytest.raises(ValueError, match="no control rows"):
         train(view, rows, str(tmp_path / "x"), seed=0)
+
+
+def test_ben_skips_plates_without_controls_when_asked(tmp_path, caplog):
+    view, rows = make_study(plates=5)
+    table = view.table
+    # Plate p0 loses its controls in the training split.
+    train_rows = rows["train"][~(table["is_control"][rows["train"]]
+                                 & (table["plate"][rows["train"]] == "p0"))]
+    rows = dict(rows, train=train_rows)
+    cfg = make_config(num_epochs=1)
+    with pytest.raises(ValueError, match="'p0'.*on_missing_controls='skip'"):
+        episodic.make_episodic_trainer(MODEL, cfg, **RECIPES["ben"])(
+            view, rows, str(tmp_path / "a"), seed=0)
+    cfg.arm.on_missing_controls = "skip"
+    with caplog.at_level("WARNING"):
+        v = episodic.make_episodic_trainer(MODEL, cfg, **RECIPES["ben"])(
+            view, rows, str(tmp_path / "b"), seed=0)
+    assert "skipping 1 plates without controls" in caplog.text
+    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(v))
+
+
+def test_ben_needs_controls_in_its_episodes():
+    cfg = make_config()
+    cfg.arm.n_controls = 0
+    with pytest.raises(ValueError, match="config.arm.n_controls=0"):
+        episodic.make_episodic_trainer(MODEL, cfg, **RECIPES["ben"])
+    with pytest.raises(ValueError, match="stats='plate'"):
+        episodic.make_episodic_trainer(MODEL, make_config(), with_controls=True, stats="plate")
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs the 8 fake CPU devices")
