@@ -101,7 +101,7 @@ def test_trainer_runs_and_resumes_exactly(tmp_path, recipe):
     assert set(v_full) == {"params", "batch_stats", "episode"}
     # The model records the episodes it was meta-trained on, with it and beside it.
     shape = shares.episode_shape(v_full, method="test")
-    assert shape == (4, 2 if with_controls else 0)
+    assert shape == (4, 2 if RECIPES[recipe]["with_controls"] else 0)
     with open(tmp_path / "full" / "episode.json") as f:
         assert json.load(f) == shape._asdict()
 
