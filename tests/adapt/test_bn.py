@@ -155,9 +155,11 @@ def test_carried_plan_is_one_forward_pass_and_its_memory_scales_with_the_chunk()
     assert abs(large / 8 - small / 4) < 0.01 * small / 4  # per image, up to a few scalars
     # at least the stem's conv output [16, 16, 4] float32 (read by the stem BN, next stage)
     assert small / 4 >= 16 * 16 * 4 * 4
-    # masks pass through to the model as they are (e.g. float row weights trace too)
+    # masks pass through to the model as they are (e.g. float row weights trace too); a
+    # weight mask is read by every BN level, so stages carry it (and its per-layer counts)
+    # beside the activations: bytes per row and stage, not per pixel.
     weighted = bn.carry_bytes(m, v, (4, 32, 32, 2), mask_dtype=jnp.float32)
-    assert abs(weighted - small) < 0.01 * small
+    assert 0 <= weighted - small < len(plan.stages) * 4 * 8
 
 
 def test_plate_stats_with_row_weights_match_numpy_two_layer_restatement(two_layer):
