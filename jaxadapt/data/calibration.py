@@ -285,8 +285,8 @@ def calibration_table(cfg: ml_collections.ConfigDict) -> list[Stat]:
     sd_ = count_effects(sim.plate, sim.is_control, sim.count)
     # count_effects walks the plates in sorted order: label its wells the same way
     treated = np.concatenate([sim.compound[r][~sim.is_control[r]] for r in _groups(sim.plate)])
-    rows.append(Stat("cell count: treated |log change|", "quantiles 50/90/99 % over treated "
-                     "wells of |log(count / plate DMSO median)|", _q(np.abs(sd_)), _q(np.abs(rd))))
+    rows.append(Stat("cell count: treated abs. log change", "quantiles 50/90/99 % over treated "
+                     "wells of abs(log(count / plate DMSO median))", _q(np.abs(sd_)), _q(np.abs(rd))))
     rows.append(Stat("cell count: wells losing > 50 %", "share of treated wells",
                      f"{np.mean(sd_ < np.log(0.5)):.3f}", f"{np.mean(rd < np.log(0.5)):.3f}"))
     rows.append(Stat("cell count: per-class log change (sim)", "median per class, sorted",
@@ -298,7 +298,7 @@ def calibration_table(cfg: ml_collections.ConfigDict) -> list[Stat]:
         r = family_distance(rz, names, real_prefixes)
         s = family_distance(sz, sim_render.CELL_FEATURES, sim_names)
         rows.append(Stat(f"profile: {fam} distance", "quantiles 50/90/99 % over treated wells "
-                         "of the median |z| over the family's features (z in DMSO sd)",
+                         "of the median abs(z) over the family's features (z in DMSO sd)",
                          _q(s), _q(r)))
         rows.append(Stat(f"profile: {fam} distance per class (sim)", "median per class, sorted",
                          _per_class(s, comp), "-"))

@@ -29,8 +29,8 @@ P = {name: i for i, name in enumerate(PHENO)}
 #: move further from DMSO than whole-cell intensities; see
 #: `experiments/calibrate_simulator.py`): e.g. Aurora inhibition -> cytokinesis failure,
 #: big polyploid nuclei, some mitotic rounding, fewer cells; NAMPT inhibition -> energy
-#: crisis, toxicity and perinuclear clustering of mitochondria. Whole-cell intensities
-#: move by at most ~15 % (x effect_size), less than the batch-to-batch stain spread.
+#: crisis, toxicity and perinuclear clustering of mitochondria. A direction's whole-cell
+#: intensity entries are at most 0.15 (log units, times biology.effect_size).
 #: A responding cell gets the whole direction; see `biology.penetrance`.
 POSCON_DIRECTIONS: dict[str, dict[str, float]] = {
     "JCP2022_037716": {"nuc_size": 0.40, "cell_size": 0.15, "dna": 0.12, "rounding": 2.0,
