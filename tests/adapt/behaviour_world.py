@@ -222,6 +222,9 @@ TRAINERS: dict[str, tuple[Callable, Callable, int, tuple[int, int] | None]] = {
     "erm": (steps.make_train_step, _erm_batch, 400, None),
     "arm_bn": (arm.make_episodic_train_step, lambda w, r: _episode_batch(w, r, 0), 100, (L, 0)),
     "cs_arm_bn": (arm.make_episodic_train_step, lambda w, r: _episode_batch(w, r, N), 100, (L, N)),
+    # BEN: the same episodes, perturbed rows normalized with their controls' statistics.
+    "ben": (functools.partial(arm.make_episodic_train_step, controls_from=L),
+            lambda w, r: _episode_batch(w, r, N), 100, (L, N)),
 }
 
 

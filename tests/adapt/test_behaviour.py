@@ -18,12 +18,8 @@ from jaxadapt.adapt.registry import make_method
 from tests.adapt import behaviour_world as bw
 
 SEED = 0
-#: Methods that must beat ERM on the shifted plate. `ben` joins once it has its own
-#: trainer (controls-only statistics in every episode): add "ben" here, and its trainer
-#: to `behaviour_world.TRAINERS`, e.g. ``"ben": (functools.partial(
-#: arm.make_episodic_train_step, controls_from=L), lambda w, r: _episode_batch(w, r, N),
-#: 100)`` if its step is the episodic one with ``controls_from``.
-ADAPTIVE = ("adabn", "adabn_plate", "tent", "arm_bn", "cs_arm_bn", "cs_arm_bn_plate")
+#: Methods that must beat ERM on the shifted plate.
+ADAPTIVE = ("adabn", "adabn_plate", "tent", "ben", "arm_bn", "cs_arm_bn", "cs_arm_bn_plate")
 # Test chunks of L perturbed images + N controls: the episode shape of training.
 CFG = ml_collections.ConfigDict({"adapt": {"n_controls": bw.N}})
 SETTING = {"L": bw.L, "N": bw.N}
