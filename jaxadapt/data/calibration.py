@@ -25,7 +25,7 @@ from typing import Iterable, NamedTuple
 import ml_collections
 import numpy as np
 
-from jaxadapt.data import design, sim_effects, sim_render
+from jaxadapt.data import design, sim_effects, sim_render, simulator
 from jaxadapt.data.schema import DMSO
 
 RESOURCES = design.RESOURCES / "calibration"
@@ -207,8 +207,6 @@ def measure_simulator(cfg: ml_collections.ConfigDict, chunk: int = 512) -> SimWe
     Returns:
       SimWells of every well of the study.
     """
-    from jaxadapt.data import simulator  # the renderer's own inputs, built the same way
-
     table = design.build_design(cfg)
     tech = sim_effects.technical(table, cfg)
     bio = sim_effects.phenotype(table, cfg, tech["strength"])
@@ -226,13 +224,14 @@ def measure_simulator(cfg: ml_collections.ConfigDict, chunk: int = 512) -> SimWe
         on.append(np.asarray(o)[:keep] > 0)
     feats, on = np.concatenate(feats), np.concatenate(on)
     well_key = np.char.add(np.char.add(table["plate"], "/"), table["well"])
-    uniq, site_well = np.unique(well_key, return_inverse=True)
-    first = np.array([np.flatnonzero(site_well == w)[0] for w in range(len(uniq))])
+    uniq, first, site_well = np.unique(well_key, return_index=True, return_inverse=True)
     cell_well = np.broadcast_to(site_well[:, None], on.shape)[on]
     cell_features = feats[on]
-    profile = np.stack([np.median(cell_features[cell_well == w], axis=0)
-                        if np.any(cell_well == w) else np.full(feats.shape[-1], np.nan)
-                        for w in range(len(uniq))])
+    # Cells grouped by well once (sorted), then one median per well; empty wells get NaN.
+    order = np.argsort(cell_well, kind="stable")
+    per_well = np.split(cell_features[order], np.cumsum(np.bincount(cell_well, minlength=len(uniq)))[:-1])
+    profile = np.stack([np.median(c, axis=0) if len(c) else np.full(feats.shape[-1], np.nan)
+                        for c in per_well])
     return SimWells(
         batch=np.char.add(np.char.add(table["source"][first], "/"), table["batch"][first]),
         plate=table["plate"][first], compound=table["compound"][first],

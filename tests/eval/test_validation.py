@@ -9,17 +9,11 @@ import pytest
 from jaxadapt import config as defaults
 from jaxadapt.eval import cli, protocol, study, validation
 from jaxadapt.eval.validation import SWEEP_SYNTAX
+from tests.eval.tiny import set_keys
 
 
 def _cfg(**changes):
-    c = defaults.get_defaults()
-    for key, value in changes.items():
-        *path, leaf = key.split(".")
-        node = c
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return set_keys(defaults.get_defaults(), changes)
 
 
 def _problems(**changes):

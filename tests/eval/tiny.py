@@ -20,6 +20,11 @@ def tiny_config(cache_dir: str, **changes):
     c.train.num_epochs = 2
     c.train.patience = 2
     c.eval.batch_size = 16
+    return set_keys(c, changes)
+
+
+def set_keys(c, changes):
+    """Sets dotted keys of config `c` ({"train.batch_size": 8, ...}); returns `c`."""
     for key, value in changes.items():
         target = c
         *path, leaf = key.split(".")
