@@ -86,7 +86,8 @@ def views_config(section: Any) -> ViewsConfig:
     items = dict(section.items())
     unknown = sorted(set(items) - set(ViewsConfig._fields))
     if unknown:
-        raise ValueError(f"unknown views setting(s) {unknown}; allowed: {list(ViewsConfig._fields)}")
+        raise ValueError(f"unknown views setting(s) {unknown}; allowed: "
+                         f"{list(ViewsConfig._fields)}")
     return ViewsConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in items.items()})
 
 
@@ -103,24 +104,28 @@ def _range_problems(name: str, value: Any, low_open: float, high: float | None) 
     return []
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def _problems(cfg: ViewsConfig, where: str) -> list[str]:
-    out = []
-    for name in ("global_size", "local_size"):
-        v = getattr(cfg, name)
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
-            out.append(f"{where}.{name}={v!r} must be a positive int (pixels)")
-    n = cfg.n_local
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 0:
-        out.append(f"{where}.n_local={n!r} must be an int >= 0")
+    """Every problem of the settings alone (no image size), as messages."""
+    out = [f"{where}.{name}={getattr(cfg, name)!r} must be a positive int (pixels)"
+           for name in ("global_size", "local_size")
+           if not (_is_int(getattr(cfg, name)) and getattr(cfg, name) > 0)]
+    if not (_is_int(cfg.n_local) and cfg.n_local >= 0):
+        out.append(f"{where}.n_local={cfg.n_local!r} must be an int >= 0")
     out += _range_problems(f"{where}.global_scale", cfg.global_scale, 0.0, 1.0)
     out += _range_problems(f"{where}.local_scale", cfg.local_scale, 0.0, 1.0)
     out += _range_problems(f"{where}.ratio", cfg.ratio, 0.0, None)
-    if not 0.0 <= cfg.intensity_p <= 1.0:
-        out.append(f"{where}.intensity_p={cfg.intensity_p!r} must be in [0, 1] (0 turns it off)")
-    for name in ("intensity_shift", "intensity_gamma"):
-        if not 0.0 <= getattr(cfg, name) < 1.0:
-            out.append(f"{where}.{name}={getattr(cfg, name)!r} must be in [0, 1) "
-                       "(CODA uses 0.005)")
+    for name, high, fix in [("intensity_p", 1.0, "0 turns it off"),
+                            ("intensity_shift", 0.5, "CODA uses 0.005"),
+                            ("intensity_gamma", 0.5, "CODA uses 0.005")]:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= high:
+            out.append(f"{where}.{name}={v!r} must be a number in [0, {high:g}] ({fix})")
+    out += [f"{where}.{name}={getattr(cfg, name)!r} must be True or False"
+            for name in ("flips", "standardize") if not isinstance(getattr(cfg, name), bool)]
     return out
 
 

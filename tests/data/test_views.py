@@ -171,7 +171,10 @@ def test_views_are_a_function_of_seed_epoch_and_rows():
     (dict(local_scale=(0.4, 0.05)), r"local_scale=\(0.4, 0.05\)"),
     (dict(ratio=(4 / 3, 3 / 4)), "ratio="),
     (dict(intensity_p=1.5), "intensity_p=1.5"),
-    (dict(intensity_gamma=-0.1), "intensity_gamma=-0.1"),
+    (dict(intensity_gamma=-0.1), "intensity_gamma=-0.1 must be a number in"),
+    (dict(intensity_shift="0.1"), "intensity_shift='0.1'"),
+    (dict(flips=1), "flips=1 must be True or False"),
+    (dict(n_local=2.0), "n_local=2.0 must be an int"),
     (dict(global_size=64), "global_size=64 exceeds the image_a size 48x48"),
 ])
 def test_bad_settings_raise_naming_the_field(change, match):
