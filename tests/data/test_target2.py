@@ -66,6 +66,8 @@ def test_real_target2_plates_per_source():
     assert [p for _, _, p in small[:3]] == ["JCPQC051", "JCPQC053", "JCPQC016"]
     assert collections.Counter(s for s, _, _ in small) == {s: 3 for s in target2.MAIN_SOURCES}
     assert tuple(cfg_().sources) == ("source_3", "source_5", "source_8", "source_11")
+    # the CPU default holds the four plates CODA validates on
+    assert {"JCPQC016", "ACPJUM012", "A1166127", "EC103-132LM2"} <= {p for _, _, p in small}
 
 
 def test_source_without_target2_plates_raises():
