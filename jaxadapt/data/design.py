@@ -3,8 +3,10 @@
 The design is real where the real JUMP tables say something: the well positions of the
 DMSO and positive-control wells on COMPOUND plates (source_3 `well.csv.gz`), the batch and
 plate names of each source (`plate.csv.gz`), and each source's microscope
-(`microscope_config.csv`). These tables ship in `jaxadapt/data/resources/` (BSD-3, see
-ORIGIN.md there); the package never reads anything else at run time.
+(`microscope_config.csv`). The `jump_target2` preset takes the real JUMP-Target-2 layout
+and MoA classes (`jaxadapt.data.target2`) and the real TARGET2 batches and plates. These
+tables ship in `jaxadapt/data/resources/` (see the ORIGIN.md files there); the package
+never reads anything else at run time.
 
 Reproduce the default design:
     python -c "from jaxadapt.data.design import *; print(len(build_design(default_sim_config())))"
@@ -21,10 +23,13 @@ import pathlib
 import ml_collections
 import numpy as np
 
+from jaxadapt.data import target2
 from jaxadapt.data.schema import DMSO, NO_LABEL, SiteTable
 
 RESOURCES = pathlib.Path(__file__).parent / "resources"
-PRESETS = ("jump_poscon",)
+PRESETS = ("jump_poscon", "jump_target2")
+#: plate.csv plate type of each preset's plates.
+PLATE_TYPE = {"jump_poscon": "COMPOUND", "jump_target2": "TARGET2"}
 ROWS = "ABCDEFGHIJKLMNOP"  # 384-well plate: 16 rows x 24 columns
 
 #: JUMP positive controls (perturbation_control.csv) with a short mechanism note from
@@ -88,15 +93,26 @@ def default_sim_config(preset: str = "jump_poscon") -> ml_collections.ConfigDict
     """
     if preset not in PRESETS:
         raise ValueError(
-            f"sim preset={preset!r} is unknown; use one of {PRESETS} "
-            "(jump_target2 is planned but not implemented yet)"
+            f"sim preset={preset!r} is unknown; use one of {PRESETS}"
         )
     c = ml_collections.ConfigDict()
     c.preset = preset
-    c.sources = ("source_3", "source_8")  # keys of microscope_config.csv
-    c.batches_per_source = 6  # real batch names first (plate.csv), then synthetic ones
-    c.plates_per_batch = 2
-    c.sites_per_well = 9  # as real JUMP source_3 and source_8
+    if preset == "jump_poscon":
+        c.sources = ("source_3", "source_8")  # keys of microscope_config.csv
+        c.batches_per_source = 6  # real batch names first (plate.csv), then synthetic ones
+        c.plates_per_batch = 2
+        c.sites_per_well = 9  # as real JUMP source_3 and source_8
+    else:  # jump_target2, CPU-sized: 4 sources x 3 batches x 1 plate x 384 wells x 1 site.
+        # Real TARGET2 batches only (see study_plates). Full size, every TARGET2 plate of
+        # CODA's sources: sources=MAIN_SOURCES + AUX_SOURCES, batches_per_source=23,
+        # plates_per_batch=2 (73 plates; source_3 25, source_5 24, source_8 4, source_11 7,
+        # source_7 7, source_10 6) and sites_per_well=9 (real count of all these sources but
+        # source_10, which takes 6; the simulator uses one count for every source).
+        # Build time of the CPU default (4,608 sites at 64 px, 2 loaded cores): ~46 s.
+        c.sources = target2.MAIN_SOURCES
+        c.batches_per_source = 3  # the first real TARGET2 batches of each source (plate.csv order)
+        c.plates_per_batch = 1  # at most this many real plates of each batch
+        c.sites_per_well = 1
     c.image_size = 64  # pixels per side
     c.binning = 4.0  # image px = binning x camera px; keeps ~20 cells in a 64 px field
     c.seed = 0
@@ -190,6 +206,12 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
                 f"sim sources contains unknown source {src!r}; use sources listed in "
                 f"microscope_config.csv: {sorted(known)}"
             )
+    if cfg.preset == "jump_target2":
+        have = real_plates("TARGET2")
+        for src in cfg.sources:
+            if src not in have:
+                raise ValueError(f"sim sources contains {src!r}, which has no TARGET2 plates in "
+                                 f"plate.csv; for jump_target2 use some of {sorted(have)}")
     if len(set(cfg.sources)) != len(cfg.sources):
         raise ValueError(f"sim sources={tuple(cfg.sources)} has duplicates; list each source once")
     for field in ("source", "batch", "plate", "well"):
@@ -210,10 +232,21 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
 def study_plates(cfg: ml_collections.ConfigDict) -> list[tuple[str, str, str]]:
     """Returns (source, batch, plate) of the study: real names first, synthetic beyond them.
 
-    Real batches and COMPOUND plate barcodes of each source are taken in `plate.csv` order;
-    batches with fewer real plates than `plates_per_batch` are skipped. When a source has too
-    few, synthetic names `<source>_simB<k>` / `<batch>_simP<k>` fill up (deterministically).
+    jump_poscon: real batches and COMPOUND plate barcodes of each source are taken in
+    `plate.csv` order; batches with fewer real plates than `plates_per_batch` are skipped.
+    When a source has too few, synthetic names `<source>_simB<k>` / `<batch>_simP<k>` fill
+    up (deterministically), so every source has exactly `batches_per_source` batches of
+    `plates_per_batch` plates.
+
+    jump_target2: only real TARGET2 batches and plates: the first `batches_per_source`
+    TARGET2 batches of each source (plate.csv order), each with its first
+    `plates_per_batch` plates; a source with fewer batches, or a batch with fewer plates,
+    contributes what it has (most real TARGET2 batches hold one plate).
     """
+    if cfg.preset == "jump_target2":
+        return [(src, batch, p) for src in cfg.sources
+                for batch, plates in real_plates("TARGET2")[src][: cfg.batches_per_source]
+                for p in plates[: cfg.plates_per_batch]]
     out = []
     for src in cfg.sources:
         real = [(b, p) for b, p in real_plates().get(src, ()) if len(p) >= cfg.plates_per_batch]
@@ -227,8 +260,15 @@ def study_plates(cfg: ml_collections.ConfigDict) -> list[tuple[str, str, str]]:
     return out
 
 
+def num_classes(preset: str) -> int:
+    """Returns the number of classes (labels 0..K-1) of a preset."""
+    return len(POSCONS) if preset == "jump_poscon" else len(target2.moa_classes())
+
+
 def plate_layout(preset: str) -> list[tuple[str, str, str, int]]:
     """Returns [(well, compound, moa, label)] of one plate of the preset, sorted by well."""
+    if preset == "jump_target2":
+        return target2.plate_layout()
     layout = []
     for well, jcp in compound_plate_layout():
         if jcp == DMSO:

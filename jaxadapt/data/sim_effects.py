@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from jaxadapt.data import design
-from jaxadapt.data.schema import SiteTable
+from jaxadapt.data.schema import DMSO, SiteTable
 
 #: Phenotype parameters (log-scale shifts from DMSO, except rounding: a logit).
 PHENO: tuple[str, ...] = (
@@ -45,6 +45,29 @@ POSCON_DIRECTIONS: dict[str, dict[str, float]] = {
     "JCP2022_012818": {"nuc_size": 0.12, "nucleoli": 0.35, "rna": 0.08},
     "JCP2022_085227": {"er": 0.09, "rna": 0.07, "golgi": 0.40, "mito": -0.05},
 }
+
+#: MoA directions of jump_target2 written from known biology: the MoAs of positive
+#: controls reuse their direction; antimitotics round up; cytotoxic MoAs cut cell count.
+#: Every other MoA gets a drawn direction (`moa_direction`).
+KNOWN_MOA_DIRECTIONS: dict[str, dict[str, float]] = {
+    "Aurora kinase inhibitor": POSCON_DIRECTIONS["JCP2022_037716"],
+    "DYRK inhibitor": POSCON_DIRECTIONS["JCP2022_012818"],
+    "glucocorticoid receptor agonist": POSCON_DIRECTIONS["JCP2022_025848"],
+    "p21 activated kinase inhibitor": POSCON_DIRECTIONS["JCP2022_064022"],
+    "sodium channel blocker": POSCON_DIRECTIONS["JCP2022_050797"],
+    "tubulin polymerization inhibitor": {"rounding": 2.0, "nuc_size": 0.25, "dna": 0.10,
+                                         "density": -0.30, "cell_aspect": -0.20},
+    "HDAC inhibitor": {"nuc_size": 0.20, "dna": -0.10, "cell_size": 0.15, "density": -0.20},
+    "protein synthesis inhibitor": {"density": -0.45, "rna": -0.12, "nucleoli": -0.30,
+                                    "cell_size": -0.15},
+    "HSP inhibitor": {"density": -0.30, "cell_size": 0.12, "er": 0.08, "mito_spread": -0.20},
+    "CDK inhibitor": {"density": -0.35, "nuc_size": 0.20, "nucleoli": -0.25},
+    "DNA synthesis inhibitor": {"nuc_size": 0.25, "cell_size": 0.18, "density": -0.30},
+    "ribonucleotide reductase inhibitor": {"nuc_size": 0.22, "cell_size": 0.15, "density": -0.30},
+}
+_SHAPE = ("nuc_size", "nuc_aspect", "cell_size", "cell_aspect", "nucleoli", "golgi",
+          "mito_spread", "ring")
+_INTENSITY = ("dna", "er", "rna", "agp", "mito")
 
 # Level tags (>= 2**31 so they never collide with the high word of a site id).
 TAG_SOURCE, TAG_BATCH, TAG_PLATE, TAG_WELL, TAG_COMPOUND, TAG_SITE = (
@@ -106,20 +129,69 @@ def _per_site(seed: int, tag: int, keys: np.ndarray, dim: int) -> np.ndarray:
     return unit_normals(seed, tag, uniq, dim)[inv]
 
 
-def class_directions(compounds: np.ndarray, cfg: ml_collections.ConfigDict) -> np.ndarray:
+@functools.lru_cache(maxsize=None)
+def moa_direction(name: str) -> np.ndarray:
+    """Returns the phenotype direction [len(PHENO)] of an MoA (or of a compound's own name).
+
+    Fixed biology, independent of the seed: known MoAs use KNOWN_MOA_DIRECTIONS; others
+    draw, from a generator keyed by the name's stable hash, 3 shape/distribution entries
+    (|v| in [0.1, 0.4]) and 1-2 whole-cell intensity entries (|v| in [0.04, 0.15], as the
+    positive controls), a cell-count loss with chance 0.3 and mitotic rounding with 0.1.
+    """
+    d = np.zeros(len(PHENO))
+    if name in KNOWN_MOA_DIRECTIONS:
+        for k, v in KNOWN_MOA_DIRECTIONS[name].items():
+            d[P[k]] = v
+        return d
+    rng = np.random.default_rng([0x5EED, design.stable_hash(name)])
+    sign = lambda n: rng.choice([-1.0, 1.0], n)
+    shape = rng.choice(len(_SHAPE), 3, replace=False)
+    d[[P[_SHAPE[i]] for i in shape]] = sign(3) * rng.uniform(0.1, 0.4, 3)
+    k = int(rng.integers(1, 3))
+    inten = rng.choice(len(_INTENSITY), k, replace=False)
+    d[[P[_INTENSITY[i]] for i in inten]] = sign(k) * rng.uniform(0.04, 0.15, k)
+    if rng.uniform() < 0.3:
+        d[P["density"]] = -rng.uniform(0.15, 0.5)
+    if rng.uniform() < 0.1:
+        d[P["rounding"]] = rng.uniform(1.0, 2.0)
+    return d
+
+
+def _base_direction(compound: str, moa: str | None) -> np.ndarray:
+    """The class direction of a compound before its own deviation (0 for DMSO)."""
+    if moa is None:  # jump_poscon: the compound is the class
+        d = np.zeros(len(PHENO))
+        for name, v in POSCON_DIRECTIONS.get(compound, {}).items():
+            d[P[name]] = v
+        return d
+    if compound == DMSO:
+        return np.zeros(len(PHENO))
+    if not moa:  # no annotation: the compound acts in its own way
+        return moa_direction(compound)
+    # several MoAs: the mean of their directions (one MoA: its direction)
+    return np.mean([moa_direction(m) for m in moa.split("|")], axis=0)
+
+
+def class_directions(compounds: np.ndarray, cfg: ml_collections.ConfigDict,
+                     moas: np.ndarray | None = None) -> np.ndarray:
     """Returns the class direction of each compound [n, len(PHENO)] (0 for DMSO).
 
     A compound moves its class's direction plus a compound-specific deviation on the same
     parameters (so a class keeps its signature), scaled by ``biology.effect_size``.
+
+    Args:
+      compounds: per-site compound ids.
+      cfg: the simulator config.
+      moas: per-site MoA annotations (jump_target2: compounds of one MoA share its
+        direction); None: the compound is the class (the jump_poscon positive controls).
     """
     comp = np.asarray(compounds)
+    keys = comp if moas is None else np.char.add(np.char.add(comp, "\x00"), np.asarray(moas))
     direction = np.zeros((len(comp), len(PHENO)))
-    uniq, inv = np.unique(comp, return_inverse=True)
-    dev = unit_normals(cfg.seed, TAG_COMPOUND, uniq, len(PHENO))
-    for u, c in enumerate(uniq):
-        d = np.zeros(len(PHENO))
-        for name, v in POSCON_DIRECTIONS.get(str(c), {}).items():
-            d[P[name]] = v
+    uniq, first, inv = np.unique(keys, return_index=True, return_inverse=True)
+    dev = unit_normals(cfg.seed, TAG_COMPOUND, comp[first], len(PHENO))
+    for u, i in enumerate(first):
+        d = _base_direction(str(comp[i]), None if moas is None else str(moas[i]))
         direction[inv == u] = d + cfg.biology.compound_deviation * np.abs(d) * dev[u]
     return cfg.biology.effect_size * direction
 
@@ -145,7 +217,8 @@ def phenotype(table: SiteTable, cfg: ml_collections.ConfigDict,
     z = _per_site(cfg.seed, TAG_WELL, wells, len(PHENO) + 1)
     scale = np.full(len(PHENO), float(b.well_sd))
     scale[P["density"]] = b.well_density_sd
-    direction = class_directions(table["compound"], cfg)
+    moas = table["moa"] if cfg.preset == "jump_target2" else None
+    direction = class_directions(table["compound"], cfg, moas)
     treated = np.any(direction != 0, axis=1)
     logit = np.log(b.penetrance / (1.0 - b.penetrance)) if 0 < b.penetrance < 1 else None
     if logit is None:  # 0 or 1: every well alike

@@ -203,7 +203,9 @@ def _data_problems(cfg: Any) -> list[str]:
     if _is_int(crop) and _is_int(size) and crop > size:
         out.append(f"config.data.crop_size={crop} exceeds config.data.sim.image_size={size}; "
                    f"set crop_size <= {size} or raise image_size")
-    classes, channels = len(design.POSCONS), len(schema.CHANNELS)  # of the jump_poscon preset
+    preset = get(sim, "preset")
+    classes = design.num_classes(preset) if preset in design.PRESETS else 1
+    channels = len(schema.CHANNELS)
     k = get(cfg, "model.num_classes")
     if _is_int(k) and k < classes:
         out.append(f"config.model.num_classes={k}: the {get(sim, 'preset')} simulator has "

@@ -98,6 +98,20 @@ def test_fields_that_must_agree_with_the_simulated_design():
     assert "splits.in_domain_fraction=1.5" in _problems(**{"splits.in_domain_fraction": 1.5})[0]
 
 
+def test_jump_target2_preset_is_validated_with_its_own_class_count():
+    from jaxadapt.data import design  # pylint: disable=g-import-not-at-top
+
+    cfg = _cfg()
+    cfg.data.sim = design.default_sim_config("jump_target2")
+    found = validation.problems(cfg)
+    assert len(found) == 1 and "jump_target2 simulator has 58 classes" in found[0]
+    assert "set --config.model.num_classes=58" in found[0]
+    cfg.model.num_classes = 58
+    assert validation.problems(cfg) == []
+    cfg.data.sim.sources = ("source_3", "source_1")
+    assert "'source_1', which has no TARGET2 plates" in validation.problems(cfg)[0]
+
+
 def test_simulator_checks_are_reused_and_named_by_their_config_key():
     found = _problems(**{"data.sim.severity.batch": -1.0})
     assert found == ["config.data.sim.severity.batch=-1.0 must be >= 0 (0 turns it off)"]
