@@ -22,6 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxadapt.models.pos_embed import bicubic_matrix, interpolate_pos_embed
+
+__all__ = [
+    "VIT_SIZES", "Attention", "Block", "DINOHead", "DINOModel", "Mlp", "ViT",
+    "WeightNormDense", "bicubic_matrix", "check_vit_config", "crop_groups",
+    "interpolate_pos_embed", "l2_normalize", "vit",
+]
+
 Array = jax.Array
 
 # DINO's trunc_normal_(std=.02) truncates at +-2 *absolute* (= +-100 std): in effect a
@@ -49,7 +57,8 @@ def _layer_norm(x: Array, name: str) -> Array:
                         name=name)(x.astype(jnp.float32))
 
 
-def check_vit_config(img_size: int, patch_size: int, *crop_sizes: int) -> None:
+def check_vit_config(img_size: int, patch_size: int, *crop_sizes: int,
+                     **named_sizes: int) -> None:
     """Config-time check that the patch size divides the model's size and every crop size.
 
     (A crop larger than the image is the views helper's check, not this one.)
@@ -57,14 +66,18 @@ def check_vit_config(img_size: int, patch_size: int, *crop_sizes: int) -> None:
     Args:
       img_size: the size of the positional-embedding grid in pixels (`ViT.img_size`).
       patch_size: `ViT.patch_size`.
-      *crop_sizes: the square crop sizes the model will see (e.g. global and local views).
+      *crop_sizes: square crop sizes the model will see (named "crop size" in errors).
+      **named_sizes: the same, named by their config key in errors, e.g.
+        ``**{"dino.local_size": 96}``.
 
     Raises:
       ValueError: naming the size, the patch size and the fix.
     """
     if not (isinstance(patch_size, (int, np.integer)) and patch_size >= 1):
         raise ValueError(f"patch_size={patch_size!r}: use an integer >= 1")
-    for what, size in [("img_size", img_size)] + [("crop size", s) for s in crop_sizes]:
+    sizes = ([("img_size", img_size)] + [("crop size", s) for s in crop_sizes]
+             + list(named_sizes.items()))
+    for what, size in sizes:
         if not (isinstance(size, (int, np.integer)) and size >= 1):
             raise ValueError(f"{what}={size!r}: use an integer >= 1")
         if size % patch_size:
@@ -73,61 +86,6 @@ def check_vit_config(img_size: int, patch_size: int, *crop_sizes: int) -> None:
                 f"{what}={size} is not divisible by patch_size={patch_size}; use a "
                 f"{what} that is a multiple of {patch_size} (e.g. {lo or hi} or {hi}) or a "
                 f"patch size that divides {size}")
-
-
-def bicubic_matrix(n_in: int, n_out: int, scale_factor: float) -> np.ndarray:
-    """The (n_out, n_in) matrix of torch's 1-D bicubic resampling (align_corners=False).
-
-    Restates `torch.nn.functional.interpolate(mode="bicubic", scale_factor=s)`: source
-    coordinate (o + 0.5) / s - 0.5 (the given scale factor, not n_in / n_out), Keys cubic
-    with A = -0.75, the four taps clamped to the border (edge replication), no antialias.
-
-    Args:
-      n_in: input length; n_out: output length; scale_factor: torch's ``scale_factor``.
-
-    Returns:
-      float64 weights; row o holds the weights of output o over the inputs.
-    """
-    a = -0.75
-    m = np.zeros((n_out, n_in))
-    for o in range(n_out):
-        src = (o + 0.5) / scale_factor - 0.5
-        i0 = math.floor(src)
-        t = src - i0
-        near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731  |x| <= 1
-        far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731  1 < |x| < 2
-        for k, w in enumerate((far(t + 1), near(t), near(1 - t), far(2 - t))):
-            m[o, min(max(i0 - 1 + k, 0), n_in - 1)] += w
-    return m
-
-
-def interpolate_pos_embed(pos_embed: Array, grid: tuple[int, int], src_grid: int) -> Array:
-    """DINO's interpolate_pos_encoding: resize the patch part of a positional embedding.
-
-    As the reference, the patch grid is resized bicubically with torch's semantics and the
-    scale factor (grid + 0.1) / src_grid (DINO's trick so that floor(src * scale) == grid);
-    the CLS entry is kept. `jax.image.resize(method="cubic")` would differ: Keys A = -0.5
-    instead of -0.75, antialiasing when shrinking (local crops shrink), edge weights
-    renormalized instead of clamped taps, and the scale n_in / n_out without the +0.1.
-
-    Args:
-      pos_embed: (1, 1 + src_grid**2, D), CLS first, patches row-major.
-      grid: the (rows, cols) patch grid of the input.
-      src_grid: the side of the stored square grid.
-
-    Returns:
-      (1, 1 + rows * cols, D); `pos_embed` itself when grid == (src_grid, src_grid).
-    """
-    gh, gw = grid
-    if (gh, gw) == (src_grid, src_grid):
-        return pos_embed
-    d = pos_embed.shape[-1]
-    patches = pos_embed[0, 1:].reshape(src_grid, src_grid, d).astype(jnp.float32)
-    mh = jnp.asarray(bicubic_matrix(src_grid, gh, (gh + 0.1) / src_grid), jnp.float32)
-    mw = jnp.asarray(bicubic_matrix(src_grid, gw, (gw + 0.1) / src_grid), jnp.float32)
-    out = jnp.einsum("ai,bj,ijd->abd", mh, mw, patches, precision=jax.lax.Precision.HIGHEST)
-    out = out.reshape(1, gh * gw, d).astype(pos_embed.dtype)
-    return jnp.concatenate([pos_embed[:, :1], out], axis=1)
 
 
 def _attention(q: Array, k: Array, v: Array, scale: float) -> Array:
@@ -157,8 +115,10 @@ class Attention(nn.Module):
             raise ValueError(f"embed_dim={d} is not divisible by num_heads={self.num_heads}; "
                              f"choose num_heads dividing embed_dim")
         hd = d // self.num_heads
-        dense = lambda f, name: nn.Dense(f, dtype=self.dtype, kernel_init=_trunc_normal,  # noqa: E731
-                                         name=name)
+
+        def dense(f: int, name: str) -> nn.Dense:
+            return nn.Dense(f, dtype=self.dtype, kernel_init=_trunc_normal, name=name)
+
         qkv = dense(3 * d, "qkv")(x).reshape(b, n, 3, self.num_heads, hd)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if self.implementation is None:

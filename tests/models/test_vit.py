@@ -17,6 +17,24 @@ from jaxadapt.models.vit import (
 # XLA:CPU compiles threefry-based initializers ~7x slower than the "rbg" generator.
 KEY = jax.random.key(0, impl="rbg")
 TINY = dict(patch_size=8, embed_dim=16, depth=2, num_heads=2, img_size=32)
+DINO = DINOModel(backbone=ViT(**TINY), head=DINOHead(out_dim=12, hidden_dim=16, bottleneck_dim=8))
+
+
+def _crops(seed=3):
+    keys = jax.random.split(jax.random.key(seed, impl="rbg"), 4)
+    return [jax.random.normal(keys[i], (2,) + ((32, 32) if i < 2 else (16, 16)) + (5,))
+            for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def dino_vars():
+    """The tiny DINO model initialized once (jitted: one compile instead of one per op)."""
+    return jax.jit(DINO.init)(KEY, _crops())
+
+
+@pytest.fixture(scope="module")
+def vit_vars(dino_vars):
+    return {"params": dino_vars["params"]["backbone"]}
 
 
 def _erf_gelu(x):
@@ -62,11 +80,10 @@ def test_shapes_any_channels_and_other_sizes():
     assert v["patch_embed"]["kernel"].shape == (8, 8, 5, 16)
 
 
-def test_bfloat16_compute_stays_close_to_float32():
-    x = jax.random.normal(KEY, (2, 32, 32, 3))
-    v = ViT(**TINY).init(KEY, x)
-    ref = ViT(**TINY).apply(v, x)["cls"]
-    got = ViT(**TINY, dtype=jnp.bfloat16).apply(v, x)["cls"]
+def test_bfloat16_compute_stays_close_to_float32(vit_vars):
+    x, v = jax.random.normal(KEY, (2, 32, 32, 5)), vit_vars
+    ref = jax.jit(ViT(**TINY).apply)(v, x)["cls"]
+    got = jax.jit(ViT(**TINY, dtype=jnp.bfloat16).apply)(v, x)["cls"]
     assert got.dtype == jnp.float32 and v["params"]["pos_embed"].dtype == jnp.float32
     err = np.abs(np.asarray(got) - np.asarray(ref)).max()
     assert 0 < err < 0.1  # bf16 matmuls: not bit-equal, but close (tokens are LayerNormed)
@@ -79,8 +96,10 @@ def test_bad_patch_size_raises_naming_both_numbers():
     with pytest.raises(ValueError, match=r"img_size=30 .*patch_size=8"):
         ViT(**{**TINY, "img_size": 30}).init(KEY, jnp.zeros((1, 32, 32, 3)))
     check_vit_config(224, 16, 224, 96)
-    with pytest.raises(ValueError, match=r"crop size=20 is not divisible by patch_size=8.*16 or 24"):
+    with pytest.raises(ValueError, match=r"crop size=20 is not divisible by patch_size=8.*16 or 2"):
         check_vit_config(48, 8, 48, 20)
+    with pytest.raises(ValueError, match=r"dino.local_size=36 is not divisible by patch_size=16"):
+        check_vit_config(224, 16, **{"dino.global_size": 224, "dino.local_size": 36})
     with pytest.raises(ValueError, match="patch_size=0"):
         check_vit_config(48, 0)
 
@@ -109,10 +128,9 @@ def test_interpolate_pos_embed_identity_and_restatement():
     np.testing.assert_allclose(out[0, 1:], ref.reshape(12, 4), atol=1e-5)
 
 
-def test_vit_uses_the_interpolated_positions_for_other_sizes():
-    x = jax.random.normal(jax.random.key(2, impl="rbg"), (2, 16, 16, 3))
-    big = ViT(**TINY)  # a 4x4 grid; the input's is 2x2
-    v = big.init(KEY, x)
+def test_vit_uses_the_interpolated_positions_for_other_sizes(vit_vars):
+    x = jax.random.normal(jax.random.key(2, impl="rbg"), (2, 16, 16, 5))
+    big, v = ViT(**TINY), vit_vars  # a 4x4 grid; the input's is 2x2
     params = dict(v["params"])
     params["pos_embed"] = interpolate_pos_embed(params["pos_embed"], (2, 2), 4)
     small = ViT(**{**TINY, "img_size": 16})  # made for 16 px: uses its embedding as is
@@ -124,7 +142,7 @@ def test_vit_uses_the_interpolated_positions_for_other_sizes():
 def test_mlp_uses_exact_gelu():
     x = jax.random.normal(KEY, (5, 8)) * 3.0
     mlp = Mlp(hidden=32)
-    v = mlp.init(KEY, x)
+    v = jax.jit(mlp.init)(KEY, x)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), v["params"])
     # Large weights so the pre-activations span [-4, 4], where tanh-GELU errs by ~1e-3.
     w1, b1 = p["fc1"]["kernel"] * 50.0, p["fc1"]["bias"]
@@ -149,7 +167,7 @@ def _np_head(p, x):
 def test_dino_head_matches_numpy_and_last_layer_columns_have_norm_one():
     head = DINOHead(out_dim=24, hidden_dim=32, bottleneck_dim=8)
     x = jax.random.normal(KEY, (6, 16))
-    v = head.init(KEY, x)
+    v = jax.jit(head.init)(KEY, x)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), v["params"])
     assert set(p) == {"mlp0", "mlp1", "mlp2", "last_layer"}
     assert set(p["last_layer"]) == {"kernel"} and p["last_layer"]["kernel"].shape == (8, 24)
@@ -176,29 +194,32 @@ def test_crop_groups_are_runs_of_equal_size():
     assert crop_groups([s(16, 24), s(16, 16)]) == [(0, 1), (1, 2)]
 
 
-def test_multicrop_equals_each_crop_separately_crop_major():
-    model = DINOModel(backbone=ViT(**TINY), head=DINOHead(out_dim=12, hidden_dim=16,
-                                                          bottleneck_dim=8))
-    keys = jax.random.split(jax.random.key(3, impl="rbg"), 5)
-    crops = [jax.random.normal(keys[i], (2, 32 if i < 2 else 16, 32 if i < 2 else 16, 5))
-             for i in range(5)]
-    v = model.init(KEY, crops)
+def test_multicrop_equals_each_crop_separately_crop_major(dino_vars):
+    crops, v = _crops(), dino_vars
     assert v["params"]["head"]["last_layer"]["kernel"].shape == (8, 12)
-    out = model.apply(v, crops)
-    assert out.shape == (10, 12)
-    sep = np.concatenate([np.asarray(model.apply(v, [c])) for c in crops])
-    np.testing.assert_allclose(np.asarray(out), sep, atol=1e-5)
-    feats = model.apply(v, crops[2], method="features")
-    ref = ViT(**TINY).apply({"params": v["params"]["backbone"]}, crops[2])["cls"]
+
+    @jax.jit  # one compile for all the passes (eager ops compile one by one)
+    def run(v, crops):
+        out, inter = DINO.apply(v, crops, capture_intermediates=True, mutable=["intermediates"])
+        calls = [c["cls"].shape[0] for c in inter["intermediates"]["backbone"]["__call__"]]
+        sep = jnp.concatenate([DINO.apply(v, [c]) for c in crops])
+        feats = DINO.apply(v, crops[2], method="features")
+        ref = ViT(**TINY).apply({"params": v["params"]["backbone"]}, crops[2])["cls"]
+        return out, jnp.asarray(calls), sep, feats, ref
+
+    out, calls, sep, feats, ref = run(v, crops)
+    assert out.shape == (8, 12)
+    # One backbone pass per run of equal-size crops: 2 globals together, 2 locals together.
+    assert calls.tolist() == [4, 4]
+    np.testing.assert_allclose(np.asarray(out), np.asarray(sep), atol=1e-5)
     np.testing.assert_allclose(np.asarray(feats), np.asarray(ref), atol=1e-6)
     with pytest.raises(ValueError, match="batch sizes"):
-        model.apply(v, [crops[0], crops[1][:1]])
+        DINO.apply(v, [crops[0], crops[1][:1]])
 
 
-def test_drop_path_only_in_training():
-    x = jax.random.normal(KEY, (4, 32, 32, 3))
+def test_drop_path_only_in_training(vit_vars):
+    x, v = jax.random.normal(KEY, (4, 32, 32, 5)), vit_vars
     m0, m1 = ViT(**TINY), ViT(**TINY, drop_path_rate=0.5)
-    v = m0.init(KEY, x)
     eval_out = m1.apply(v, x)["cls"]
     np.testing.assert_array_equal(np.asarray(eval_out), np.asarray(m0.apply(v, x)["cls"]))
     train_out = m1.apply(v, x, train=True, rngs={"dropout": jax.random.key(4, impl="rbg")})
