@@ -1,4 +1,4 @@
-"""Models: BatchNorm with explicit statistics, ResNets, and `build_model` from a config."""
+"""Models: BatchNorm with explicit statistics, ResNets, ViTs + DINO head, `build_model`."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from jaxadapt.models.norm import (
     stats_from_suff,
 )
 from jaxadapt.models.resnet import ResNet, resnet18, resnet34, resnet50
+from jaxadapt.models.vit import VIT_SIZES, DINOHead, DINOModel, ViT, check_vit_config, vit
 
 __all__ = [
-    "BatchNorm", "ResNet", "build_model", "masked_moments", "merge_suff",
-    "norm_stats_from_suff", "resnet18", "resnet34", "resnet50", "stats_from_suff",
+    "BatchNorm", "DINOHead", "DINOModel", "ResNet", "ViT", "build_model", "check_vit_config",
+    "masked_moments", "merge_suff", "norm_stats_from_suff", "resnet18", "resnet34", "resnet50",
+    "stats_from_suff", "vit",
 ]
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
@@ -37,6 +39,11 @@ def build_model(model_cfg: Any) -> nn.Module:
         ``norm_epsilon``. A whole experiment config (with a ``model`` field and no
         ``name``) is accepted too.
 
+      A ViT name ("vit_tiny" | "vit_small" | "vit_cpu", see `vit.VIT_SIZES`) builds the
+      `ViT` backbone (no classifier; any channel count, so ``width``, ``stem``,
+      ``num_classes`` and ``in_channels`` are not used); optional ``patch_size``,
+      ``img_size``, ``drop_path_rate`` override the named size.
+
     Returns:
       The Flax module (not initialized).
     """
@@ -44,10 +51,16 @@ def build_model(model_cfg: Any) -> nn.Module:
     if get("name") is None and get("model") is not None:
         return build_model(model_cfg["model"])
     name = get("name")
+    if name in VIT_SIZES:
+        kw = {k: model_cfg[k] for k in ("patch_size", "img_size", "drop_path_rate")
+              if get(k) is not None}
+        model = vit(name, **kw)
+        check_vit_config(model.img_size, model.patch_size)
+        return model
     if name not in _BUILDERS:
         raise ValueError(
             f"model.name={name!r} is unknown; set config.model.name to one of "
-            f"{sorted(_BUILDERS)}"
+            f"{sorted(_BUILDERS) + sorted(VIT_SIZES)}"
         )
     kw = {k: model_cfg[k] for k in ("width", "stem", "num_classes", "in_channels")
           if get(k) is not None}
