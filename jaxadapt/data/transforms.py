@@ -81,6 +81,32 @@ def normalize(image: np.ndarray, stats: ChannelStats) -> np.ndarray:
             / stats.std.astype(np.float32))
 
 
+#: Floor of the per-channel std in `standardize` (0-1 intensity scale): a channel whose
+#: std is below it (a constant / empty stain) is only centred, not amplified.
+STD_EPS = 1e-6
+
+
+def standardize(view: np.ndarray, eps: float = STD_EPS) -> np.ndarray:
+    """(view - mean) / max(std, eps) per channel over the pixels; std unbiased (ddof = 1).
+
+    Args:
+      view: float [h, w, C].
+      eps: std floor; a channel with std < eps (constant) is centred only.
+
+    Returns:
+      float32 [h, w, C]; every channel with std >= eps has mean 0 and unbiased std 1.
+    """
+    x = view.reshape(-1, view.shape[-1])
+    if x.shape[0] < 2:
+        raise ValueError(f"standardize needs at least 2 pixels for the unbiased std, got "
+                         f"view shape {view.shape}")
+    centred = x - x.mean(0, dtype=np.float64).astype(np.float32)
+    var = np.einsum("ij,ij->j", centred, centred, dtype=np.float64) / (x.shape[0] - 1)
+    scale = (1.0 / np.maximum(np.sqrt(var), eps)).astype(np.float32)
+    return (centred * scale).reshape(view.shape)
+
+
+
 @dataclasses.dataclass(frozen=True)
 class Transform:
     """uint8 HWC -> normalized float32 crop.
@@ -90,11 +116,14 @@ class Transform:
       stats: ChannelStats for normalization (None: only scale to float32, 0-255).
       train: True: uniform random crop + random horizontal and vertical flips (p = 0.5
         each); False: centre crop, no flips.
+      per_image: standardize every crop by its own per-channel mean and unbiased std
+        (CODA's `SelfNormalize`, as the DINO views do) instead of `stats`.
     """
 
     crop_size: int
     stats: ChannelStats | None = None
     train: bool = False
+    per_image: bool = False
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         """Args: image uint8 [H, W, C]; rng (required when train). Returns float32 [s, s, C]."""
@@ -107,6 +136,8 @@ class Transform:
             flip_h, flip_v = rng.integers(2, size=2)
             out = out[:, ::-1] if flip_h else out
             out = out[::-1] if flip_v else out
+        if self.per_image:
+            return standardize(out.astype(np.float32) / 255.0)
         if self.stats is None:
             return np.ascontiguousarray(out, dtype=np.float32)
         return normalize(out, self.stats)
@@ -120,3 +151,8 @@ def train_transform(crop_size: int, stats: ChannelStats | None) -> Transform:
 def eval_transform(crop_size: int, stats: ChannelStats | None) -> Transform:
     """Centre crop + normalization."""
     return Transform(crop_size, stats, train=False)
+
+
+def per_image_eval_transform(crop_size: int) -> Transform:
+    """Centre crop + per-image per-channel standardization (the DINO family's input)."""
+    return Transform(crop_size, None, train=False, per_image=True)

@@ -38,10 +38,8 @@ import numpy as np
 
 from jaxadapt.data import schema
 from jaxadapt.data.pipeline import _read, _seed_words
+from jaxadapt.data.transforms import STD_EPS, standardize  # noqa: F401 (re-exported)
 
-#: Floor of the per-channel std in `standardize` (0-1 intensity scale): a channel whose
-#: std is below it (a constant / empty stain) is only centred, not amplified.
-STD_EPS = 1e-6
 
 
 class ViewsConfig(NamedTuple):
@@ -271,26 +269,6 @@ def intensity_augment(view: np.ndarray, rng: np.random.Generator,
         return view
     out = np.clip(view + shift.astype(np.float32), 0.0, 1.0)
     return np.clip(out ** gamma.astype(np.float32), 0.0, 1.0)
-
-
-def standardize(view: np.ndarray, eps: float = STD_EPS) -> np.ndarray:
-    """(view - mean) / max(std, eps) per channel over the pixels; std unbiased (ddof = 1).
-
-    Args:
-      view: float [h, w, C].
-      eps: std floor; a channel with std < eps (constant) is centred only.
-
-    Returns:
-      float32 [h, w, C]; every channel with std >= eps has mean 0 and unbiased std 1.
-    """
-    x = view.reshape(-1, view.shape[-1])
-    if x.shape[0] < 2:
-        raise ValueError(f"standardize needs at least 2 pixels for the unbiased std, got "
-                         f"view shape {view.shape}")
-    centred = x - x.mean(0, dtype=np.float64).astype(np.float32)
-    var = np.einsum("ij,ij->j", centred, centred, dtype=np.float64) / (x.shape[0] - 1)
-    scale = (1.0 / np.maximum(np.sqrt(var), eps)).astype(np.float32)
-    return (centred * scale).reshape(view.shape)
 
 
 def _view(image: np.ndarray, rng: np.random.Generator, size: int,
