@@ -319,7 +319,9 @@ def parallel_dino_step(step_fn: Callable, mesh: Mesh, *, axis_name: str = "data"
 
     Returns:
       ``(state, batch) -> (state, metrics)``: state replicated, every batch leaf split
-      along axis 0, metrics replicated.
+      along axis 0, metrics replicated. On several hosts pass the batch as global arrays
+      (`jaxadapt.train.parallel.shard_batch` of each host's slice) and the state from
+      `jaxadapt.train.parallel.replicate`.
 
     Raises:
       ValueError: the step was built for another axis, the mesh lacks the axis, or the

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxadapt.adapt import dino, dino_optim
-from jaxadapt.train.parallel import make_data_mesh
+from jaxadapt.train.parallel import make_data_mesh, replicate, shard_batch
 
 KEY = jax.random.key(0, impl="rbg")
 K = 12  # head output dimension
@@ -63,11 +63,11 @@ class WeightNormed(nn.Module):
 
 
 class StandIn(nn.Module):
-    """Conv -> pool -> Dense -> LayerNorm -> bottleneck -> L2 -> weight-normed last layer."""
+    """Per-pixel dense -> pool -> Dense -> LayerNorm -> bottleneck -> L2 -> weight-normed last layer."""
 
     @nn.compact
     def __call__(self, crops):
-        conv, fc, ln = nn.Conv(4, (3, 3), name="conv"), nn.Dense(8, name="fc"), \
+        conv, fc, ln = nn.Dense(4, name="conv"), nn.Dense(8, name="fc"), \
             nn.LayerNorm(name="ln")
         # crop-major: pooled features of every crop (any size), stacked, then the head
         h = jnp.concatenate([nn.relu(conv(x)).mean((1, 2)) for x in crops], 0)
@@ -275,8 +275,10 @@ def test_monitor_numbers_and_collapse_warning():
 # ----------------------------------------------------------------------------- the step
 
 
-def _setup(params, epochs=3, niter=2, **kw):
-    sched = dino_optim.make_dino_schedules(epochs=epochs, niter_per_ep=niter, batch_size=8,
+@pytest.fixture(scope="module")
+def setup(params):
+    """Schedules (3 epochs x 2 steps, freeze 1 epoch), optimizer, state, jitted step."""
+    sched = dino_optim.make_dino_schedules(epochs=3, niter_per_ep=2, batch_size=16,
                                            warmup_epochs=1, warmup_teacher_temp_epochs=2,
                                            base_lr=0.05, momentum_teacher=0.9)
     tx = dino_optim.make_dino_optimizer(sched)
@@ -284,13 +286,12 @@ def _setup(params, epochs=3, niter=2, **kw):
     # A teacher different from the student and a non-zero centre, so order mistakes show.
     state = state.replace(teacher=jax.tree.map(lambda x: x * 0.9, params),
                           centre=jnp.linspace(-0.1, 0.1, K, dtype=jnp.float32)[None])
-    return sched, tx, state
+    return sched, tx, state, jax.jit(dino.make_dino_step(apply_fn, tx, sched, clip_grad=3.0))
 
 
-def test_step_composes_the_pure_functions_in_reference_order(params):
-    sched, tx, state = _setup(params)
-    step = jax.jit(dino.make_dino_step(apply_fn, tx, sched, clip_grad=3.0))
-    b = jax.tree.map(jnp.asarray, _batch())
+def test_step_composes_the_pure_functions_in_reference_order(params, setup):
+    sched, tx, state, step = setup
+    b = jax.tree.map(jnp.asarray, _batch(b=16))
     new, m = step(state, b)
 
     @jax.jit  # the same pure functions by hand, in the reference's order
@@ -321,12 +322,11 @@ def test_step_composes_the_pure_functions_in_reference_order(params):
         step(new, {"global": b["global"][:, :1], "local": b["local"]})
 
 
-def test_frozen_last_layer_through_the_step(params):
-    sched, tx, state = _setup(params)  # freeze = 1 epoch = 2 steps
-    step = jax.jit(dino.make_dino_step(apply_fn, tx, sched))
+def test_frozen_last_layer_through_the_step(params, setup):
+    _, _, state, step = setup  # freeze = 1 epoch = 2 steps
     v0 = np.asarray(params["last_layer"]["kernel"])
     for i in range(3):
-        state, _ = step(state, jax.tree.map(jnp.asarray, _batch(seed=i)))
+        state, _ = step(state, jax.tree.map(jnp.asarray, _batch(b=16, seed=i)))
         ll = np.asarray(state.params["last_layer"]["kernel"])
         mu = np.asarray(state.opt_state.mu["last_layer"]["kernel"])
         if i < 2:
@@ -338,19 +338,18 @@ def test_frozen_last_layer_through_the_step(params):
     assert int(state.opt_state.count["fc"]["kernel"]) == 3
 
 
-def test_parallel_equals_single_device(params):
+def test_parallel_equals_single_device(setup):
     """8 fake devices, shard_map + explicit pmean == one device on the whole batch."""
     assert jax.device_count() == 8, "tests/conftest.py fakes 8 CPU devices"
     mesh = make_data_mesh()
-    sched, tx, state = _setup(params)
-    single = jax.jit(dino.make_dino_step(apply_fn, tx, sched))
+    sched, tx, state, single = setup
     para = dino.parallel_dino_step(
         dino.make_dino_step(apply_fn, tx, sched, axis_name="data"), mesh)
-    s1, s8 = state, state
+    s1, s8 = state, replicate(state, mesh)  # placed once: one compilation
     for i in range(3):  # crosses the end of the last-layer freeze
         b = _batch(b=16, seed=i)
         s1, m1 = single(s1, jax.tree.map(jnp.asarray, b))
-        s8, m8 = para(s8, b)
+        s8, m8 = para(s8, shard_batch(b, mesh))
         for k in ("loss", "teacher_entropy", "kl", "centre_norm", "grad_norm"):
             np.testing.assert_allclose(float(m8[k]), float(m1[k]), rtol=2e-5, err_msg=k)
     for name in ("params", "teacher", "centre", "opt_state"):
