@@ -379,3 +379,29 @@ def test_pmean_of_replicated_grads_trap():
         got = jax.jit(jax.shard_map(lambda w, x: local(w, x, cast), mesh=mesh,
                                     in_specs=(P(), P("data")), out_specs=P()))(w, x)
         np.testing.assert_allclose(np.asarray(got), factor * np.asarray(want), rtol=1e-6)
+
+
+def test_stochastic_student_gets_the_step_key():
+    """With stochastic=True the student's apply_fn gets fold_in(state.key, step)."""
+    def noisy(p, crops, rng=None):
+        h = jnp.concatenate([x.mean((1, 2)) for x in crops], 0) @ p["w"]
+        if rng is not None:  # stands in for drop path
+            h = h + 0.3 * jax.random.normal(rng, h.shape)
+        return h @ p["last_layer"]["kernel"]
+
+    rng = np.random.default_rng(0)
+    p = {"w": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32),
+         "last_layer": {"kernel": jnp.asarray(rng.normal(size=(5, K)), jnp.float32)}}
+    sched = dino_optim.make_dino_schedules(epochs=2, niter_per_ep=2, batch_size=4,
+                                           warmup_epochs=1, warmup_teacher_temp_epochs=1)
+    tx = dino_optim.make_dino_optimizer(sched)
+    state = dino.create_dino_state(p, tx, KEY, K).replace(step=jnp.int32(3))
+    step = jax.jit(dino.make_dino_step(noisy, tx, sched, stochastic=True))
+    b = jax.tree.map(jnp.asarray, _batch(b=4, n_local=1))
+    _, m = step(state, b)
+    crops = [b["global"][:, 0], b["global"][:, 1], b["local"][:, 0]]
+    want = [dino.dino_loss(noisy(p, crops, jax.random.fold_in(KEY, s)), noisy(p, crops[:2]),
+                           state.centre, student_temp=0.1, teacher_temp=sched.teacher_temp[3])
+            for s in (3, 4)]
+    np.testing.assert_allclose(float(m["loss"]), float(want[0]), rtol=1e-5)
+    assert abs(float(want[1]) - float(want[0])) > 1e-4  # another step, another key
