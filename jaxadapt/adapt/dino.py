@@ -20,7 +20,7 @@ multiplied by the device count (tests/adapt/test_dino.py shows both).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.struct
 import jax

@@ -63,7 +63,7 @@ class WeightNormed(nn.Module):
 
 
 class StandIn(nn.Module):
-    """Per-pixel dense -> pool -> Dense -> LayerNorm -> bottleneck -> L2 -> weight-normed last layer."""
+    """Per-pixel dense, pool, Dense, LayerNorm, bottleneck, L2, weight-normed last layer."""
 
     @nn.compact
     def __call__(self, crops):
@@ -405,3 +405,19 @@ def test_stochastic_student_gets_the_step_key():
             for s in (3, 4)]
     np.testing.assert_allclose(float(m["loss"]), float(want[0]), rtol=1e-5)
     assert abs(float(want[1]) - float(want[0])) > 1e-4  # another step, another key
+
+
+def test_pmap_equals_single_device(setup):
+    """The same per-device step under jax.pmap (state broadcast, batch split 8 ways)."""
+    sched, tx, state, single = setup
+    pstep = jax.pmap(dino.make_dino_step(apply_fn, tx, sched, axis_name="data"),
+                     axis_name="data", in_axes=(None, 0))
+    b = _batch(b=16, seed=5)
+    s1, m1 = single(state, jax.tree.map(jnp.asarray, b))
+    s8, m8 = pstep(state, jax.tree.map(lambda x: x.reshape((8, 2) + x.shape[1:]), b))
+    np.testing.assert_allclose(np.asarray(m8["loss"]), float(m1["loss"]), rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(m8["grad_norm"]), float(m1["grad_norm"]), rtol=2e-5)
+    for a, c in zip(jax.tree.leaves((s1.params, s1.teacher, s1.centre)),
+                    jax.tree.leaves((s8.params, s8.teacher, s8.centre))):
+        for d in range(8):
+            np.testing.assert_allclose(np.asarray(c[d]), np.asarray(a), rtol=2e-5, atol=1e-6)
