@@ -33,6 +33,7 @@ def get_defaults() -> ml_collections.ConfigDict:
     c.sweep = ()
     c.data, c.splits, c.model = _data(), _splits(), _model()
     c.train, c.eval, c.arm, c.adapt = _train(), _eval(), _arm(), _adapt()
+    c.dino = _dino()
     return c
 
 
@@ -41,6 +42,9 @@ def _data() -> ml_collections.ConfigDict:
     d.sim = default_sim_config("jump_poscon")
     d.cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "jaxadapt", "tfds")
     d.crop_size = 48  # training: random crop + flips; evaluation: centre crop
+    # "dataset": per-channel mean/std of the training images (CS-ARM-BN); "per_image":
+    # each crop standardized by its own per-channel mean and unbiased std (CODA, ViTs).
+    d.normalization = "dataset"
     d.num_threads = 2  # grain reader threads (no worker processes: cheap on 2 cores)
     return d
 
@@ -116,6 +120,49 @@ def _adapt() -> ml_collections.ConfigDict:
     a.tent_lr = 1e-3
     a.plate_chunk_size = 64  # images per pass of exact whole-plate statistics
     return a
+
+
+def _dino() -> ml_collections.ConfigDict:
+    """DINO pretraining of a ViT (`config.model.name` "vit_*"); CPU-sized, paper values in comments."""
+    d = ml_collections.ConfigDict()
+    d.out_dim = 1024  # head output K (DINO 65536, CODA 4096)
+    d.hidden_dim = 512  # head MLP (2048)
+    d.bottleneck_dim = 128  # (256)
+    d.epochs = 10  # (DINO 100, CODA 300)
+    d.batch_size = 32  # global batch, over every device and host (DINO 1024)
+    d.base_lr = 5e-4  # lr = base_lr * batch_size / 256, linear warm-up then cosine
+    d.min_lr = 1e-6
+    d.warmup_epochs = 2  # (10)
+    d.weight_decay = 0.04  # cosine to weight_decay_end; not on biases and 1-D tensors
+    d.weight_decay_end = 0.4
+    d.momentum_teacher = 0.996  # teacher EMA, cosine to 1
+    d.warmup_teacher_temp = 0.04  # linear to teacher_temp over warmup_teacher_temp_epochs
+    d.teacher_temp = 0.07
+    d.warmup_teacher_temp_epochs = 3  # (30)
+    d.student_temp = 0.1
+    d.centre_momentum = 0.9
+    d.freeze_last_layer = 1  # epochs the head's last layer stays fixed
+    d.clip_grad = 3.0  # per-parameter norm clip (DINO); 0 disables
+    d.global_clip = False  # True: clip the global norm instead (CODA: 1.0)
+    d.pair_level = "plate"  # cross-batch trainer (dino_cb): partner from another "plate" or "batch"
+    d.log_every_steps = 10
+    d.knn_k = 20  # kNN probe of the teacher's features (DINO's eval_knn)
+    d.knn_temperature = 0.07
+    d.knn_bank_size = 4096  # labelled training images in the bank (a fixed random subset)
+    v = ml_collections.ConfigDict()
+    v.global_size = 48  # (224; CODA 224 of 448)
+    v.local_size = 24  # (96)
+    v.n_local = 6  # (CODA 6; DINO 8-10)
+    v.global_scale = (0.4, 1.0)
+    v.local_scale = (0.05, 0.4)
+    v.ratio = (3 / 4, 4 / 3)
+    v.flips = True
+    v.intensity_p = 0.5
+    v.intensity_shift = 0.005
+    v.intensity_gamma = 0.005
+    v.standardize = True
+    d.views = v
+    return d
 
 
 def gpu_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -70,6 +70,8 @@ class Method(NamedTuple):
       counts: names of event counters its predict_unit may raise on a unit with
         `count_event` (e.g. "units_short_of_controls" when a fallback is configured);
         the runner writes each as a result metric per split, 0 when it never happened.
+      metric_prefix: prepended to the scored metrics' names (e.g. "knn_" gives
+        knn_accuracy for a kNN probe of a frozen extractor).
     """
 
     name: str
@@ -80,6 +82,7 @@ class Method(NamedTuple):
     train_overrides: tuple[tuple[str, Any], ...] = ()
     check: Callable[[Variables], Mapping[str, Any]] | None = None
     counts: tuple[str, ...] = ()
+    metric_prefix: str = ""
 
 
 def count_event(unit: Unit, name: str) -> None:

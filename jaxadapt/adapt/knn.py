@@ -90,3 +90,41 @@ def knn_votes(queries: jax.Array, bank_features: jax.Array, bank_labels: jax.Arr
     weights = jnp.exp(top_sims / temperature)
     one_hot = jax.nn.one_hot(bank_labels[top_idx], num_classes, dtype=weights.dtype)
     return jnp.einsum("qk,qkc->qc", weights, one_hot)
+
+
+def knn_method(name: str, trainer: str):
+    """A registry factory for a kNN probe of a frozen extractor (methods `dino`, `random_init`).
+
+    The trainer's variables hold the extractor's params ({"backbone": ..., ...}) and a
+    labelled feature bank ({"features", "labels"}, see `jaxadapt.train.dino_trainer`);
+    every test image is classified by its k nearest bank features. Nothing adapts.
+
+    Args:
+      name: method name.
+      trainer: the recipe that produces the variables (`dino`, `dino_cb`, `random_init`).
+
+    Returns:
+      ``(model, cfg, setting) -> Method`` whose rows are named knn_accuracy / knn_macro_f1.
+    """
+    from jaxadapt.adapt.base import Method, collect_logits
+
+    def factory(model, cfg, setting) -> Method:
+        k, t, n_cls = cfg.dino.knn_k, cfg.dino.knn_temperature, cfg.model.num_classes
+
+        @jax.jit
+        def votes(params, bank, x):
+            feats = model.apply({"params": params["backbone"]}, x)["cls"]
+            return knn_votes(feats, bank["features"], bank["labels"], num_classes=n_cls, k=k,
+                             temperature=t)
+
+        def predict_unit(variables, unit) -> np.ndarray:
+            if "knn_bank" not in variables:
+                raise ValueError(f"method {name!r} needs variables with a 'knn_bank' (from the "
+                                 f"{trainer!r} trainer); got {sorted(variables)}")
+            return collect_logits(lambda x: votes(variables["params"], variables["knn_bank"], x),
+                                  unit)
+
+        return Method(name=name, trainer=trainer, predict_unit=predict_unit, ignores=("L",),
+                      metric_prefix="knn_")
+
+    return factory

@@ -337,7 +337,7 @@ def _score_splits(rep: Replicate, cfg: ml_collections.ConfigDict, view: DataView
         units = make_units(view.table, rows[split], setting, cfg, rep.seed)
         events: collections.Counter = collections.Counter()
         cm = score_units(method, variables, view, units, cfg.model.num_classes, events)
-        values = dict(metrics.scores(cm))
+        values = {method.metric_prefix + k: v for k, v in metrics.scores(cm).items()}
         values.update({name: float(events[name]) for name in method.counts})
         if setting.get("alpha", "balanced") != "balanced":
             values["label_shift_short_batches"] = float(sum(u.short_batches for u in units))

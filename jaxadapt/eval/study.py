@@ -28,19 +28,21 @@ def make_view(source, table: SiteTable, train_rows, data_cfg: ml_collections.Con
       source: random-access records.
       table: metadata of every record.
       train_rows: rows whose pixels define the per-channel mean and std.
-      data_cfg: `config.data` (crop_size, num_threads).
+      data_cfg: `config.data` (crop_size, num_threads, normalization: "dataset" statistics
+        of `train_rows`, or "per_image" standardization).
 
     Returns:
       The DataView.
     """
-    stats = pipeline.channel_stats(source, train_rows)
-    return DataView(
-        source=source,
-        table=table,
-        eval_transform=transforms.eval_transform(data_cfg.crop_size, stats),
-        train_transform=transforms.train_transform(data_cfg.crop_size, stats),
-        num_threads=data_cfg.num_threads,
-    )
+    if data_cfg.normalization == "per_image":
+        evaluate = transforms.per_image_eval_transform(data_cfg.crop_size)
+        train = transforms.Transform(data_cfg.crop_size, None, train=True, per_image=True)
+    else:
+        stats = pipeline.channel_stats(source, train_rows)
+        evaluate = transforms.eval_transform(data_cfg.crop_size, stats)
+        train = transforms.train_transform(data_cfg.crop_size, stats)
+    return DataView(source=source, table=table, eval_transform=evaluate, train_transform=train,
+                    num_threads=data_cfg.num_threads)
 
 
 def make_trainers(model, cfg: ml_collections.ConfigDict, names: set[str]) -> dict:

@@ -26,13 +26,15 @@ import numpy as np
 
 from jaxadapt import config as defaults
 from jaxadapt.adapt import registry
-from jaxadapt.data import design, schema, splits
-from jaxadapt.models import build_model
+from jaxadapt.data import design, schema, splits, views
+from jaxadapt.models import VIT_SIZES, build_model
 from jaxadapt.models.resnet import STEMS
 from jaxadapt.train import supervised
 from jaxadapt.train.loop import FitConfig
 
 MISSING = object()
+#: Methods whose extractor trains on cross-batch pairs (two images split the local views).
+CROSS_BATCH_METHODS = ("dino_cb", "dual_cb", "coda")
 UNITS = ("plate", "batch", "source")
 #: The command-line form of a sweep, quoted in every sweep error.
 SWEEP_SYNTAX = """--config.sweep='({"L": 16, "N": 128},)'"""
@@ -73,15 +75,28 @@ _INTEGERS = {
     "arm.episodes_per_step": 1, "arm.n_perturbed": 1, "arm.n_controls": 0,
     "arm.steps_per_epoch": 0, "arm.val_episodes": 1,
     "adapt.n_controls": 0, "adapt.control_seed": 0, "adapt.plate_chunk_size": 1,
+    "dino.out_dim": 1, "dino.hidden_dim": 1, "dino.bottleneck_dim": 1, "dino.epochs": 1,
+    "dino.batch_size": 1, "dino.warmup_epochs": 0, "dino.warmup_teacher_temp_epochs": 0,
+    "dino.freeze_last_layer": 0, "dino.log_every_steps": 1, "dino.knn_k": 1,
+    "dino.knn_bank_size": 1,
 }
 _MAY_BE_NONE = ("adapt.plate_chunk_size",)  # None: the unit's own batch size
-_POSITIVE = ("train.learning_rate", "adapt.tent_lr")
+_POSITIVE = ("train.learning_rate", "adapt.tent_lr", "dino.base_lr", "dino.min_lr",
+             "dino.warmup_teacher_temp", "dino.teacher_temp", "dino.student_temp",
+             "dino.knn_temperature")
+# Numbers in [0, 1] (momenta, weight decays) and >= 0 (clip threshold; 0 = off).
+_UNIT_INTERVAL = ("dino.momentum_teacher", "dino.centre_momentum", "dino.weight_decay",
+                  "dino.weight_decay_end")
+_NON_NEGATIVE = ("dino.clip_grad",)
+_BOOLS = ("dino.global_clip",)
 _CHOICES = {
     "eval.unit": UNITS,
     "model.stem": STEMS,
     "arm.on_missing_controls": ("raise", "skip"),
     "adapt.on_missing_controls": ("raise", "perturbed_only"),
     "adapt.on_short_controls": ("raise", "resample"),
+    "dino.pair_level": ("plate", "batch"),
+    "data.normalization": ("dataset", "per_image"),
 }
 _STRINGS = ("study", "checkpoint_dir", "data.cache_dir")
 # Batch-size fields each trainer splits over the local devices.
@@ -140,6 +155,19 @@ def _scalar_problems(cfg: Any) -> list[str]:
             out.append(_lacks(key))
         elif not (isinstance(v, str) and v in choices):
             out.append(f"config.{key}={v!r}: use one of {choices}")
+    for key, ok, rule in ([(k, lambda v: 0 <= v <= 1, "a number in [0, 1]") for k in _UNIT_INTERVAL]
+                          + [(k, lambda v: v >= 0, "a number >= 0") for k in _NON_NEGATIVE]):
+        v = get(cfg, key)
+        if v is MISSING:
+            out.append(_lacks(key))
+        elif not (_is_number(v) and ok(v)):
+            out.append(_bad(key, v, f"must be {rule}"))
+    for key in _BOOLS:
+        v = get(cfg, key)
+        if v is MISSING:
+            out.append(_lacks(key))
+        elif not isinstance(v, bool):
+            out.append(_bad(key, v, "must be True or False"))
     for key in _STRINGS:
         v = get(cfg, key)
         if v is MISSING:
@@ -221,9 +249,29 @@ def _data_problems(cfg: Any) -> list[str]:
     return out
 
 
-def _guarded(check: Callable, *args) -> list[str]:
+def _dino_problems(cfg: Any) -> list[str]:
+    """The DINO views against the image and the ViT's patch size (only for ViT models)."""
+    name = get(cfg, "model.name")
+    if not (isinstance(name, str) and name in VIT_SIZES):
+        return []
+    size = get(cfg, "data.sim.image_size")
+    patch = get(cfg, "model.patch_size")
+    patch = VIT_SIZES[name]["patch_size"] if patch in (MISSING, None) else patch
+    methods = get(cfg, "methods")
+    paired = isinstance(methods, (tuple, list)) and any(m in CROSS_BATCH_METHODS for m in methods)
+    out = _guarded(views.check_views_config, get(cfg, "dino.views"),
+                   size if _is_int(size) else None, patch_size=patch, paired=paired,
+                   where="config.dino.views")
+    crop = get(cfg, "data.crop_size")
+    if _is_int(crop) and _is_int(patch) and patch > 0 and crop % patch:
+        out.append(f"config.data.crop_size={crop} (the evaluation crop) is not divisible by "
+                   f"the ViT patch size {patch}; use a multiple of {patch}")
+    return out
+
+
+def _guarded(check: Callable, *args, **kwargs) -> list[str]:
     try:
-        check(*args)
+        check(*args, **kwargs)
     except ValueError as err:
         return [str(err)]
     return []
@@ -299,7 +347,7 @@ def sweep_problems(sweep: Any) -> list[str]:
     return out
 
 
-_CHECKS = (_scalar_problems, _study_problems, _data_problems, _train_problems,
+_CHECKS = (_scalar_problems, _study_problems, _data_problems, _train_problems, _dino_problems,
            lambda cfg: _guarded(build_model, cfg.model),
            lambda cfg: sweep_problems(get(cfg, "sweep")))
 

@@ -29,6 +29,10 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+#: ViT fields a model config may override on a named size.
+_VIT_OVERRIDES = ("patch_size", "img_size", "drop_path_rate", "embed_dim", "depth", "num_heads")
+
+
 def build_model(model_cfg: Any) -> nn.Module:
     """Build the model described by a config.
 
@@ -42,7 +46,8 @@ def build_model(model_cfg: Any) -> nn.Module:
       A ViT name ("vit_tiny" | "vit_small" | "vit_cpu", see `vit.VIT_SIZES`) builds the
       `ViT` backbone (no classifier; any channel count, so ``width``, ``stem``,
       ``num_classes`` and ``in_channels`` are not used); optional ``patch_size``,
-      ``img_size``, ``drop_path_rate`` override the named size.
+      ``img_size``, ``drop_path_rate``, ``embed_dim``, ``depth``, ``num_heads`` override
+      the named size.
 
     Returns:
       The Flax module (not initialized).
@@ -52,8 +57,7 @@ def build_model(model_cfg: Any) -> nn.Module:
         return build_model(model_cfg["model"])
     name = get("name")
     if name in VIT_SIZES:
-        kw = {k: model_cfg[k] for k in ("patch_size", "img_size", "drop_path_rate")
-              if get(k) is not None}
+        kw = {k: model_cfg[k] for k in _VIT_OVERRIDES if get(k) is not None}
         model = vit(name, **kw)
         check_vit_config(model.img_size, model.patch_size)
         return model

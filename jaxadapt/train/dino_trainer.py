@@ -186,3 +186,210 @@ def make_knn_probe(feature_fn: Callable, view, rows: dict[str, np.ndarray], conf
         return {"knn_accuracy": acc}
 
     return probe
+
+
+def _apply_fn(model: DINOModel) -> Callable:
+    """``(params, crops, rng=None) -> outputs``: stochastic (drop path) only with an rng."""
+    def apply(params, crops, rng=None):
+        if rng is None:
+            return model.apply({"params": params}, crops)
+        return model.apply({"params": params}, crops, train=True, rngs={"dropout": rng})
+    return apply
+
+
+def init_params(model: DINOModel, config: ml_collections.ConfigDict, seed: int) -> Any:
+    """Student parameters initialized from the replicate seed (on the host).
+
+    Args:
+      model: the DINOModel.
+      config: the study config (dino.views sizes, model.in_channels).
+      seed: replicate seed.
+
+    Returns:
+      The params pytree.
+    """
+    v, c = views_of(config), config.model.in_channels
+    crops = [jnp.zeros((1, v.global_size, v.global_size, c)),
+             jnp.zeros((1, v.local_size, v.local_size, c))]
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
+    return jax.jit(lambda k: model.init(k, crops)["params"])(key)
+
+
+def _schedules(config, n_iter: int) -> dino_optim.DinoSchedules:
+    d = config.dino
+    return dino_optim.make_dino_schedules(
+        epochs=d.epochs, niter_per_ep=n_iter, batch_size=d.batch_size, base_lr=d.base_lr,
+        min_lr=d.min_lr, warmup_epochs=d.warmup_epochs, weight_decay=d.weight_decay,
+        weight_decay_end=d.weight_decay_end, momentum_teacher=d.momentum_teacher,
+        warmup_teacher_temp=d.warmup_teacher_temp, teacher_temp=d.teacher_temp,
+        warmup_teacher_temp_epochs=d.warmup_teacher_temp_epochs,
+        freeze_last_layer=d.freeze_last_layer)
+
+
+def _step(model: DINOModel, config, schedules, optimizer, mesh) -> Callable:
+    d = config.dino
+    step = dino.make_dino_step(
+        _apply_fn(model), optimizer, schedules, n_global=2, axis_name=parallel.DATA_AXIS,
+        student_temp=d.student_temp, centre_momentum=d.centre_momentum, clip_grad=d.clip_grad,
+        global_clip=d.global_clip, stochastic=config.model.get("drop_path_rate", 0.0) > 0)
+    return dino.parallel_dino_step(step, mesh, axis_name=parallel.DATA_AXIS)
+
+
+def knn_variables(model: DINOModel, params: Any, view, rows: dict[str, np.ndarray], config,
+                  seed: int, mesh) -> Variables:
+    """The extractor's variables for the kNN methods: params + a labelled feature bank.
+
+    Args:
+      model: the DINOModel.
+      params: its parameters (a trained teacher, or a random initialization).
+      view: the DataView.
+      rows: the replicate's splits; the bank holds labelled "train" rows.
+      config: the study config.
+      seed: replicate seed.
+      mesh: the data mesh.
+
+    Returns:
+      {"params": params, "knn_bank": {"features", "labels"}} on the host.
+    """
+    bank_rows = _bank_rows(view.table, rows["train"], config.dino.knn_bank_size, seed)
+    if len(bank_rows) == 0:
+        raise ValueError("the training split has no labelled image for the kNN bank; "
+                         "choose a preset/compounds with class labels")
+    feats = extract_features(make_feature_fn(model, mesh), parallel.replicate(params, mesh),
+                             view, bank_rows, config.train.eval_batch_size, mesh)
+    bank = knn.make_bank(feats, view.table["label"][bank_rows], config.model.num_classes)
+    return {"params": jax.device_get(params),
+            "knn_bank": {"features": bank.features, "labels": bank.labels}}
+
+
+def _collapse_check(last: dict, out_dim: int) -> None:
+    """Warns (log) when the last step's monitor shows a collapsed teacher."""
+    if last:
+        msg = dino.collapse_warning({k: float(v) for k, v in jax.device_get(last).items()},
+                                    out_dim=out_dim)
+        if msg:
+            log.warning("DINO collapse: %s", msg)
+
+
+def make_dino_trainer(config: ml_collections.ConfigDict, *, pairs: str = "none"):
+    """Builds the DINO pretraining recipe once per study.
+
+    Args:
+      config: the study config; reads `dino` (head, schedules, views, kNN probe),
+        `model` (the ViT), `train.eval_batch_size`, `model.num_classes`.
+      pairs: "none" (plain DINO), "plate" or "batch" (CODA's cross-batch pairs: the
+        second image of a pair comes from another plate or batch).
+
+    Returns:
+      `train(view, rows, run_dir, seed) -> variables`: the trained teacher's params and a
+      kNN bank of labelled training features (`knn_variables`), plus the student's
+      params ("student") and the centre ("centre").
+    """
+    d = config.dino
+    level = pairs
+    if level not in ("none", "plate", "batch"):
+        raise ValueError(f"make_dino_trainer: pairs={pairs!r}; use 'none', 'plate' or 'batch'")
+    check_batch_size(d.batch_size, "config.dino.batch_size")
+    model, mesh, vcfg = build_dino_model(config), parallel.make_data_mesh(), views_of(config)
+
+    def train(view, rows: dict[str, np.ndarray], run_dir: str, seed: int) -> Variables:
+        train_rows = np.asarray(rows["train"])
+        n_iter = len(train_rows) // d.batch_size
+        if n_iter < 1:
+            raise ValueError(f"training split has {len(train_rows)} images, fewer than "
+                             f"config.dino.batch_size={d.batch_size}; lower the batch size")
+        schedules = _schedules(config, n_iter)
+        optimizer = dino_optim.make_dino_optimizer(schedules)
+        pstep = _step(model, config, schedules, optimizer, mesh)
+        state = dino.create_dino_state(init_params(model, config, seed), optimizer,
+                                       jax.random.fold_in(jax.random.PRNGKey(seed), 1), d.out_dim)
+        state = parallel.replicate(state, mesh)
+        last: dict = {}
+
+        def train_step(s, batch):
+            s, metrics = pstep(s, batch)
+            last.update(metrics)
+            return s, metrics
+
+        def epoch_batches(epoch: int) -> Iterator[dict]:
+            pair_index, counts = epoch_pairs(view.table, train_rows, d.batch_size, level=level,
+                                             seed=seed, epoch=epoch)
+            if counts:
+                log.info("epoch %d cross-batch pairs (%s): %s", epoch + 1, level, counts)
+            for b in views.view_batches(view.source, view.table, process_share(pair_index),
+                                        cfg=vcfg, seed=seed, epoch=epoch,
+                                        num_threads=view.num_threads):
+                yield parallel.shard_batch({"global": b["global"], "local": b["local"]}, mesh)
+
+        probe = make_knn_probe(make_feature_fn(model, mesh), view, rows, config, seed, mesh)
+
+        def validate(s) -> dict[str, float]:
+            _collapse_check(last, d.out_dim)
+            out = probe(s.teacher)
+            acc = out["knn_accuracy"]
+            return {"loss": 1.0 - acc if acc == acc else float("nan"), **out}
+
+        fit_cfg = FitConfig(num_epochs=d.epochs, patience=d.epochs, best_fields=(),
+                            ckpt_dir=os.path.join(run_dir, "checkpoints"),
+                            log_every_steps=d.log_every_steps, steps_per_epoch=n_iter,
+                            stop_after_epochs=config.train.stop_after_epochs or None)
+        with MetricWriter(os.path.join(run_dir, "logs")) as writer:
+            result = fit(state, fit_cfg, train_step=train_step, epoch_batches=epoch_batches,
+                         validate=validate, writer=writer)
+        if not result.finished:
+            raise Interrupted(run_dir, result.epochs_done)
+        write_history(run_dir, result.history)
+        out = knn_variables(model, result.state.teacher, view, rows, config, seed, mesh)
+        # What continuing DINO on new data (ODA / CODA) starts from, besides the teacher.
+        out.update(jax.device_get({"student": result.state.params, "centre": result.state.centre}))
+        return out
+
+    return train
+
+
+def make_random_init_trainer(config: ml_collections.ConfigDict):
+    """The untrained baseline: a randomly initialized extractor and its kNN bank.
+
+    Args:
+      config: the study config.
+
+    Returns:
+      `train(view, rows, run_dir, seed) -> variables` (no training; the seed picks the init).
+    """
+    model, mesh = build_dino_model(config), parallel.make_data_mesh()
+
+    def train(view, rows: dict[str, np.ndarray], run_dir: str, seed: int) -> Variables:
+        return knn_variables(model, init_params(model, config, seed), view, rows, config, seed, mesh)
+
+    return train
+
+
+def write_history(run_dir: str, history: list[dict[str, float]]) -> str | None:
+    """`dino_history.json` and a plot of teacher entropy and kNN accuracy per epoch.
+
+    Args:
+      run_dir: the training run's directory.
+      history: `FitResult.history`.
+
+    Returns:
+      The PNG path (None on processes other than 0).
+    """
+    if jax.process_index() != 0 or not history:
+        return None
+    with open(os.path.join(run_dir, "dino_history.json"), "w") as f:
+        json.dump(history, f, indent=1)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3))
+    a.plot(epochs, [h.get("train_teacher_entropy", np.nan) for h in history], marker="o")
+    a.set(xlabel="epoch", ylabel="teacher entropy (nats)", title="collapse monitor")
+    b.plot(epochs, [h.get("val_knn_accuracy", np.nan) for h in history], marker="o")
+    b.set(xlabel="epoch", ylabel="kNN accuracy", title="held-out wells")
+    fig.tight_layout()
+    path = os.path.join(run_dir, "dino_history.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,106 @@
+"""DINO pretraining recipe: trains on views over 8 fake devices, probes with kNN, resumes exactly."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxadapt.data import splits as splits_lib
+from jaxadapt.data import tfds_sim
+from jaxadapt.eval import study
+from jaxadapt.train import dino_trainer
+from jaxadapt.train.checkpoint import tree_equal
+from jaxadapt.train.supervised import Interrupted
+from tests.eval.tiny import tiny_config
+
+
+def dino_config(cache_dir, **changes):
+    """tiny_config with a 2-block ViT (patch 8, 32 px) and a small DINO head and views."""
+    c = tiny_config(cache_dir)
+    c.model.name = "vit_cpu"
+    for key, value in dict(embed_dim=16, depth=2, num_heads=2, img_size=32, patch_size=8).items():
+        c.model[key] = value
+    c.data.normalization = "per_image"
+    d = c.dino
+    d.out_dim, d.hidden_dim, d.bottleneck_dim = 64, 32, 16
+    d.epochs, d.batch_size, d.warmup_epochs, d.warmup_teacher_temp_epochs = 2, 16, 1, 1
+    d.views.global_size, d.views.local_size, d.views.n_local = 32, 16, 2
+    d.knn_bank_size = 64
+    for key, value in changes.items():
+        *path, leaf = key.split(".")
+        node = c
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    cfg = dino_config(str(tmp_path_factory.mktemp("tfds")))
+    source, table = tfds_sim.load_simulated(cfg.data.sim, cfg.data.cache_dir)
+    rows = splits_lib.make_splits(table, train_source="source_3", cfg=cfg.splits)
+    rows["train"] = rows["train"][::4]  # a short epoch: the test is about mechanics
+    view = study.make_view(source, table, rows["train"], cfg.data)
+    return cfg, view, rows
+
+
+def test_trains_probes_and_writes_history(world, tmp_path):
+    cfg, view, rows = world
+    out = dino_trainer.make_dino_trainer(cfg)(view, rows, str(tmp_path), 0)
+    assert set(out) == {"params", "knn_bank", "student", "centre"}
+    assert out["centre"].shape == (1, cfg.dino.out_dim)
+    assert not tree_equal(out["params"], out["student"])  # the teacher lags the student
+    hist = json.load(open(tmp_path / "dino_history.json"))
+    assert [h["epoch"] for h in hist] == [0, 1]
+    for h in hist:
+        assert 0 < h["train_teacher_entropy"] <= np.log(cfg.dino.out_dim) + 1e-4
+        assert 0 <= h["val_knn_accuracy"] <= 1
+    assert os.path.getsize(tmp_path / "dino_history.png") > 0
+    bank = out["knn_bank"]
+    assert bank["features"].shape[0] == bank["labels"].shape[0] <= cfg.dino.knn_bank_size
+    np.testing.assert_allclose(np.linalg.norm(bank["features"], axis=1), 1, rtol=1e-5)
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(world, tmp_path):
+    cfg, view, rows = world
+    full = dino_trainer.make_dino_trainer(cfg)(view, rows, str(tmp_path / "full"), 0)
+    cut = dino_config(cfg.data.cache_dir, **{"train.stop_after_epochs": 1})
+    with pytest.raises(Interrupted):
+        dino_trainer.make_dino_trainer(cut)(view, rows, str(tmp_path / "cut"), 0)
+    resumed = dino_trainer.make_dino_trainer(cfg)(view, rows, str(tmp_path / "cut"), 0)
+    for key in ("params", "student", "centre"):
+        assert tree_equal(jax.device_get(full[key]), jax.device_get(resumed[key])), key
+
+
+def test_cross_batch_pairs_train_and_plain_differs(world, tmp_path):
+    cfg, view, rows = world
+    one = dino_config(cfg.data.cache_dir, **{"dino.epochs": 1, "dino.warmup_teacher_temp_epochs": 0,
+                                            "dino.warmup_epochs": 0})
+    plain = dino_trainer.make_dino_trainer(one)(view, rows, str(tmp_path / "p"), 0)
+    paired = dino_trainer.make_dino_trainer(one, pairs="plate")(view, rows, str(tmp_path / "c"), 0)
+    assert not tree_equal(plain["student"], paired["student"])
+
+
+def test_random_init_is_seeded_and_untrained(world, tmp_path):
+    cfg, view, rows = world
+    train = dino_trainer.make_random_init_trainer(cfg)
+    a, b = train(view, rows, str(tmp_path), 0), train(view, rows, str(tmp_path), 1)
+    assert not tree_equal(a["params"], b["params"])
+    assert tree_equal(a["params"], train(view, rows, str(tmp_path), 0)["params"])
+
+
+def test_bad_pairs_and_small_split_raise(world, tmp_path):
+    cfg, view, rows = world
+    with pytest.raises(ValueError, match="pairs="):
+        dino_trainer.make_dino_trainer(cfg, pairs="well")
+    tiny_rows = dict(rows, train=rows["train"][:8])
+    with pytest.raises(ValueError, match="dino.batch_size"):
+        dino_trainer.make_dino_trainer(cfg)(view, tiny_rows, str(tmp_path), 0)
+
+
+def test_process_share_splits_the_global_batch():
+    index = np.arange(24).reshape(3, 8)
+    np.testing.assert_array_equal(dino_trainer.process_share(index), index)  # one process
