@@ -23,12 +23,13 @@ from jaxadapt.data import samplers
 from jaxadapt.eval import metrics, validation
 from jaxadapt.eval.reports import Score
 from jaxadapt.eval.units import DataView, PipelineUnit
+from jaxadapt.train import registry as trainer_registry
 
 log = logging.getLogger(__name__)
 
 # (data view, rows of each split, checkpoint dir, seed) -> trained variables. Built once
 # per study, so jitted steps compile once and serve every replicate.
-TrainFn = Callable[[DataView, dict[str, np.ndarray], str, int], Variables]
+TrainFn = trainer_registry.TrainFn
 
 
 class Replicate(NamedTuple):
@@ -42,23 +43,15 @@ class Replicate(NamedTuple):
         return f"train_source={self.train_source},seed={self.seed}"
 
 
-#: Config sections that determine a trained model (data, splits, architecture, recipe).
-TRAINING_FIELDS = ("data", "splits", "model", "train", "arm")
-#: Config fields that never change the weights (speed, paths), for every trainer.
-NOT_TRAINING = ("data.num_threads", "data.cache_dir")
-#: Fields a trainer never reads: changing them must not retrain its models.
-IGNORED_BY_TRAINER = {
-    "erm": ("arm",),
-    "arm_bn": ("arm.n_controls", "arm.on_missing_controls"),  # episodes hold no controls
-}
-
-
 def training_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
     """A short hash of everything that determines the weights a trainer produces.
 
     Checkpoints live under this key, so studies that share `config.checkpoint_dir`
     reuse a trained model only when it was trained the same way; any other change
-    trains anew instead of silently reusing a model trained differently.
+    trains anew instead of silently reusing a model trained differently. What enters
+    the hash is what the recipe declares (`jaxadapt.train.registry.Trainer`): the
+    common sections (data, splits, model) and its own (e.g. train, arm), without the
+    fields it never reads.
 
     Args:
       cfg: the study config.
@@ -66,16 +59,26 @@ def training_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
 
     Returns:
       `<trainer>-<12 hex digits>`.
+
+    Raises:
+      ValueError: an unknown recipe, naming the known ones.
     """
-    spec = {k: cfg[k].to_dict() for k in TRAINING_FIELDS if k in cfg}
-    for path in NOT_TRAINING + IGNORED_BY_TRAINER.get(trainer, ()):
+    recipe = trainer_registry.get(trainer)
+    spec = {k: _plain(cfg[k]) for k in trainer_registry.COMMON_SECTIONS + recipe.sections
+            if k in cfg}
+    for path in trainer_registry.NOT_TRAINING + recipe.ignored:
         *parents, leaf = path.split(".")
         node = spec
         for key in parents:
             node = node.get(key, {})
-        node.pop(leaf, None)
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
     return f"{trainer}-{digest[:12]}"
+
+
+def _plain(value: Any) -> Any:
+    return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
 
 
 class TrainerSpec(NamedTuple):
@@ -104,8 +107,9 @@ def _get(cfg: ml_collections.ConfigDict, path: str) -> Any:
 def trainer_spec(method: Method, cfg: ml_collections.ConfigDict) -> TrainerSpec:
     """The canonical recipe a method's weights come from.
 
-    Overrides the recipe never reads (`IGNORED_BY_TRAINER`) or that equal the config's
-    value are dropped, so that identically trained models are built and stored once.
+    Overrides the recipe never reads (`Trainer.reads`: outside its sections, or among
+    its ignored fields) or that equal the config's value are dropped, so that
+    identically trained models are built and stored once.
 
     Args:
       method: the method.
@@ -114,9 +118,8 @@ def trainer_spec(method: Method, cfg: ml_collections.ConfigDict) -> TrainerSpec:
     Returns:
       The TrainerSpec.
     """
-    ignored = IGNORED_BY_TRAINER.get(method.trainer, ())
-    keep = [(k, v) for k, v in method.train_overrides
-            if not any(k == i or k.startswith(i + ".") for i in ignored) and _get(cfg, k) != v]
+    recipe = trainer_registry.get(method.trainer)
+    keep = [(k, v) for k, v in method.train_overrides if recipe.reads(k) and _get(cfg, k) != v]
     return TrainerSpec(method.trainer, tuple(sorted(keep, key=lambda kv: kv[0])))
 
 
@@ -152,7 +155,7 @@ def build_trainers(methods: Iterable[tuple[dict, Method]], cfg: ml_collections.C
       methods: (setting, method) pairs from `method_settings`.
       cfg: the study config.
       make: (config, recipe names) -> name -> training function (e.g.
-        `jaxadapt.eval.study.make_trainers` with the model bound).
+        `jaxadapt.train.registry.build_trainers` with the model bound).
 
     Returns:
       TrainerSpec -> training function (built with the spec's training config).

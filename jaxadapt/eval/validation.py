@@ -29,7 +29,7 @@ from jaxadapt.adapt import registry
 from jaxadapt.data import design, schema, splits
 from jaxadapt.models import build_model
 from jaxadapt.models.resnet import STEMS
-from jaxadapt.train import supervised
+from jaxadapt.train import registry as trainer_registry, supervised
 from jaxadapt.train.loop import FitConfig
 
 MISSING = object()
@@ -84,8 +84,6 @@ _CHOICES = {
     "adapt.on_short_controls": ("raise", "resample"),
 }
 _STRINGS = ("study", "checkpoint_dir", "data.cache_dir")
-# Batch-size fields each trainer splits over the local devices.
-_DEVICE_SPLIT = {"erm": ("train.batch_size", "train.eval_batch_size")}
 
 
 def get(cfg: Any, key: str) -> Any:
@@ -247,9 +245,14 @@ def _device_problems(cfg: Any) -> list[str]:
     which the study runner also does before any rendering.)
     """
     model = build_model(cfg.model)
-    trainers = {registry.make_method(n, model, cfg, {}).trainer for n in cfg.methods}
+    names = {registry.make_method(n, model, cfg, {}).trainer for n in cfg.methods}
+    unknown = sorted(names - set(trainer_registry.available()))
+    if unknown:
+        return [f"config.methods={tuple(cfg.methods)!r} need training recipes {unknown}, which "
+                f"are not registered; known trainers: {trainer_registry.available()}"]
+    fields = {k for n in names for k in trainer_registry.get(n).device_batch_fields}
     out = []
-    for key in sorted({k for t in trainers for k in _DEVICE_SPLIT.get(t, ())}):
+    for key in sorted(fields):
         out += _guarded(supervised.check_batch_size, get(cfg, key), f"config.{key}")
     return out
 

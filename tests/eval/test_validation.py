@@ -163,8 +163,7 @@ def nothing_may_run(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("rendering or training started before the config was validated")
     monkeypatch.setattr(study.tfds_sim, "load_simulated", forbidden)
-    monkeypatch.setattr(study.supervised, "make_erm_trainer", forbidden)
-    monkeypatch.setattr(study.episodic, "make_episodic_trainer", forbidden)
+    monkeypatch.setattr(study.trainer_registry, "build_trainers", forbidden)
 
 
 @pytest.mark.parametrize("changes,match", [
