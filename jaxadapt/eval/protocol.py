@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from jaxadapt.adapt.base import Method, Variables
-from jaxadapt.data import samplers
+from jaxadapt.data import samplers, splits as splits_lib
 from jaxadapt.eval import metrics, validation
 from jaxadapt.eval.reports import Score
 from jaxadapt.eval.units import DataView, PipelineUnit
@@ -305,7 +305,9 @@ def run_replicate(rep: Replicate, cfg: ml_collections.ConfigDict, view: DataView
       rep: the replicate.
       cfg: study config (eval_splits, eval.unit, eval.batch_size, model.num_classes).
       view: data access normalized with this replicate's training statistics.
-      rows: split name -> table rows, from `splits.make_splits`.
+      rows: split name -> table rows, from `splits.make_splits`; a pair split
+        `source:<a>-><b>` of `cfg.eval_splits` is scored only by replicates trained
+        on a (`splits.split_rows`).
       methods: (setting, method) pairs to score; a method built for a setting.
       trainers: from `build_trainers`.
       workdir: run directory; checkpoints go below it.
@@ -337,7 +339,10 @@ def _score_splits(rep: Replicate, cfg: ml_collections.ConfigDict, view: DataView
     """One method under one setting on every evaluation split."""
     scores = []
     for split in cfg.eval_splits:
-        units = make_units(view.table, rows[split], setting, cfg, rep.seed)
+        split_rows = splits_lib.split_rows(view.table, rows, split, rep.train_source)
+        if split_rows is None:  # a source pair trained on another replicate's source
+            continue
+        units = make_units(view.table, split_rows, setting, cfg, rep.seed)
         events: collections.Counter = collections.Counter()
         cm = score_units(method, variables, view, units, cfg.model.num_classes, events)
         values = dict(metrics.scores(cm))

@@ -147,7 +147,8 @@ def _scalar_problems(cfg: Any) -> list[str]:
     return out
 
 
-def _names(cfg: Any, key: str, allowed: Any, what: str, rule: str = "") -> list[str]:
+def _names(cfg: Any, key: str, allowed: Any, what: str, rule: str = "",
+           adjective: str = "") -> list[str]:
     """A non-empty tuple of distinct values, each in `allowed` (a container or a test)."""
     v = get(cfg, key)
     syntax = f"pass a tuple, e.g. --config.{key}=\"{_example(key)}\""
@@ -161,7 +162,7 @@ def _names(cfg: Any, key: str, allowed: Any, what: str, rule: str = "") -> list[
         known = f"; {rule}" if rule else f"; use some of {tuple(allowed)}"
         # `--config.methods=erm,tent` arrives as ('erm,tent',): show the tuple syntax.
         hint = f"; {syntax}" if any(isinstance(x, str) and "," in x for x in bad) else ""
-        adjective = "invalid" if callable(allowed) else "unknown"
+        adjective = adjective or ("invalid" if callable(allowed) else "unknown")
         listed = ", ".join(repr(x) for x in bad)
         return [f"config.{key}={tuple(v)!r}: {adjective} {what} {listed}{known}{hint}"]
     if len(set(v)) != len(v):
@@ -178,7 +179,9 @@ def _study_problems(cfg: Any) -> list[str]:
     out += _names(cfg, "methods", registry.available(), "method")
     out += _names(cfg, "train_sources", sources, "source",
                   f"use some of config.data.sim.sources={sources!r}")
-    out += _names(cfg, "eval_splits", splits.SPLITS, "split")
+    out += _names(cfg, "eval_splits", _is_split, "split",
+                  f"use some of {splits.SPLITS} or source pairs 'source:<a>-><b>'", "unknown")
+    out += _pair_problems(cfg, sources)
     evals, trains = get(cfg, "eval_splits"), get(cfg, "train_sources")
     if isinstance(evals, (tuple, list)) and "new_source" in evals:
         for src in trains if isinstance(trains, (tuple, list)) else ():
@@ -187,6 +190,35 @@ def _study_problems(cfg: Any) -> list[str]:
                            f"config.data.sim.sources={sources!r} has no source besides the "
                            f"training source {src!r}; add one (e.g. 'source_8') or drop "
                            "new_source from config.eval_splits")
+    return out
+
+
+def _is_split(name: Any) -> bool:
+    if not isinstance(name, str):
+        return False
+    try:
+        return name in splits.SPLITS or splits.parse_pair(name) is not None
+    except ValueError:
+        return False
+
+
+def _pair_problems(cfg: Any, sources: tuple) -> list[str]:
+    """Source pairs in eval_splits: both names simulated, the first one trained on."""
+    evals, trains = get(cfg, "eval_splits"), get(cfg, "train_sources")
+    trains = tuple(trains) if isinstance(trains, (tuple, list)) else ()
+    out = []
+    for name in evals if isinstance(evals, (tuple, list)) else ():
+        pair = splits.parse_pair(name) if _is_split(name) else None
+        if pair is None:
+            continue
+        unknown = [s for s in pair if s not in sources]
+        if unknown:
+            out.append(f"config.eval_splits: {name!r} names unknown source(s) {unknown}; "
+                       f"valid sources: config.data.sim.sources={sources!r}")
+        elif pair[0] not in trains:
+            out.append(f"config.eval_splits: {name!r} scores models trained on {pair[0]!r}, "
+                       f"which config.train_sources={trains!r} does not train; add it there "
+                       "or drop the pair")
     return out
 
 
