@@ -79,6 +79,9 @@ def _train() -> ml_collections.ConfigDict:
 def _eval() -> ml_collections.ConfigDict:
     e = ml_collections.ConfigDict()
     e.unit = "plate"  # adaptation unit: plate, batch or source
+    # Which rows of a unit a method adapts on: "unit" (all of it), "first_plate",
+    # "first_batch", "plate:<name>" or "batch:<name>"; scoring always covers the unit.
+    e.adapt_on = "unit"
     e.batch_size = 32  # test batch = the context L of batch-statistics methods
     e.seed = 0  # shuffling of test chunks and label-shift draws
     return e

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from jaxadapt.adapt.base import Method, Variables
-from jaxadapt.data import samplers, splits as splits_lib
+from jaxadapt.data import samplers, splits as splits_lib, subsets
 from jaxadapt.eval import metrics, validation
 from jaxadapt.eval.reports import Score
 from jaxadapt.eval.units import DataView, PipelineUnit
@@ -202,8 +202,9 @@ def swept_settings(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     return [dict(s) for s in (cfg.get("sweep") or ({},))]
 
 
-#: Setting keys the runner itself reads (how test units and batches are cut).
-RUNNER_KEYS = ("L", "alpha", "unit")
+#: Setting keys the runner itself reads (how test units and batches are cut, and which
+#: subset of a unit methods adapt on).
+RUNNER_KEYS = ("L", "alpha", "unit", "adapt_on")
 
 
 def method_settings(names, build: Callable[[str, dict], Method],
@@ -241,23 +242,50 @@ def make_units(table, rows: np.ndarray, setting: Mapping[str, Any],
     Args:
       table: metadata of every record.
       rows: the split's rows (perturbed and control).
-      setting: one swept setting (`L`, `alpha`, `unit` are used here).
-      cfg: study config (defaults `eval.batch_size`, `eval.unit`, `eval.seed`).
+      setting: one swept setting (`L`, `alpha`, `unit`, `adapt_on` are used here).
+      cfg: study config (defaults `eval.batch_size`, `eval.unit`, `eval.adapt_on`,
+        `eval.seed`).
       replicate_seed: the replicate's seed; label-shift draws depend on
         (`eval.seed`, replicate seed, unit), so every replicate sees its own draws.
         Balanced chunks are shuffled by `eval.seed` alone (identical across replicates).
 
     Returns:
-      The split's units, each with padded batches of size L and its control rows.
+      The split's units, each with padded batches of size L and its control rows, and
+      its adaptation subset (`EvalUnit.adaptation`) when `adapt_on` is not "unit".
+
+    Raises:
+      ValueError: an unknown unit or `adapt_on`, naming the valid ones.
     """
     batch_size = int(setting.get("L", cfg.eval.batch_size))
     unit = setting.get("unit", cfg.eval.unit)
     alpha = setting.get("alpha", "balanced")
     if alpha == "balanced":
-        return samplers.eval_units(table, rows, unit=unit, batch_size=batch_size, seed=cfg.eval.seed)
-    return samplers.label_shift_units(table, rows, alpha=float(alpha), batch_size=batch_size,
-                                      num_classes=cfg.model.num_classes, unit=unit,
-                                      seed=(int(cfg.eval.seed), int(replicate_seed)))
+        units = samplers.eval_units(table, rows, unit=unit, batch_size=batch_size,
+                                    seed=cfg.eval.seed)
+    else:
+        units = samplers.label_shift_units(table, rows, alpha=float(alpha), batch_size=batch_size,
+                                           num_classes=cfg.model.num_classes, unit=unit,
+                                           seed=(int(cfg.eval.seed), int(replicate_seed)))
+    return subsets.with_adaptation(table, units, adapt_on(setting, cfg), batch_size)
+
+
+def adapt_on(setting: Mapping[str, Any], cfg: ml_collections.ConfigDict) -> str:
+    """The adaptation subset a setting asks for: its `adapt_on`, else `eval.adapt_on`."""
+    return setting.get("adapt_on", cfg.eval.get("adapt_on", "unit"))
+
+
+def check_adapt_on(method: Method, setting: Mapping[str, Any],
+                   cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError when a method is asked to adapt on a subset it cannot use.
+
+    Args:
+      method: the method.
+      setting: its projected setting.
+      cfg: the study config.
+    """
+    problem = validation.adapt_on_problem(method, adapt_on(setting, cfg))
+    if problem:
+        raise ValueError(problem)
 
 
 def score_units(method: Method, variables: Variables, view: DataView,
@@ -328,6 +356,7 @@ def run_replicate(rep: Replicate, cfg: ml_collections.ConfigDict, view: DataView
                     f"study does not provide (trainers: {sorted(t.name for t in trainers)})")
             run_dir = checkpoint_path(training_config(cfg, spec), rep, spec.name, workdir)
             trained[spec] = trainers[spec](view, rows, run_dir, rep.seed)
+        check_adapt_on(method, setting, cfg)
         notes = dict(method.check(trained[spec])) if method.check else {}
         scores += _score_splits(rep, cfg, view, rows, {**setting, **notes}, method, trained[spec])
     return scores

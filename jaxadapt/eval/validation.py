@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxadapt import config as defaults
 from jaxadapt.adapt import registry
-from jaxadapt.data import design, schema, splits
+from jaxadapt.data import design, schema, splits, subsets
 from jaxadapt.models import build_model
 from jaxadapt.models.resnet import STEMS
 from jaxadapt.train import registry as trainer_registry, supervised
@@ -62,6 +62,8 @@ SWEEP_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
               "a number > 0 or 'balanced' (Dirichlet label shift)"),
     "N": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (controls per test context)"),
     "unit": (lambda v: isinstance(v, str) and v in UNITS, f"one of {UNITS} (adaptation unit)"),
+    "adapt_on": (lambda v: not _guarded(subsets.check_adapt_on, v),
+                 f"one of {subsets.ADAPT_ON}, 'plate:<name>' or 'batch:<name>' (adaptation subset)"),
 }
 
 # Integer fields -> smallest valid value (None allowed where marked in _MAY_BE_NONE).
@@ -138,6 +140,12 @@ def _scalar_problems(cfg: Any) -> list[str]:
             out.append(_lacks(key))
         elif not (isinstance(v, str) and v in choices):
             out.append(f"config.{key}={v!r}: use one of {choices}")
+    v = get(cfg, "eval.adapt_on")
+    if v is MISSING:
+        out.append(_lacks("eval.adapt_on"))
+    elif not isinstance(v, str) or _guarded(subsets.check_adapt_on, v):
+        out.append(_bad("eval.adapt_on", v, f"use one of {subsets.ADAPT_ON}, 'plate:<name>' "
+                        "or 'batch:<name>'"))
     for key in _STRINGS:
         v = get(cfg, key)
         if v is MISSING:
@@ -269,7 +277,8 @@ def _train_problems(cfg: Any) -> list[str]:
 
 
 def _device_problems(cfg: Any) -> list[str]:
-    """Batch sizes that the study's trainers split over the local devices.
+    """What needs the built methods: their adaptation subsets, their trainers being
+    registered, and the batch sizes those trainers split over the local devices.
 
     Builds the model and each method (cheap: nothing is initialized or compiled) to learn
     which trainers the study runs; so it runs on an otherwise valid config only. (How
@@ -277,7 +286,11 @@ def _device_problems(cfg: Any) -> list[str]:
     which the study runner also does before any rendering.)
     """
     model = build_model(cfg.model)
-    names = {registry.make_method(n, model, cfg, {}).trainer for n in cfg.methods}
+    methods = [registry.make_method(n, model, cfg, {}) for n in cfg.methods]
+    adapt_problems = _adapt_on_problems(cfg, methods)
+    if adapt_problems:
+        return adapt_problems
+    names = {m.trainer for m in methods}
     unknown = sorted(names - set(trainer_registry.available()))
     if unknown:
         return [f"config.methods={tuple(cfg.methods)!r} need training recipes {unknown}, which "
@@ -287,6 +300,32 @@ def _device_problems(cfg: Any) -> list[str]:
     for key in sorted(fields):
         out += _guarded(supervised.check_batch_size, get(cfg, key), f"config.{key}")
     return out
+
+
+def adapt_on_problem(method: Any, adapt_on: str) -> str | None:
+    """Why `method` cannot run with adaptation subset `adapt_on`; None if it can.
+
+    Args:
+      method: a `jaxadapt.adapt.base.Method`.
+      adapt_on: the subset selector (`jaxadapt.data.subsets`).
+
+    Returns:
+      The message, or None ("unit", a method that adapts once per unit, or one that
+      ignores adaptation).
+    """
+    if adapt_on == "unit" or method.adapts_on_subset or "adapt_on" in method.ignores:
+        return None
+    return (f"method {method.name!r} adapts on the very batches it scores, so it cannot adapt "
+            f"on adapt_on={adapt_on!r} and score the whole unit; score it with adapt_on='unit' "
+            "or use a method that adapts once per unit (e.g. adabn_plate, ben, cs_arm_bn_plate)")
+
+
+def _adapt_on_problems(cfg: Any, methods: list) -> list[str]:
+    """Methods asked (by eval.adapt_on or the sweep) to adapt on a subset they cannot use."""
+    sweep = get(cfg, "sweep") or ()
+    chosen = {s["adapt_on"] for s in sweep if "adapt_on" in s} | {get(cfg, "eval.adapt_on")}
+    found = [adapt_on_problem(m, a) for m in methods for a in sorted(chosen)]
+    return [f for f in found if f]
 
 
 def sweep_problems(sweep: Any) -> list[str]:

@@ -195,3 +195,20 @@ def test_source_pair_splits_are_validated():
         "('source_3',) does not train" in found[0]
     assert _problems(eval_splits=("source:source_8->source_3",),
                      train_sources=("source_3", "source_8")) == []
+
+
+def test_adapt_on_is_validated_with_the_methods_that_can_use_it():
+    assert _problems(**{"eval.adapt_on": "first_plate", "methods": ("erm", "adabn_plate", "ben",
+                                                                    "cs_arm_bn_plate")}) == []
+    found = _problems(**{"eval.adapt_on": "third_plate"})
+    assert len(found) == 1 and "config.eval.adapt_on='third_plate'" in found[0] \
+        and "'unit', 'first_plate', 'first_batch'" in found[0]
+    found = _problems(**{"eval.adapt_on": "first_plate", "methods": ("adabn", "erm")})
+    assert found == ["method 'adabn' adapts on the very batches it scores, so it cannot adapt on "
+                     "adapt_on='first_plate' and score the whole unit; score it with "
+                     "adapt_on='unit' or use a method that adapts once per unit (e.g. "
+                     "adabn_plate, ben, cs_arm_bn_plate)"]
+    found = _problems(sweep=({"adapt_on": "plate:P1"},), methods=("tent",))
+    assert len(found) == 1 and "method 'tent'" in found[0]
+    found = _problems(sweep=({"adapt_on": "plates"},))
+    assert len(found) == 1 and "adapt_on='plates'" in found[0] and "adaptation subset" in found[0]
