@@ -190,8 +190,9 @@ def swept_settings(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     """The settings a study sweeps (`config.sweep`), e.g. [{"alpha": 0.01}, {"L": 16, "N": 0}].
 
     Keys the runner understands: `L` (test batch = context size), `alpha` (Dirichlet
-    label shift; "balanced" for none), `unit` (adaptation unit); any other key (e.g.
-    `N`, the control count) is read by the methods. An empty sweep is one empty setting.
+    label shift; "balanced" for none), `unit` (adaptation unit), `adapt_on` (the subset of
+    a unit methods adapt on, `jaxadapt.data.subsets`); any other key (e.g. `N`, the
+    control count) is read by the methods. An empty sweep is one empty setting.
 
     Raises:
       ValueError: (a `validation.ConfigError`) naming each malformed setting, key and value.

@@ -63,7 +63,8 @@ SWEEP_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "N": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (controls per test context)"),
     "unit": (lambda v: isinstance(v, str) and v in UNITS, f"one of {UNITS} (adaptation unit)"),
     "adapt_on": (lambda v: not _guarded(subsets.check_adapt_on, v),
-                 f"one of {subsets.ADAPT_ON}, 'plate:<name>' or 'batch:<name>' (adaptation subset)"),
+                 f"one of {subsets.ADAPT_ON}, 'plate:<name>' or 'batch:<name>' "
+                 "(adaptation subset)"),
 }
 
 # Integer fields -> smallest valid value (None allowed where marked in _MAY_BE_NONE).

@@ -256,7 +256,8 @@ def _restore_item(template: PyTree, saved: Any) -> PyTree:
     orbax stores them in.
     """
     if _is_struct(template) and isinstance(saved, dict):
-        fields = [f.name for f in dataclasses.fields(template) if f.metadata.get("pytree_node", True)]
+        fields = [f.name for f in dataclasses.fields(template)
+                  if f.metadata.get("pytree_node", True)]
         values = {n: getattr(template, n) for n in fields}
         missing = [n for n in fields if n not in saved and not jax.tree.leaves(values[n])]
         inner = {n: _restore_item(v, saved[n]) if n in saved else v
@@ -273,7 +274,8 @@ def _restore_item(template: PyTree, saved: Any) -> PyTree:
 def _rebuild(template: PyTree, restored: PyTree) -> PyTree:
     """The restored values in the template's types; fields not restored from the template."""
     if _is_struct(template) and isinstance(restored, dict):
-        return template.replace(**{n: _rebuild(getattr(template, n), v) for n, v in restored.items()})
+        return template.replace(
+            **{n: _rebuild(getattr(template, n), v) for n, v in restored.items()})
     if isinstance(template, dict) and isinstance(restored, dict):
         return {k: _rebuild(v, restored[k]) if k in restored else v for k, v in template.items()}
     return restored

@@ -22,9 +22,9 @@ def test_first_plate_and_named_subsets_select_their_rows():
     want = rows[(t["plate"][rows] == "s0b0p0") & ~t["is_control"][rows]]
     assert sub.name == "s0@s0b0p0" and sub.rows.shape[1] == 5
     np.testing.assert_array_equal(np.sort(real), want)  # each perturbed row once
-    np.testing.assert_array_equal(sub.control_rows, want_c := rows[
-        (t["plate"][rows] == "s0b0p0") & t["is_control"][rows]])
-    assert len(want_c) > 0
+    want_controls = rows[(t["plate"][rows] == "s0b0p0") & t["is_control"][rows]]
+    assert len(want_controls) > 0
+    np.testing.assert_array_equal(sub.control_rows, want_controls)
     # The scored unit's order is kept (its shuffled order, restricted to the plate).
     order = unit.rows[unit.mask]
     np.testing.assert_array_equal(real, order[t["plate"][order] == "s0b0p0"])

@@ -89,7 +89,8 @@ def test_trainer_spec_drops_overrides_the_recipe_never_reads(toy_registry):
     method = Method("m", "toy", lambda v, u: None,
                     train_overrides=(("arm.n_controls", 3), ("toy.log_every", 1),
                                      ("toy.momentum", 0.5)))
-    assert protocol.trainer_spec(method, cfg) == protocol.TrainerSpec("toy", (("toy.momentum", 0.5),))
+    want = protocol.TrainerSpec("toy", (("toy.momentum", 0.5),))
+    assert protocol.trainer_spec(method, cfg) == want
     erm = Method("e", "erm", lambda v, u: None, train_overrides=(("arm.n_controls", 3),))
     assert protocol.trainer_spec(erm, cfg) == protocol.TrainerSpec("erm")
 
