@@ -25,11 +25,15 @@ def get_defaults() -> ml_collections.ConfigDict:
     c.methods = ("erm",)
     # Leave-one-source-out folds: each entry trains on that source, the rest is new_source.
     c.train_sources = ("source_3",)
+    # Pooled splits (jaxadapt.data.splits.SPLITS) and/or source pairs "source:<a>-><b>"
+    # (trained on a, scored on b; a == b: a's in-domain wells); splits.source_matrix builds
+    # a whole source x target matrix.
     c.eval_splits = ("in_domain", "new_batch", "new_source")
     # Trained models are kept under <checkpoint_dir>/<source>/seed<k>/<trainer>-<config hash>;
     # "" = <workdir>/checkpoints. Studies sharing a directory reuse identically trained models.
     c.checkpoint_dir = ""
-    # Swept settings, one result row each: L (test batch), alpha (label shift), N (controls).
+    # Swept settings, one result row each: L (test batch), alpha (label shift), N (controls),
+    # unit (adaptation unit), adapt_on (the subset of a unit methods adapt on).
     c.sweep = ()
     c.data, c.splits, c.model = _data(), _splits(), _model()
     c.train, c.eval, c.arm, c.adapt = _train(), _eval(), _arm(), _adapt()
@@ -83,6 +87,9 @@ def _train() -> ml_collections.ConfigDict:
 def _eval() -> ml_collections.ConfigDict:
     e = ml_collections.ConfigDict()
     e.unit = "plate"  # adaptation unit: plate, batch or source
+    # Which rows of a unit a method adapts on: "unit" (all of it), "first_plate",
+    # "first_batch", "plate:<name>" or "batch:<name>"; scoring always covers the unit.
+    e.adapt_on = "unit"
     e.batch_size = 32  # test batch = the context L of batch-statistics methods
     e.seed = 0  # shuffling of test chunks and label-shift draws
     return e

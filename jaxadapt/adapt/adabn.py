@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxadapt.adapt.base import Method, Unit, Variables, collect_logits
+from jaxadapt.adapt.base import Method, Unit, Variables, adaptation_unit, collect_logits
 from jaxadapt.adapt.bn import Chunk, apply_with_stats, check_finite, plate_stats
 
 log = logging.getLogger(__name__)
@@ -82,12 +82,14 @@ def plate_method(name: str, model: nn.Module, cfg: Any, *, images: bool,
         variant of CS-ARM-BN).
 
     Returns:
-      The Method; statistics are computed once per unit, predictions at ERM cost.
+      The Method; statistics are computed once per unit (on its adaptation subset,
+      `adaptation_unit`, when the runner sets one), predictions at ERM cost.
     """
     chunk = _adapt_field(cfg, "plate_chunk_size", None)
     on_missing = _adapt_field(cfg, "on_missing_controls", "raise")
 
     def predict_unit(variables: Variables, unit: Unit) -> np.ndarray:
+        unit, scored = adaptation_unit(unit), unit  # statistics of the subset, scores of all
         context = _unit_chunks(unit, images=images, controls=controls)
         if controls and not images and not context:
             if on_missing != "perturbed_only":
@@ -99,10 +101,11 @@ def plate_method(name: str, model: nn.Module, cfg: Any, *, images: bool,
                         "images (adapt.on_missing_controls='perturbed_only')", unit.name, name)
             context = _unit_chunks(unit, images=True, controls=False)
         stats = plate_stats(model, variables, context, chunk_size=chunk)
-        return collect_logits(functools.partial(apply_with_stats, model, variables, stats), unit)
+        return collect_logits(functools.partial(apply_with_stats, model, variables, stats), scored)
 
     # Whole-unit statistics: the test batch size cannot change a prediction.
-    return Method(name=name, trainer=trainer, predict_unit=predict_unit, ignores=("L",))
+    return Method(name=name, trainer=trainer, predict_unit=predict_unit, ignores=("L",),
+                  adapts_on_subset=True)
 
 
 def adabn_plate(model: nn.Module, cfg: Any = None,

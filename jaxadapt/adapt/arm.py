@@ -439,4 +439,4 @@ def cs_arm_bn_plate(model: nn.Module, cfg: Any = None,
     counts = ("units_without_controls",) if on_missing == "perturbed_only" else ()
     # Whole-unit statistics: the test batch size cannot change a prediction.
     return Method(name="cs_arm_bn_plate", trainer="cs_arm_bn", predict_unit=predict_unit,
-                  ignores=("L",), check=check, counts=counts)
+                  ignores=("L",), check=check, counts=counts, adapts_on_subset=True)

@@ -72,6 +72,10 @@ class Method(NamedTuple):
         the runner writes each as a result metric per split, 0 when it never happened.
       metric_prefix: prepended to the scored metrics' names (e.g. "knn_" gives
         knn_accuracy for a kNN probe of a frozen extractor).
+      adapts_on_subset: its predict_unit adapts on `adaptation_unit(unit)` and
+        scores every batch of `unit`, so the runner may give it an adaptation subset
+        (`eval.adapt_on` other than "unit"); methods whose context is the scored batch
+        itself (AdaBN, TENT, CS-ARM-BN chunks) leave it False.
     """
 
     name: str
@@ -83,6 +87,24 @@ class Method(NamedTuple):
     check: Callable[[Variables], Mapping[str, Any]] | None = None
     counts: tuple[str, ...] = ()
     metric_prefix: str = ""
+    adapts_on_subset: bool = False
+
+
+def adaptation_unit(unit: Unit) -> Unit:
+    """The unit whose images a method adapts on (its statistics, its optimizer steps).
+
+    The protocol runner's units may adapt on a subset of what they score (config
+    `eval.adapt_on`, e.g. the first plate of a source): they expose it as
+    ``unit.adaptation()``. Other units adapt on themselves.
+
+    Args:
+      unit: the scored unit.
+
+    Returns:
+      ``unit.adaptation()`` when the unit has it, else `unit`.
+    """
+    subset = getattr(unit, "adaptation", None)
+    return subset() if callable(subset) else unit
 
 
 def count_event(unit: Unit, name: str) -> None:

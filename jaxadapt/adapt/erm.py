@@ -42,5 +42,6 @@ def erm(model: nn.Module) -> Method:
     def predict_unit(variables: Variables, unit: Unit):
         return collect_logits(functools.partial(predict, variables), unit)
 
-    # Running statistics: the test batch size cannot change a prediction.
-    return Method(name="erm", trainer="erm", predict_unit=predict_unit, ignores=("L",))
+    # Running statistics: neither the test batch size nor an adaptation subset can
+    # change a prediction.
+    return Method(name="erm", trainer="erm", predict_unit=predict_unit, ignores=("L", "adapt_on"))

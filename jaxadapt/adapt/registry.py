@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import ml_collections
 
-from jaxadapt.adapt import adabn, arm, ben, tent
+from jaxadapt.adapt import adabn, arm, ben, knn, tent
 from jaxadapt.adapt import erm as erm_lib
 from jaxadapt.adapt.base import Method
 
@@ -23,6 +23,10 @@ _FACTORIES: dict[str, Factory] = {
     "arm_bn": arm.arm_bn,
     "cs_arm_bn": arm.cs_arm_bn,
     "cs_arm_bn_plate": arm.cs_arm_bn_plate,
+    # kNN probes of a frozen ViT extractor (rows knn_accuracy, knn_macro_f1).
+    "dino": knn.knn_method("dino", "dino"),
+    "dino_cb": knn.knn_method("dino_cb", "dino_cb"),
+    "random_init": knn.knn_method("random_init", "random_init"),
 }
 
 

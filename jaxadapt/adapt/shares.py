@@ -32,7 +32,7 @@ from typing import Any, Mapping, NamedTuple
 import flax.linen as nn
 import numpy as np
 
-from jaxadapt.adapt.base import Unit, Variables, collect_logits, count_event
+from jaxadapt.adapt.base import Unit, Variables, adaptation_unit, collect_logits, count_event
 from jaxadapt.adapt.bn import Chunk, apply_with_stats, plate_stats
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,7 @@ def plate_predict_unit(model: nn.Module, variables: Variables, unit: Unit, *,
     Args:
       model: the architecture.
       variables: trained variables with an episode record.
-      unit: the target unit.
+      unit: the target unit (statistics from `adaptation_unit(unit)`, scores of all).
       chunk_size: rows per `plate_stats` pass (None: the unit's batch size).
       on_missing_controls: see `share_weighted_context`.
       method: the method's name, for messages.
@@ -214,8 +214,9 @@ def plate_predict_unit(model: nn.Module, variables: Variables, unit: Unit, *,
       float32 ``[n, K]`` logits of the unit's samples in batch order.
     """
     trained = episode_shape(variables, method=method)
-    context = share_weighted_context(unit, trained, on_missing_controls=on_missing_controls,
-                                     method=method)
+    # Statistics of the adaptation subset (the unit itself unless the runner sets one).
+    context = share_weighted_context(adaptation_unit(unit), trained,
+                                     on_missing_controls=on_missing_controls, method=method)
     stats = plate_stats(model, variables, context, chunk_size=chunk_size)
     return collect_logits(functools.partial(apply_with_stats, model, variables, stats), unit)
 

@@ -43,6 +43,8 @@ class EvalUnit(NamedTuple):
       short_batches: label-shift units only: how many batches hold fewer than
         ``batch_size`` samples because a class had fewer rows than the batch's count of
         it (that class is then taken whole, never resampled); 0 otherwise.
+      adaptation: the EvalUnit a method adapts on when it is not this unit itself
+        (`jaxadapt.data.subsets`, e.g. the unit's first plate); None: this unit.
     """
 
     name: str
@@ -50,6 +52,7 @@ class EvalUnit(NamedTuple):
     mask: np.ndarray
     control_rows: np.ndarray
     short_batches: int = 0
+    adaptation: "EvalUnit | None" = None
 
 
 def _rows(rows) -> np.ndarray:

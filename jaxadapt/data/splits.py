@@ -6,6 +6,10 @@ batches) a stratified fraction of wells per (plate, compound) -- DMSO included, 
 evaluation units need their controls -- is held out as the in-domain test set; whole
 wells are held out so that no site of a test well is seen in training. Every row of
 the other sources is the new-source split.
+
+For the source x target matrix, `source:<a>-><b>` names one cell: models trained on
+source a, scored on every row of source b (b != a), or on a's held-out in-domain
+wells (b == a). `split_rows` resolves any split name for one training source.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from jaxadapt.data import schema
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "in_domain", "new_batch", "new_source")
+#: Prefix of a per-pair split name, `source:<train source>-><target source>`.
+PAIR_PREFIX = "source:"
+_ARROW = "->"
 
 
 def _count(value, n: int, field: str) -> int:
@@ -157,3 +164,80 @@ def _check_splits(table: schema.SiteTable, splits: dict[str, np.ndarray],
                     f"class label={int(lab)} (compound {comp}) occurs in split {name!r} but not "
                     "in train; drop that class from the study or give its compound wells on "
                     "the training plates (more plates/wells, lower splits.in_domain_fraction)")
+
+
+def pair_name(train_source: str, target_source: str) -> str:
+    """The split name of one source pair: `source:<train_source>-><target_source>`."""
+    return f"{PAIR_PREFIX}{train_source}{_ARROW}{target_source}"
+
+
+def parse_pair(name: str) -> tuple[str, str] | None:
+    """(train source, target source) of a per-pair split name; None for a pooled name.
+
+    Args:
+      name: a split name, e.g. "source:source_3->source_8" or "new_source".
+
+    Returns:
+      The two source names, or None when `name` does not start with `source:`.
+
+    Raises:
+      ValueError: a `source:` name that is not `source:<a>-><b>` with both names set.
+    """
+    if not name.startswith(PAIR_PREFIX):
+        return None
+    a, arrow, b = name[len(PAIR_PREFIX):].partition(_ARROW)
+    if not arrow or not a or not b or _ARROW in b:
+        raise ValueError(f"split {name!r}: write a source pair as 'source:<train source>->"
+                         "<target source>', e.g. 'source:source_3->source_8'")
+    return a, b
+
+
+def source_matrix(train_sources, target_sources) -> tuple[str, ...]:
+    """Every pair split of a source x target matrix, row by row.
+
+    Args:
+      train_sources: sources models are trained on (rows).
+      target_sources: sources they are scored on (columns); a pair with itself is the
+        in-domain cell.
+
+    Returns:
+      ("source:a->b", ...) for every a in `train_sources`, b in `target_sources`.
+    """
+    return tuple(pair_name(a, b) for a in train_sources for b in target_sources)
+
+
+def split_rows(table: schema.SiteTable, rows: dict[str, np.ndarray], name: str,
+               train_source: str) -> np.ndarray | None:
+    """The rows a split name scores for models trained on `train_source`.
+
+    Args:
+      table: the study's SiteTable.
+      rows: `make_splits(table, train_source=train_source, ...)`.
+      name: a pooled split (`SPLITS`) or a pair `source:<a>-><b>`.
+      train_source: the replicate's training source.
+
+    Returns:
+      Sorted row indices; None for a pair split of another training source (a != the
+      replicate's source: that cell belongs to another replicate).
+
+    Raises:
+      ValueError: an unknown split or source name, naming the valid ones.
+    """
+    pair = parse_pair(name)
+    if pair is None:
+        if name not in rows:
+            raise ValueError(f"unknown split {name!r}; use one of {SPLITS} or a pair "
+                             "'source:<train source>-><target source>'")
+        return rows[name]
+    a, b = pair
+    sources = table.unique("source").tolist()
+    unknown = [x for x in pair if x not in sources]
+    if unknown:
+        raise ValueError(f"split {name!r} names unknown source(s) {unknown}; valid sources: "
+                         f"{sources}")
+    if a != train_source:
+        return None
+    if b == a:
+        return rows["in_domain"]
+    new = rows["new_source"]
+    return new[table["source"][new] == b]

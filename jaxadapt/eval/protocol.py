@@ -19,16 +19,17 @@ import ml_collections
 import numpy as np
 
 from jaxadapt.adapt.base import Method, Variables
-from jaxadapt.data import samplers
+from jaxadapt.data import samplers, splits as splits_lib, subsets
 from jaxadapt.eval import metrics, validation
 from jaxadapt.eval.reports import Score
 from jaxadapt.eval.units import DataView, PipelineUnit
+from jaxadapt.train import registry as trainer_registry
 
 log = logging.getLogger(__name__)
 
 # (data view, rows of each split, checkpoint dir, seed) -> trained variables. Built once
 # per study, so jitted steps compile once and serve every replicate.
-TrainFn = Callable[[DataView, dict[str, np.ndarray], str, int], Variables]
+TrainFn = trainer_registry.TrainFn
 
 
 class Replicate(NamedTuple):
@@ -42,23 +43,15 @@ class Replicate(NamedTuple):
         return f"train_source={self.train_source},seed={self.seed}"
 
 
-#: Config sections that determine a trained model (data, splits, architecture, recipe).
-TRAINING_FIELDS = ("data", "splits", "model", "train", "arm")
-#: Config fields that never change the weights (speed, paths), for every trainer.
-NOT_TRAINING = ("data.num_threads", "data.cache_dir")
-#: Fields a trainer never reads: changing them must not retrain its models.
-IGNORED_BY_TRAINER = {
-    "erm": ("arm",),
-    "arm_bn": ("arm.n_controls", "arm.on_missing_controls"),  # episodes hold no controls
-}
-
-
 def training_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
     """A short hash of everything that determines the weights a trainer produces.
 
     Checkpoints live under this key, so studies that share `config.checkpoint_dir`
     reuse a trained model only when it was trained the same way; any other change
-    trains anew instead of silently reusing a model trained differently.
+    trains anew instead of silently reusing a model trained differently. What enters
+    the hash is what the recipe declares (`jaxadapt.train.registry.Trainer`): the
+    common sections (data, splits, model) and its own (e.g. train, arm), without the
+    fields it never reads.
 
     Args:
       cfg: the study config.
@@ -66,16 +59,26 @@ def training_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
 
     Returns:
       `<trainer>-<12 hex digits>`.
+
+    Raises:
+      ValueError: an unknown recipe, naming the known ones.
     """
-    spec = {k: cfg[k].to_dict() for k in TRAINING_FIELDS if k in cfg}
-    for path in NOT_TRAINING + IGNORED_BY_TRAINER.get(trainer, ()):
+    recipe = trainer_registry.get(trainer)
+    spec = {k: _plain(cfg[k]) for k in trainer_registry.COMMON_SECTIONS + recipe.sections
+            if k in cfg}
+    for path in trainer_registry.NOT_TRAINING + recipe.ignored:
         *parents, leaf = path.split(".")
         node = spec
         for key in parents:
             node = node.get(key, {})
-        node.pop(leaf, None)
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
     return f"{trainer}-{digest[:12]}"
+
+
+def _plain(value: Any) -> Any:
+    return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
 
 
 class TrainerSpec(NamedTuple):
@@ -104,8 +107,9 @@ def _get(cfg: ml_collections.ConfigDict, path: str) -> Any:
 def trainer_spec(method: Method, cfg: ml_collections.ConfigDict) -> TrainerSpec:
     """The canonical recipe a method's weights come from.
 
-    Overrides the recipe never reads (`IGNORED_BY_TRAINER`) or that equal the config's
-    value are dropped, so that identically trained models are built and stored once.
+    Overrides the recipe never reads (`Trainer.reads`: outside its sections, or among
+    its ignored fields) or that equal the config's value are dropped, so that
+    identically trained models are built and stored once.
 
     Args:
       method: the method.
@@ -114,9 +118,8 @@ def trainer_spec(method: Method, cfg: ml_collections.ConfigDict) -> TrainerSpec:
     Returns:
       The TrainerSpec.
     """
-    ignored = IGNORED_BY_TRAINER.get(method.trainer, ())
-    keep = [(k, v) for k, v in method.train_overrides
-            if not any(k == i or k.startswith(i + ".") for i in ignored) and _get(cfg, k) != v]
+    recipe = trainer_registry.get(method.trainer)
+    keep = [(k, v) for k, v in method.train_overrides if recipe.reads(k) and _get(cfg, k) != v]
     return TrainerSpec(method.trainer, tuple(sorted(keep, key=lambda kv: kv[0])))
 
 
@@ -152,7 +155,7 @@ def build_trainers(methods: Iterable[tuple[dict, Method]], cfg: ml_collections.C
       methods: (setting, method) pairs from `method_settings`.
       cfg: the study config.
       make: (config, recipe names) -> name -> training function (e.g.
-        `jaxadapt.eval.study.make_trainers` with the model bound).
+        `jaxadapt.train.registry.build_trainers` with the model bound).
 
     Returns:
       TrainerSpec -> training function (built with the spec's training config).
@@ -187,8 +190,9 @@ def swept_settings(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     """The settings a study sweeps (`config.sweep`), e.g. [{"alpha": 0.01}, {"L": 16, "N": 0}].
 
     Keys the runner understands: `L` (test batch = context size), `alpha` (Dirichlet
-    label shift; "balanced" for none), `unit` (adaptation unit); any other key (e.g.
-    `N`, the control count) is read by the methods. An empty sweep is one empty setting.
+    label shift; "balanced" for none), `unit` (adaptation unit), `adapt_on` (the subset of
+    a unit methods adapt on, `jaxadapt.data.subsets`); any other key (e.g. `N`, the
+    control count) is read by the methods. An empty sweep is one empty setting.
 
     Raises:
       ValueError: (a `validation.ConfigError`) naming each malformed setting, key and value.
@@ -199,8 +203,9 @@ def swept_settings(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     return [dict(s) for s in (cfg.get("sweep") or ({},))]
 
 
-#: Setting keys the runner itself reads (how test units and batches are cut).
-RUNNER_KEYS = ("L", "alpha", "unit")
+#: Setting keys the runner itself reads (how test units and batches are cut, and which
+#: subset of a unit methods adapt on).
+RUNNER_KEYS = ("L", "alpha", "unit", "adapt_on")
 
 
 def method_settings(names, build: Callable[[str, dict], Method],
@@ -238,23 +243,50 @@ def make_units(table, rows: np.ndarray, setting: Mapping[str, Any],
     Args:
       table: metadata of every record.
       rows: the split's rows (perturbed and control).
-      setting: one swept setting (`L`, `alpha`, `unit` are used here).
-      cfg: study config (defaults `eval.batch_size`, `eval.unit`, `eval.seed`).
+      setting: one swept setting (`L`, `alpha`, `unit`, `adapt_on` are used here).
+      cfg: study config (defaults `eval.batch_size`, `eval.unit`, `eval.adapt_on`,
+        `eval.seed`).
       replicate_seed: the replicate's seed; label-shift draws depend on
         (`eval.seed`, replicate seed, unit), so every replicate sees its own draws.
         Balanced chunks are shuffled by `eval.seed` alone (identical across replicates).
 
     Returns:
-      The split's units, each with padded batches of size L and its control rows.
+      The split's units, each with padded batches of size L and its control rows, and
+      its adaptation subset (`EvalUnit.adaptation`) when `adapt_on` is not "unit".
+
+    Raises:
+      ValueError: an unknown unit or `adapt_on`, naming the valid ones.
     """
     batch_size = int(setting.get("L", cfg.eval.batch_size))
     unit = setting.get("unit", cfg.eval.unit)
     alpha = setting.get("alpha", "balanced")
     if alpha == "balanced":
-        return samplers.eval_units(table, rows, unit=unit, batch_size=batch_size, seed=cfg.eval.seed)
-    return samplers.label_shift_units(table, rows, alpha=float(alpha), batch_size=batch_size,
-                                      num_classes=cfg.model.num_classes, unit=unit,
-                                      seed=(int(cfg.eval.seed), int(replicate_seed)))
+        units = samplers.eval_units(table, rows, unit=unit, batch_size=batch_size,
+                                    seed=cfg.eval.seed)
+    else:
+        units = samplers.label_shift_units(table, rows, alpha=float(alpha), batch_size=batch_size,
+                                           num_classes=cfg.model.num_classes, unit=unit,
+                                           seed=(int(cfg.eval.seed), int(replicate_seed)))
+    return subsets.with_adaptation(table, units, adapt_on(setting, cfg), batch_size)
+
+
+def adapt_on(setting: Mapping[str, Any], cfg: ml_collections.ConfigDict) -> str:
+    """The adaptation subset a setting asks for: its `adapt_on`, else `eval.adapt_on`."""
+    return setting.get("adapt_on", cfg.eval.get("adapt_on", "unit"))
+
+
+def check_adapt_on(method: Method, setting: Mapping[str, Any],
+                   cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError when a method is asked to adapt on a subset it cannot use.
+
+    Args:
+      method: the method.
+      setting: its projected setting.
+      cfg: the study config.
+    """
+    problem = validation.adapt_on_problem(method, adapt_on(setting, cfg))
+    if problem:
+        raise ValueError(problem)
 
 
 def score_units(method: Method, variables: Variables, view: DataView,
@@ -302,7 +334,9 @@ def run_replicate(rep: Replicate, cfg: ml_collections.ConfigDict, view: DataView
       rep: the replicate.
       cfg: study config (eval_splits, eval.unit, eval.batch_size, model.num_classes).
       view: data access normalized with this replicate's training statistics.
-      rows: split name -> table rows, from `splits.make_splits`.
+      rows: split name -> table rows, from `splits.make_splits`; a pair split
+        `source:<a>-><b>` of `cfg.eval_splits` is scored only by replicates trained
+        on a (`splits.split_rows`).
       methods: (setting, method) pairs to score; a method built for a setting.
       trainers: from `build_trainers`.
       workdir: run directory; checkpoints go below it.
@@ -323,6 +357,7 @@ def run_replicate(rep: Replicate, cfg: ml_collections.ConfigDict, view: DataView
                     f"study does not provide (trainers: {sorted(t.name for t in trainers)})")
             run_dir = checkpoint_path(training_config(cfg, spec), rep, spec.name, workdir)
             trained[spec] = trainers[spec](view, rows, run_dir, rep.seed)
+        check_adapt_on(method, setting, cfg)
         notes = dict(method.check(trained[spec])) if method.check else {}
         scores += _score_splits(rep, cfg, view, rows, {**setting, **notes}, method, trained[spec])
     return scores
@@ -334,7 +369,10 @@ def _score_splits(rep: Replicate, cfg: ml_collections.ConfigDict, view: DataView
     """One method under one setting on every evaluation split."""
     scores = []
     for split in cfg.eval_splits:
-        units = make_units(view.table, rows[split], setting, cfg, rep.seed)
+        split_rows = splits_lib.split_rows(view.table, rows, split, rep.train_source)
+        if split_rows is None:  # a source pair trained on another replicate's source
+            continue
+        units = make_units(view.table, split_rows, setting, cfg, rep.seed)
         events: collections.Counter = collections.Counter()
         cm = score_units(method, variables, view, units, cfg.model.num_classes, events)
         values = {method.metric_prefix + k: v for k, v in metrics.scores(cm).items()}

@@ -16,7 +16,7 @@ from jaxadapt.data.schema import SiteTable
 from jaxadapt.eval import protocol, reports, validation
 from jaxadapt.eval.units import DataView
 from jaxadapt.models import build_model
-from jaxadapt.train import episodic, supervised
+from jaxadapt.train import registry as trainer_registry
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +51,15 @@ def make_trainers(model, cfg: ml_collections.ConfigDict, names: set[str]) -> dic
     Args:
       model: the architecture.
       cfg: the study config.
-      names: trainer names (`erm`, `arm_bn`, `cs_arm_bn`, `ben`).
+      names: names registered in `jaxadapt.train.registry` (`erm`, `arm_bn`, ...).
 
     Returns:
       name -> `train(view, rows, run_dir, seed) -> variables`.
+
+    Raises:
+      ValueError: an unknown name, listing the registered ones.
     """
-    recipes = {
-        "erm": lambda: supervised.make_erm_trainer(model, cfg),
-        "arm_bn": lambda: episodic.make_episodic_trainer(model, cfg, with_controls=False),
-        "cs_arm_bn": lambda: episodic.make_episodic_trainer(model, cfg, with_controls=True),
-        "ben": lambda: episodic.make_episodic_trainer(model, cfg, with_controls=True,
-                                                      stats="controls"),
-    }
-    unknown = names - set(recipes)
-    if unknown:
-        raise ValueError(f"no training recipe for {sorted(unknown)}; known: {sorted(recipes)}")
-    return {name: recipes[name]() for name in sorted(names)}
+    return trainer_registry.build_trainers(model, cfg, names)
 
 
 def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> list[reports.Row]:
@@ -113,7 +106,7 @@ def load_replicate(cfg: ml_collections.ConfigDict, trainer: str, rep: protocol.R
 
     Args:
       cfg: the study config.
-      trainer: training recipe (`erm`, `arm_bn`, `cs_arm_bn`, `ben`).
+      trainer: a training recipe of `jaxadapt.train.registry` (`erm`, `arm_bn`, ...).
       rep: training source and seed.
       workdir: the study's run directory (checkpoints go below it unless
         `cfg.checkpoint_dir` is set).

@@ -72,6 +72,15 @@ class PipelineUnit:
         """How many control images the unit has."""
         return len(self.spec.control_rows)
 
+    def adaptation(self) -> "PipelineUnit":
+        """The unit a method adapts on: the subset `spec.adaptation` selects, else itself.
+
+        It shares this unit's event counter, so fallbacks on it are counted.
+        """
+        if self.spec.adaptation is None:
+            return self
+        return PipelineUnit(self.view, self.spec.adaptation, self.batch_size, self.events)
+
     def batches(self) -> Iterator[UnitBatch]:
         for batch in self.view.eval_batches(self.spec.rows, self.spec.mask):
             yield UnitBatch(image=batch["image"], mask=batch["mask"])

@@ -26,10 +26,10 @@ import numpy as np
 
 from jaxadapt import config as defaults
 from jaxadapt.adapt import registry
-from jaxadapt.data import design, schema, splits, views
+from jaxadapt.data import design, schema, splits, subsets, views
 from jaxadapt.models import VIT_SIZES, build_model
 from jaxadapt.models.resnet import STEMS
-from jaxadapt.train import supervised
+from jaxadapt.train import registry as trainer_registry, supervised
 from jaxadapt.train.loop import FitConfig
 
 MISSING = object()
@@ -64,6 +64,9 @@ SWEEP_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
               "a number > 0 or 'balanced' (Dirichlet label shift)"),
     "N": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (controls per test context)"),
     "unit": (lambda v: isinstance(v, str) and v in UNITS, f"one of {UNITS} (adaptation unit)"),
+    "adapt_on": (lambda v: not _guarded(subsets.check_adapt_on, v),
+                 f"one of {subsets.ADAPT_ON}, 'plate:<name>' or 'batch:<name>' "
+                 "(adaptation subset)"),
 }
 
 # Integer fields -> smallest valid value (None allowed where marked in _MAY_BE_NONE).
@@ -99,8 +102,6 @@ _CHOICES = {
     "data.normalization": ("dataset", "per_image"),
 }
 _STRINGS = ("study", "checkpoint_dir", "data.cache_dir")
-# Batch-size fields each trainer splits over the local devices.
-_DEVICE_SPLIT = {"erm": ("train.batch_size", "train.eval_batch_size")}
 
 
 def get(cfg: Any, key: str) -> Any:
@@ -168,6 +169,12 @@ def _scalar_problems(cfg: Any) -> list[str]:
             out.append(_lacks(key))
         elif not isinstance(v, bool):
             out.append(_bad(key, v, "must be True or False"))
+    v = get(cfg, "eval.adapt_on")
+    if v is MISSING:
+        out.append(_lacks("eval.adapt_on"))
+    elif not isinstance(v, str) or _guarded(subsets.check_adapt_on, v):
+        out.append(_bad("eval.adapt_on", v, f"use one of {subsets.ADAPT_ON}, 'plate:<name>' "
+                        "or 'batch:<name>'"))
     for key in _STRINGS:
         v = get(cfg, key)
         if v is MISSING:
@@ -177,7 +184,8 @@ def _scalar_problems(cfg: Any) -> list[str]:
     return out
 
 
-def _names(cfg: Any, key: str, allowed: Any, what: str, rule: str = "") -> list[str]:
+def _names(cfg: Any, key: str, allowed: Any, what: str, rule: str = "",
+           adjective: str = "") -> list[str]:
     """A non-empty tuple of distinct values, each in `allowed` (a container or a test)."""
     v = get(cfg, key)
     syntax = f"pass a tuple, e.g. --config.{key}=\"{_example(key)}\""
@@ -191,7 +199,7 @@ def _names(cfg: Any, key: str, allowed: Any, what: str, rule: str = "") -> list[
         known = f"; {rule}" if rule else f"; use some of {tuple(allowed)}"
         # `--config.methods=erm,tent` arrives as ('erm,tent',): show the tuple syntax.
         hint = f"; {syntax}" if any(isinstance(x, str) and "," in x for x in bad) else ""
-        adjective = "invalid" if callable(allowed) else "unknown"
+        adjective = adjective or ("invalid" if callable(allowed) else "unknown")
         listed = ", ".join(repr(x) for x in bad)
         return [f"config.{key}={tuple(v)!r}: {adjective} {what} {listed}{known}{hint}"]
     if len(set(v)) != len(v):
@@ -208,7 +216,9 @@ def _study_problems(cfg: Any) -> list[str]:
     out += _names(cfg, "methods", registry.available(), "method")
     out += _names(cfg, "train_sources", sources, "source",
                   f"use some of config.data.sim.sources={sources!r}")
-    out += _names(cfg, "eval_splits", splits.SPLITS, "split")
+    out += _names(cfg, "eval_splits", _is_split, "split",
+                  f"use some of {splits.SPLITS} or source pairs 'source:<a>-><b>'", "unknown")
+    out += _pair_problems(cfg, sources)
     evals, trains = get(cfg, "eval_splits"), get(cfg, "train_sources")
     if isinstance(evals, (tuple, list)) and "new_source" in evals:
         for src in trains if isinstance(trains, (tuple, list)) else ():
@@ -217,6 +227,35 @@ def _study_problems(cfg: Any) -> list[str]:
                            f"config.data.sim.sources={sources!r} has no source besides the "
                            f"training source {src!r}; add one (e.g. 'source_8') or drop "
                            "new_source from config.eval_splits")
+    return out
+
+
+def _is_split(name: Any) -> bool:
+    if not isinstance(name, str):
+        return False
+    try:
+        return name in splits.SPLITS or splits.parse_pair(name) is not None
+    except ValueError:
+        return False
+
+
+def _pair_problems(cfg: Any, sources: tuple) -> list[str]:
+    """Source pairs in eval_splits: both names simulated, the first one trained on."""
+    evals, trains = get(cfg, "eval_splits"), get(cfg, "train_sources")
+    trains = tuple(trains) if isinstance(trains, (tuple, list)) else ()
+    out = []
+    for name in evals if isinstance(evals, (tuple, list)) else ():
+        pair = splits.parse_pair(name) if _is_split(name) else None
+        if pair is None:
+            continue
+        unknown = [s for s in pair if s not in sources]
+        if unknown:
+            out.append(f"config.eval_splits: {name!r} names unknown source(s) {unknown}; "
+                       f"valid sources: config.data.sim.sources={sources!r}")
+        elif pair[0] not in trains:
+            out.append(f"config.eval_splits: {name!r} scores models trained on {pair[0]!r}, "
+                       f"which config.train_sources={trains!r} does not train; add it there "
+                       "or drop the pair")
     return out
 
 
@@ -289,7 +328,8 @@ def _train_problems(cfg: Any) -> list[str]:
 
 
 def _device_problems(cfg: Any) -> list[str]:
-    """Batch sizes that the study's trainers split over the local devices.
+    """What needs the built methods: their adaptation subsets, their trainers being
+    registered, and the batch sizes those trainers split over the local devices.
 
     Builds the model and each method (cheap: nothing is initialized or compiled) to learn
     which trainers the study runs; so it runs on an otherwise valid config only. (How
@@ -297,11 +337,46 @@ def _device_problems(cfg: Any) -> list[str]:
     which the study runner also does before any rendering.)
     """
     model = build_model(cfg.model)
-    trainers = {registry.make_method(n, model, cfg, {}).trainer for n in cfg.methods}
+    methods = [registry.make_method(n, model, cfg, {}) for n in cfg.methods]
+    adapt_problems = _adapt_on_problems(cfg, methods)
+    if adapt_problems:
+        return adapt_problems
+    names = {m.trainer for m in methods}
+    unknown = sorted(names - set(trainer_registry.available()))
+    if unknown:
+        return [f"config.methods={tuple(cfg.methods)!r} need training recipes {unknown}, which "
+                f"are not registered; known trainers: {trainer_registry.available()}"]
+    fields = {k for n in names for k in trainer_registry.get(n).device_batch_fields}
     out = []
-    for key in sorted({k for t in trainers for k in _DEVICE_SPLIT.get(t, ())}):
+    for key in sorted(fields):
         out += _guarded(supervised.check_batch_size, get(cfg, key), f"config.{key}")
     return out
+
+
+def adapt_on_problem(method: Any, adapt_on: str) -> str | None:
+    """Why `method` cannot run with adaptation subset `adapt_on`; None if it can.
+
+    Args:
+      method: a `jaxadapt.adapt.base.Method`.
+      adapt_on: the subset selector (`jaxadapt.data.subsets`).
+
+    Returns:
+      The message, or None ("unit", a method that adapts once per unit, or one that
+      ignores adaptation).
+    """
+    if adapt_on == "unit" or method.adapts_on_subset or "adapt_on" in method.ignores:
+        return None
+    return (f"method {method.name!r} adapts on the very batches it scores, so it cannot adapt "
+            f"on adapt_on={adapt_on!r} and score the whole unit; score it with adapt_on='unit' "
+            "or use a method that adapts once per unit (e.g. adabn_plate, ben, cs_arm_bn_plate)")
+
+
+def _adapt_on_problems(cfg: Any, methods: list) -> list[str]:
+    """Methods asked (by eval.adapt_on or the sweep) to adapt on a subset they cannot use."""
+    sweep = get(cfg, "sweep") or ()
+    chosen = {s["adapt_on"] for s in sweep if "adapt_on" in s} | {get(cfg, "eval.adapt_on")}
+    found = [adapt_on_problem(m, a) for m in methods for a in sorted(chosen)]
+    return [f for f in found if f]
 
 
 def sweep_problems(sweep: Any) -> list[str]:

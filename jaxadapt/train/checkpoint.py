@@ -10,10 +10,15 @@ half-way is never listed as a step. Such left-over temporary directories are
 deleted when a `Checkpointer` is opened. A finalized step that still fails to
 restore (files deleted or truncated by hand, a disk fault) is skipped by
 `restore_latest`, which falls back to the newest readable step.
+
+State classes may grow: a field of a flax struct that holds no arrays in the template
+(e.g. `TrainState.extra` = {}) and is absent from an older checkpoint is taken from
+the template, so checkpoints written before the field existed still restore.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -22,6 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 PyTree = Any
 _PAYLOAD = "payload"
@@ -131,20 +137,35 @@ class Checkpointer:
           template: a pytree like the saved payload; concrete arrays or
             `jax.ShapeDtypeStruct`s (see `abstract_like`). Arrays come back with the
             template's sharding (single device, replicated or sharded on a mesh).
+            Struct fields without arrays that the step lacks (a field added since)
+            come back as the template's value.
 
         Returns:
           (payload, meta).
         """
+        abstract = abstract_like(template)
+        saved = self._saved_tree(step)
+        item = abstract if saved is None else _restore_item(abstract, saved)
         out = self._manager.restore(
             int(step),
             args=ocp.args.Composite(
                 **{
-                    _PAYLOAD: ocp.args.StandardRestore(abstract_like(template)),
+                    _PAYLOAD: ocp.args.StandardRestore(item),
                     _META: ocp.args.JsonRestore(),
                 }
             ),
         )
-        return out[_PAYLOAD], dict(out[_META])
+        payload = out[_PAYLOAD] if item is abstract else _rebuild(abstract, out[_PAYLOAD])
+        return payload, dict(out[_META])
+
+    def _saved_tree(self, step: int) -> PyTree | None:
+        """The payload's on-disk tree (struct nodes as dicts); None if unreadable."""
+        path = epath.Path(self.directory) / str(int(step)) / _PAYLOAD
+        try:
+            meta = ocp.StandardCheckpointHandler().metadata(path)
+        except Exception:  # noqa: BLE001 - the restore itself reports a damaged step
+            return None
+        return getattr(meta, "tree", meta)
 
     def restore_meta(self, step: int) -> dict[str, Any]:
         """Returns only the JSON metadata of `step` (no arrays are read)."""
@@ -221,6 +242,43 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _is_struct(x: Any) -> bool:
+    return dataclasses.is_dataclass(x) and not isinstance(x, type) and hasattr(x, "replace")
+
+
+def _restore_item(template: PyTree, saved: Any) -> PyTree:
+    """`template` with the array-free struct fields that `saved` lacks left out.
+
+    Returns the template itself when nothing is missing (the plain restore path);
+    otherwise the struct nodes on the way become dicts of their fields, the form
+    orbax stores them in.
+    """
+    if _is_struct(template) and isinstance(saved, dict):
+        fields = [f.name for f in dataclasses.fields(template)
+                  if f.metadata.get("pytree_node", True)]
+        values = {n: getattr(template, n) for n in fields}
+        missing = [n for n in fields if n not in saved and not jax.tree.leaves(values[n])]
+        inner = {n: _restore_item(v, saved[n]) if n in saved else v
+                 for n, v in values.items() if n not in missing}
+        if not missing and all(inner[n] is values[n] for n in inner):
+            return template
+        return inner
+    if isinstance(template, dict) and isinstance(saved, dict):
+        inner = {k: _restore_item(v, saved[k]) if k in saved else v for k, v in template.items()}
+        return template if all(inner[k] is template[k] for k in inner) else inner
+    return template
+
+
+def _rebuild(template: PyTree, restored: PyTree) -> PyTree:
+    """The restored values in the template's types; fields not restored from the template."""
+    if _is_struct(template) and isinstance(restored, dict):
+        return template.replace(
+            **{n: _rebuild(getattr(template, n), v) for n, v in restored.items()})
+    if isinstance(template, dict) and isinstance(restored, dict):
+        return {k: _rebuild(v, restored[k]) if k in restored else v for k, v in template.items()}
+    return restored
 
 
 def tree_equal(a: PyTree, b: PyTree) -> bool:

@@ -1,4 +1,5 @@
-"""Training state as a plain pytree: step, parameters, BN running statistics, optimizer state.
+"""Training state as a plain pytree: step, parameters, BN running statistics, optimizer
+state, and whatever else a recipe carries (``extra``: e.g. DINO's teacher and centre).
 
 The model and the optimizer are not stored in the state (unlike flax.training's
 TrainState with its ``apply_fn``/``tx``): the step factories close over them, so the
@@ -24,12 +25,17 @@ class TrainState(flax.struct.PyTreeNode):
       params: the ``params`` collection.
       batch_stats: the ``batch_stats`` collection (BN running averages; {} if none).
       opt_state: the optax optimizer state.
+      extra: a dict pytree of recipe-specific state stepped with the rest, e.g. DINO's
+        {"teacher": params, "center": [D], "key": PRNG key}; {} for the BN family.
+        Checkpoints written before this field existed restore with ``extra={}``
+        (`jaxadapt.train.checkpoint.Checkpointer.restore`).
     """
 
     step: jax.Array
     params: Any
     batch_stats: Any
     opt_state: Any
+    extra: Any = flax.struct.field(default_factory=dict)
 
     def variables(self) -> dict[str, Any]:
         """The Flax variables dict for ``model.apply``. Returns: {"params", "batch_stats"}."""
@@ -41,6 +47,7 @@ def create_train_state(
     tx: optax.GradientTransformation,
     key: jax.Array,
     sample_shape: Sequence[int],
+    extra: Any = None,
 ) -> TrainState:
     """Initialize parameters, running statistics and optimizer state.
 
@@ -49,6 +56,7 @@ def create_train_state(
       tx: the optax optimizer (built by the caller).
       key: PRNG key for parameter initialization.
       sample_shape: input shape used to trace the model, e.g. ``(1, 48, 48, 5)``.
+      extra: optional recipe state (`TrainState.extra`); None for {}.
 
     Returns:
       A `TrainState` with step 0.
@@ -62,6 +70,7 @@ def create_train_state(
         params=params,
         batch_stats=variables.get("batch_stats", {}),
         opt_state=_init_opt(tx, params),
+        extra={} if extra is None else dict(extra),
     )
 
 

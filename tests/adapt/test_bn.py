@@ -261,3 +261,31 @@ def test_ben_uses_only_controls(tiny):
     fallback = ben.ben(model, cfg).predict_unit(v, FakeUnit("plate_d", imgs, ctrl[:0], 4))
     want = bn.apply_with_stats(model, v, bn.context_stats(model, v, imgs), imgs)
     np.testing.assert_allclose(fallback, want, rtol=1e-4, atol=1e-4)
+
+
+class SubsetUnit(FakeUnit):
+    """A FakeUnit that adapts on another unit (as the runner's `eval.adapt_on` does)."""
+
+    def __init__(self, scored: FakeUnit, subset: FakeUnit):
+        super().__init__(scored.name, scored.images, scored.ctrl, scored.bs)
+        self.subset = subset
+
+    def adaptation(self):
+        return self.subset
+
+
+@pytest.mark.parametrize("name", ["adabn_plate", "ben"])
+def test_plate_methods_adapt_on_the_subset_and_score_the_whole_unit(tiny, name):
+    model, v = tiny
+    imgs, ctrl = _images(10, seed=21), _images(6, seed=22, loc=-1.0)
+    first = FakeUnit("src@p0", imgs[:4], ctrl[:2], batch_size=4)  # e.g. the first plate
+    method = {"adabn_plate": adabn.adabn_plate, "ben": ben.ben}[name](model)
+    assert method.adapts_on_subset
+    logits = method.predict_unit(v, SubsetUnit(FakeUnit("src", imgs, ctrl, 4), first))
+    context = imgs[:4] if name == "adabn_plate" else ctrl[:2]
+    want = bn.apply_with_stats(model, v, bn.context_stats(model, v, context), imgs)
+    assert logits.shape == (10, 3)  # every sample scored
+    np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)
+    whole = method.predict_unit(v, FakeUnit("src", imgs, ctrl, 4))
+    assert np.abs(whole - logits).max() > 1e-3  # the subset's statistics, not the unit's
+    assert not adabn.adabn(model).adapts_on_subset  # per-batch statistics: no subset

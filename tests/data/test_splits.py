@@ -107,3 +107,31 @@ def test_class_missing_from_train():
     cols.update(label=label, compound=comp)
     with pytest.raises(ValueError, match=r"label=3 \(compound cD\).*'new_source'"):
         splits.make_splits(schema.SiteTable(cols), train_source="s0", cfg=cfg())
+
+
+def test_pair_names_parse_and_build_the_matrix():
+    assert splits.parse_pair("new_source") is None
+    assert splits.parse_pair("source:s0->s1") == ("s0", "s1")
+    assert splits.pair_name("s0", "s0") == "source:s0->s0"
+    assert splits.source_matrix(["s0"], ["s0", "s1"]) == ("source:s0->s0", "source:s0->s1")
+    for bad in ("source:s0", "source:->s1", "source:s0->", "source:a->b->c"):
+        with pytest.raises(ValueError, match="source:<train source>->"):
+            splits.parse_pair(bad)
+
+
+def test_pair_split_rows_on_a_tiny_table():
+    t = make_table(n_sources=3)
+    sp = splits.make_splits(t, train_source="s1", cfg=cfg())
+    # a != b: every row of source b (perturbed and controls), none of the others.
+    got = splits.split_rows(t, sp, "source:s1->s2", "s1")
+    np.testing.assert_array_equal(got, np.flatnonzero(t["source"] == "s2"))
+    # a == b: the held-out wells of a's training plates, i.e. in_domain.
+    np.testing.assert_array_equal(splits.split_rows(t, sp, "source:s1->s1", "s1"), sp["in_domain"])
+    # Pooled names resolve as before; pairs of another training source are not this
+    # replicate's cell.
+    np.testing.assert_array_equal(splits.split_rows(t, sp, "new_source", "s1"), sp["new_source"])
+    assert splits.split_rows(t, sp, "source:s0->s1", "s1") is None
+    with pytest.raises(ValueError, match=r"unknown source\(s\) \['s7'\]; valid sources: \['s0', 's1', 's2'\]"):
+        splits.split_rows(t, sp, "source:s1->s7", "s1")
+    with pytest.raises(ValueError, match="unknown split 'new_plate'"):
+        splits.split_rows(t, sp, "new_plate", "s1")

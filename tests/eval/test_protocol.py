@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from jaxadapt import config as defaults
-from jaxadapt.adapt.base import Method, count_event
+from jaxadapt.adapt.base import Method, adaptation_unit, count_event
 from jaxadapt.data import schema
 from jaxadapt.eval import protocol
 
@@ -198,3 +198,67 @@ def test_run_replicate_reports_checks_counts_and_short_label_shift_batches(tmp_p
     missing = Method("m2", "erm", predict)
     with pytest.raises(ValueError, match="needs trainer 'erm'"):
         protocol.run_replicate(rep, cfg, _View(), rows, [({}, missing)], trainers, str(tmp_path))
+
+
+def _recording(seen, subset=True):
+    """An oracle that records the rows its adaptation unit offers."""
+    def predict(v, unit):
+        adapt = adaptation_unit(unit)
+        seen.append((adapt.name, adapt.spec.rows[adapt.spec.mask], adapt.spec.control_rows))
+        return np.eye(4)[unit.labels()]
+    return Method("rec", "erm", predict, adapts_on_subset=subset)
+
+
+def test_adapt_on_subset_adapts_on_the_first_plate_and_scores_the_whole_unit(tmp_path):
+    cfg, table = _cfg(), _table()
+    cfg.model.num_classes = 4
+    cfg.eval_splits = ("new_source",)
+    cfg.eval.unit, cfg.eval.adapt_on = "source", "first_plate"
+    rows = {"new_source": np.arange(48)}
+    trainers = {protocol.TrainerSpec("erm"): lambda view, rows, run_dir, seed: {}}
+    seen = []
+    scores = protocol.run_replicate(protocol.Replicate("t", 0), cfg, _View(), rows,
+                                    [({}, _recording(seen))], trainers, str(tmp_path))
+    (name, adapt_rows, adapt_controls), = seen
+    p0 = (table["plate"] == "p0")
+    assert name == "s@p0"
+    np.testing.assert_array_equal(np.sort(adapt_rows), np.flatnonzero(p0 & ~table["is_control"]))
+    np.testing.assert_array_equal(adapt_controls, np.flatnonzero(p0 & table["is_control"]))
+    by = {s.metric: s.value for s in scores}
+    assert by["accuracy"] == 1.0  # the oracle scored all 32 labelled rows of both plates
+    cm_rows = protocol.make_units(table, rows["new_source"], {}, cfg, 0)
+    assert sum(int(u.mask.sum()) for u in cm_rows) == 32
+    # Default: the unit adapts on itself.
+    cfg.eval.adapt_on = "unit"
+    seen.clear()
+    protocol.run_replicate(protocol.Replicate("t", 0), cfg, _View(), rows,
+                           [({}, _recording(seen))], trainers, str(tmp_path))
+    assert seen[0][0] == "s" and len(seen[0][1]) == 32
+    # A method that adapts on its scored batches cannot take a subset.
+    with pytest.raises(ValueError, match="method 'rec' adapts on the very batches it scores"):
+        protocol.run_replicate(protocol.Replicate("t", 0), cfg, _View(), rows,
+                               [({"adapt_on": "first_plate"}, _recording([], subset=False))],
+                               trainers, str(tmp_path))
+    with pytest.raises(ValueError, match=r"no plate 'p7'; its plates: \['p0', 'p1'\]"):
+        protocol.make_units(table, rows["new_source"], {"adapt_on": "plate:p7"}, cfg, 0)
+
+
+def test_pair_splits_are_scored_by_their_training_source_only(tmp_path):
+    cfg = _cfg()
+    cfg.model.num_classes = 4
+    cfg.eval_splits = ("source:t->s", "source:s->s")
+    table = _table()
+    table = schema.SiteTable({**{k: table[k] for k in schema.SITE_FIELDS},
+                              "source": np.r_[np.full(24, "t"), np.full(24, "s")]})
+
+    class View(_View):
+        pass
+
+    View.table = table
+    rows = {"new_source": np.arange(24, 48), "in_domain": np.arange(0, 24, 2)}
+    trainers = {protocol.TrainerSpec("erm"): lambda view, rows, run_dir, seed: {}}
+    seen = []
+    scores = protocol.run_replicate(protocol.Replicate("t", 0), cfg, View(), rows,
+                                    [({}, _recording(seen))], trainers, str(tmp_path))
+    assert {s.split for s in scores} == {"source:t->s"}  # source:s->s: another replicate's
+    assert len(seen) == 1 and (table["source"][seen[0][1]] == "s").all()

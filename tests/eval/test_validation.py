@@ -79,6 +79,8 @@ def test_each_bad_field_is_named_with_value_and_fix(key, value, fix):
     ("train_sources", ("source_9",),
      "unknown source 'source_9'; use some of config.data.sim.sources=('source_3', 'source_8')"),
     ("eval_splits", ("in_domain", "test"), "unknown split 'test'; use some of ('train'"),
+    ("eval_splits", ("source:source_3",), "unknown split 'source:source_3'; use some of "
+     "('train', 'validation', 'in_domain', 'new_batch', 'new_source') or source pairs"),
 ])
 def test_bad_study_lists_are_named(key, value, fix):
     found = _problems(**{key: value})
@@ -177,8 +179,7 @@ def nothing_may_run(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("rendering or training started before the config was validated")
     monkeypatch.setattr(study.tfds_sim, "load_simulated", forbidden)
-    monkeypatch.setattr(study.supervised, "make_erm_trainer", forbidden)
-    monkeypatch.setattr(study.episodic, "make_episodic_trainer", forbidden)
+    monkeypatch.setattr(study.trainer_registry, "build_trainers", forbidden)
 
 
 @pytest.mark.parametrize("changes,match", [
@@ -194,3 +195,34 @@ def test_study_fails_before_rendering_or_training(tmp_path, nothing_may_run, cha
     with pytest.raises(validation.ConfigError, match=match):
         study.load_replicate(cfg, "erm", rep, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "cache") and not os.path.exists(tmp_path / "run")
+
+
+def test_source_pair_splits_are_validated():
+    matrix = ("source:source_3->source_3", "source:source_3->source_8", "new_source")
+    assert _problems(eval_splits=matrix) == []
+    found = _problems(eval_splits=("source:source_3->source_99",))
+    assert found == ["config.eval_splits: 'source:source_3->source_99' names unknown source(s) "
+                     "['source_99']; valid sources: config.data.sim.sources=('source_3', "
+                     "'source_8')"]
+    found = _problems(eval_splits=("source:source_8->source_3",))
+    assert len(found) == 1 and "trained on 'source_8', which config.train_sources=" \
+        "('source_3',) does not train" in found[0]
+    assert _problems(eval_splits=("source:source_8->source_3",),
+                     train_sources=("source_3", "source_8")) == []
+
+
+def test_adapt_on_is_validated_with_the_methods_that_can_use_it():
+    assert _problems(**{"eval.adapt_on": "first_plate", "methods": ("erm", "adabn_plate", "ben",
+                                                                    "cs_arm_bn_plate")}) == []
+    found = _problems(**{"eval.adapt_on": "third_plate"})
+    assert len(found) == 1 and "config.eval.adapt_on='third_plate'" in found[0] \
+        and "'unit', 'first_plate', 'first_batch'" in found[0]
+    found = _problems(**{"eval.adapt_on": "first_plate", "methods": ("adabn", "erm")})
+    assert found == ["method 'adabn' adapts on the very batches it scores, so it cannot adapt on "
+                     "adapt_on='first_plate' and score the whole unit; score it with "
+                     "adapt_on='unit' or use a method that adapts once per unit (e.g. "
+                     "adabn_plate, ben, cs_arm_bn_plate)"]
+    found = _problems(sweep=({"adapt_on": "plate:P1"},), methods=("tent",))
+    assert len(found) == 1 and "method 'tent'" in found[0]
+    found = _problems(sweep=({"adapt_on": "plates"},))
+    assert len(found) == 1 and "adapt_on='plates'" in found[0] and "adaptation subset" in found[0]

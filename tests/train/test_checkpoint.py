@@ -142,3 +142,60 @@ def test_bad_arguments(tmp_path):
         Checkpointer(f)
     with pytest.raises(ValueError, match="max_to_keep=0.*>= 1"):
         Checkpointer(tmp_path / "ck", max_to_keep=0)
+
+
+class _OldTrainState(flax.struct.PyTreeNode):
+    """TrainState as it was before the `extra` field (BN-family checkpoints on disk)."""
+
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    opt_state: tuple
+
+
+def _bn_state(cls, seed: int, **extra):
+    s = _state(seed)
+    return cls(step=s.step, params=s.params, batch_stats={"bn": {"mean": jnp.arange(3.0) + seed}},
+               opt_state=s.opt_state, **extra)
+
+
+def test_checkpoint_without_extra_restores_into_the_new_train_state(tmp_path):
+    from jaxadapt.train.state import TrainState
+
+    old = _bn_state(_OldTrainState, 0)
+    with Checkpointer(tmp_path / "ck") as ck:  # the layout fit() wrote before `extra`
+        ck.save(2, {"state": old, "best": {"params": old.params, "batch_stats": old.batch_stats}},
+                {"epoch": 2})
+    template = _bn_state(TrainState, 1)
+    assert template.extra == {}
+    with Checkpointer(tmp_path / "ck") as ck:
+        step, payload, meta = ck.restore_latest(
+            {"state": template, "best": {"params": template.params,
+                                         "batch_stats": template.batch_stats}})
+    got = payload["state"]
+    assert step == 2 and meta == {"epoch": 2} and isinstance(got, TrainState)
+    assert got.extra == {}
+    for field in ("step", "params", "batch_stats", "opt_state"):
+        assert tree_equal(getattr(got, field), getattr(old, field)), field
+    assert type(got.opt_state[1][0]) is type(old.opt_state[1][0])
+    assert tree_equal(payload["best"]["batch_stats"], old.batch_stats)
+
+
+def test_extra_state_round_trips_and_is_not_invented(tmp_path):
+    from jaxadapt.train.state import TrainState
+
+    extra = {"teacher": {"w": jnp.ones((2, 3))}, "center": jnp.arange(4.0),
+             "key": jax.random.key_data(jax.random.PRNGKey(3))}
+    state = _bn_state(TrainState, 0, extra=extra)
+    with Checkpointer(tmp_path / "ck") as ck:
+        ck.save(1, {"state": state}, {})
+    template = _bn_state(TrainState, 1, extra=jax.tree.map(jnp.zeros_like, extra))
+    with Checkpointer(tmp_path / "ck") as ck:
+        _, payload, _ = ck.restore_latest({"state": template})
+    assert tree_equal(payload["state"], state)
+    # A template whose extra holds arrays cannot restore from a checkpoint without them.
+    old = _bn_state(_OldTrainState, 0)
+    with Checkpointer(tmp_path / "old") as ck:
+        ck.save(1, {"state": old}, {})
+    with Checkpointer(tmp_path / "old") as ck, pytest.raises(ValueError, match="no checkpoint step"):
+        ck.restore_latest({"state": template})

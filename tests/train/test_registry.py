@@ -1,0 +1,102 @@
+"""Tests of jaxadapt.train.registry and the checkpoint key it defines."""
+
+import hashlib
+import json
+
+import ml_collections
+import pytest
+
+from jaxadapt import config as defaults
+from jaxadapt.adapt.base import Method
+from jaxadapt.eval import protocol
+from jaxadapt.train import registry
+
+
+def _old_training_key(cfg, trainer):
+    """The key as protocol.py computed it before the registry (hand-listed fields)."""
+    ignored = {"erm": ("arm",), "arm_bn": ("arm.n_controls", "arm.on_missing_controls")}
+    spec = {k: cfg[k].to_dict() for k in ("data", "splits", "model", "train", "arm") if k in cfg}
+    for path in ("data.num_threads", "data.cache_dir") + ignored.get(trainer, ()):
+        *parents, leaf = path.split(".")
+        node = spec
+        for key in parents:
+            node = node.get(key, {})
+        node.pop(leaf, None)
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{trainer}-{digest[:12]}"
+
+
+@pytest.fixture
+def toy_registry(monkeypatch):
+    """A registry copy with a `toy` recipe that reads its own `toy` section."""
+    monkeypatch.setattr(registry, "_TRAINERS", dict(registry._TRAINERS))
+    registry.register(registry.Trainer("toy", ("train", "toy"), lambda m, c: "built",
+                                       ignored=("toy.log_every",)))
+
+
+def _toy_cfg():
+    cfg = defaults.get_defaults()
+    cfg.toy = ml_collections.ConfigDict({"momentum": 0.996, "log_every": 10})
+    return cfg
+
+
+def test_bn_family_is_registered():
+    assert {"erm", "arm_bn", "cs_arm_bn", "ben"} <= set(registry.available())
+
+
+@pytest.mark.parametrize("trainer", ["erm", "arm_bn", "cs_arm_bn", "ben"])
+def test_existing_checkpoint_keys_are_unchanged(trainer):
+    a = defaults.get_defaults()
+    assert protocol.training_key(a, trainer) == _old_training_key(a, trainer)
+    a.arm.n_controls, a.model.width, a.data.num_threads = 128, 8, 5
+    assert protocol.training_key(a, trainer) == _old_training_key(a, trainer)
+
+
+def test_unknown_trainer_names_the_known_ones():
+    with pytest.raises(ValueError, match=r"'dinoo'.*known trainers: \[.*'cs_arm_bn'.*'erm'"):
+        registry.get("dinoo")
+    with pytest.raises(ValueError, match=r"\['dinoo'\].*known trainers"):
+        registry.build_trainers(None, defaults.get_defaults(), {"erm", "dinoo"})
+    with pytest.raises(ValueError, match="known trainers"):
+        protocol.training_key(defaults.get_defaults(), "dinoo")
+
+
+def test_register_rejects_a_taken_name_and_common_sections(toy_registry):
+    with pytest.raises(ValueError, match="'erm' is already registered"):
+        registry.register(registry.Trainer("erm", ("train",), lambda m, c: None))
+    with pytest.raises(ValueError, match=r"\['model'\] are common"):
+        registry.register(registry.Trainer("x", ("model",), lambda m, c: None))
+
+
+def test_new_trainer_section_enters_only_its_own_key(toy_registry):
+    a, b = _toy_cfg(), _toy_cfg()
+    b.toy.momentum = 0.99
+    assert protocol.training_key(a, "toy") != protocol.training_key(b, "toy")
+    # Other recipes do not read the toy section: their checkpoints stay valid.
+    for other in ("erm", "cs_arm_bn"):
+        assert protocol.training_key(a, other) == protocol.training_key(b, other)
+    c = _toy_cfg()
+    c.arm.n_perturbed = 3  # a section toy does not declare
+    c.toy.log_every = 99  # a field it declares ignored
+    c.data.num_threads = 1  # speed only
+    assert protocol.training_key(a, "toy") == protocol.training_key(c, "toy")
+    c.model.width = 8  # common: every recipe
+    assert protocol.training_key(a, "toy") != protocol.training_key(c, "toy")
+
+
+def test_trainer_spec_drops_overrides_the_recipe_never_reads(toy_registry):
+    cfg = _toy_cfg()
+    method = Method("m", "toy", lambda v, u: None,
+                    train_overrides=(("arm.n_controls", 3), ("toy.log_every", 1),
+                                     ("toy.momentum", 0.5)))
+    want = protocol.TrainerSpec("toy", (("toy.momentum", 0.5),))
+    assert protocol.trainer_spec(method, cfg) == want
+    erm = Method("e", "erm", lambda v, u: None, train_overrides=(("arm.n_controls", 3),))
+    assert protocol.trainer_spec(erm, cfg) == protocol.TrainerSpec("erm")
+
+
+def test_reads():
+    erm, arm = registry.get("erm"), registry.get("arm_bn")
+    assert erm.reads("train.batch_size") and erm.reads("model.width")
+    assert not erm.reads("arm.n_controls") and not erm.reads("data.num_threads")
+    assert arm.reads("arm.n_perturbed") and not arm.reads("arm.n_controls")
