@@ -16,6 +16,7 @@ numbers. The result is the teacher backbone (DINO evaluates and transfers the te
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -100,8 +101,11 @@ def epoch_pairs(table: schema.SiteTable, rows: np.ndarray, batch_size: int, *, l
                                         epoch=epoch)
 
 
+@functools.lru_cache(maxsize=None)
 def make_feature_fn(model: DINOModel, mesh) -> Callable[[Any, np.ndarray], jax.Array]:
     """Jitted ``(backbone-owning params, images) -> CLS features``, batch over the mesh.
+
+    Cached per (model, mesh): every trainer of a study shares one compilation.
 
     Args:
       model: the DINOModel.
@@ -212,11 +216,15 @@ def init_params(model: DINOModel, config: ml_collections.ConfigDict, seed: int) 
     crops = [jnp.zeros((1, v.global_size, v.global_size, c)),
              jnp.zeros((1, v.local_size, v.local_size, c))]
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
-    return jax.jit(lambda k: model.init(k, crops)["params"])(key)
+    return _init_fn(model)(key, crops)
 
 
-def _schedules(config, n_iter: int) -> dino_optim.DinoSchedules:
-    d = config.dino
+@functools.lru_cache(maxsize=None)
+def _init_fn(model: DINOModel) -> Callable:
+    return jax.jit(lambda k, crops: model.init(k, crops)["params"])
+
+
+def _schedules(d: ml_collections.ConfigDict, n_iter: int) -> dino_optim.DinoSchedules:
     return dino_optim.make_dino_schedules(
         epochs=d.epochs, niter_per_ep=n_iter, batch_size=d.batch_size, base_lr=d.base_lr,
         min_lr=d.min_lr, warmup_epochs=d.warmup_epochs, weight_decay=d.weight_decay,
@@ -226,17 +234,36 @@ def _schedules(config, n_iter: int) -> dino_optim.DinoSchedules:
         freeze_last_layer=d.freeze_last_layer)
 
 
-def _step(model: DINOModel, config, schedules, optimizer, mesh) -> Callable:
-    d = config.dino
+@functools.lru_cache(maxsize=None)
+def compiled_step(model: DINOModel, dino_json: str, n_iter: int, mesh,
+                  stochastic: bool) -> tuple[Any, Callable]:
+    """(optimizer, jitted data-parallel DINO step) for a `config.dino` and an epoch length.
+
+    Cached, so trainers of one study with the same DINO settings (plain and cross-batch,
+    an interrupted run and its resumption) share one compilation.
+
+    Args:
+      model: the DINOModel.
+      dino_json: `config.dino` as sorted JSON (hashable).
+      n_iter: steps per epoch (the schedules' length).
+      mesh: the data mesh.
+      stochastic: drop path in the student (needs a PRNG key per step).
+
+    Returns:
+      (optimizer, step).
+    """
+    d = ml_collections.ConfigDict(json.loads(dino_json))
+    schedules = _schedules(d, n_iter)
+    optimizer = dino_optim.make_dino_optimizer(schedules)
     step = dino.make_dino_step(
         _apply_fn(model), optimizer, schedules, n_global=2, axis_name=parallel.DATA_AXIS,
         student_temp=d.student_temp, centre_momentum=d.centre_momentum, clip_grad=d.clip_grad,
-        global_clip=d.global_clip, stochastic=config.model.get("drop_path_rate", 0.0) > 0)
-    return dino.parallel_dino_step(step, mesh, axis_name=parallel.DATA_AXIS)
+        global_clip=d.global_clip, stochastic=stochastic)
+    return optimizer, dino.parallel_dino_step(step, mesh, axis_name=parallel.DATA_AXIS)
 
 
 def knn_variables(model: DINOModel, params: Any, view, rows: dict[str, np.ndarray], config,
-                  seed: int, mesh) -> Variables:
+                  seed: int, mesh, feature_fn: Callable | None = None) -> Variables:
     """The extractor's variables for the kNN methods: params + a labelled feature bank.
 
     Args:
@@ -247,6 +274,7 @@ def knn_variables(model: DINOModel, params: Any, view, rows: dict[str, np.ndarra
       config: the study config.
       seed: replicate seed.
       mesh: the data mesh.
+      feature_fn: from `make_feature_fn` (built here if None).
 
     Returns:
       {"params": params, "knn_bank": {"features", "labels"}} on the host.
@@ -255,7 +283,8 @@ def knn_variables(model: DINOModel, params: Any, view, rows: dict[str, np.ndarra
     if len(bank_rows) == 0:
         raise ValueError("the training split has no labelled image for the kNN bank; "
                          "choose a preset/compounds with class labels")
-    feats = extract_features(make_feature_fn(model, mesh), parallel.replicate(params, mesh),
+    feature_fn = feature_fn or make_feature_fn(model, mesh)
+    feats = extract_features(feature_fn, parallel.replicate(params, mesh),
                              view, bank_rows, config.train.eval_batch_size, mesh)
     bank = knn.make_bank(feats, view.table["label"][bank_rows], config.model.num_classes)
     return {"params": jax.device_get(params),
@@ -291,6 +320,12 @@ def make_dino_trainer(config: ml_collections.ConfigDict, *, pairs: str = "none")
         raise ValueError(f"make_dino_trainer: pairs={pairs!r}; use 'none', 'plate' or 'batch'")
     check_batch_size(d.batch_size, "config.dino.batch_size")
     model, mesh, vcfg = build_dino_model(config), parallel.make_data_mesh(), views_of(config)
+    feature_fn = make_feature_fn(model, mesh)
+    dino_json = json.dumps(d.to_dict(), sort_keys=True)
+    stochastic = (config.model.get("drop_path_rate") or 0.0) > 0
+
+    def step_for(n_iter: int) -> tuple:
+        return compiled_step(model, dino_json, n_iter, mesh, stochastic)
 
     def train(view, rows: dict[str, np.ndarray], run_dir: str, seed: int) -> Variables:
         train_rows = np.asarray(rows["train"])
@@ -298,9 +333,7 @@ def make_dino_trainer(config: ml_collections.ConfigDict, *, pairs: str = "none")
         if n_iter < 1:
             raise ValueError(f"training split has {len(train_rows)} images, fewer than "
                              f"config.dino.batch_size={d.batch_size}; lower the batch size")
-        schedules = _schedules(config, n_iter)
-        optimizer = dino_optim.make_dino_optimizer(schedules)
-        pstep = _step(model, config, schedules, optimizer, mesh)
+        optimizer, pstep = step_for(n_iter)
         state = dino.create_dino_state(init_params(model, config, seed), optimizer,
                                        jax.random.fold_in(jax.random.PRNGKey(seed), 1), d.out_dim)
         state = parallel.replicate(state, mesh)
@@ -321,7 +354,7 @@ def make_dino_trainer(config: ml_collections.ConfigDict, *, pairs: str = "none")
                                         num_threads=view.num_threads):
                 yield parallel.shard_batch({"global": b["global"], "local": b["local"]}, mesh)
 
-        probe = make_knn_probe(make_feature_fn(model, mesh), view, rows, config, seed, mesh)
+        probe = make_knn_probe(feature_fn, view, rows, config, seed, mesh)
 
         def validate(s) -> dict[str, float]:
             _collapse_check(last, d.out_dim)
@@ -339,7 +372,8 @@ def make_dino_trainer(config: ml_collections.ConfigDict, *, pairs: str = "none")
         if not result.finished:
             raise Interrupted(run_dir, result.epochs_done)
         write_history(run_dir, result.history)
-        out = knn_variables(model, result.state.teacher, view, rows, config, seed, mesh)
+        out = knn_variables(model, result.state.teacher, view, rows, config, seed, mesh,
+                            feature_fn)
         # What continuing DINO on new data (ODA / CODA) starts from, besides the teacher.
         out.update(jax.device_get({"student": result.state.params, "centre": result.state.centre}))
         return out
@@ -357,9 +391,11 @@ def make_random_init_trainer(config: ml_collections.ConfigDict):
       `train(view, rows, run_dir, seed) -> variables` (no training; the seed picks the init).
     """
     model, mesh = build_dino_model(config), parallel.make_data_mesh()
+    feature_fn = make_feature_fn(model, mesh)
 
     def train(view, rows: dict[str, np.ndarray], run_dir: str, seed: int) -> Variables:
-        return knn_variables(model, init_params(model, config, seed), view, rows, config, seed, mesh)
+        return knn_variables(model, init_params(model, config, seed), view, rows, config, seed,
+                             mesh, feature_fn)
 
     return train
 
