@@ -106,9 +106,14 @@ def group_rows(table: schema.SiteTable, rows: np.ndarray, field: str,
       control: True for control rows, False for perturbed ones.
 
     Returns:
-      unit name -> its rows with is_control == control, in the order of `rows`.
+      unit name -> its rows with is_control == control, in the order of `rows`. Perturbed
+      rows are the *labelled* ones: a treated image without a class (label -1, e.g. a
+      TARGET2 compound without a single MoA) can be neither trained on nor scored.
     """
-    sel = rows[table["is_control"][rows] == control]
+    keep = table["is_control"][rows] == control
+    if not control:
+        keep &= table["label"][rows] >= 0
+    sel = rows[keep]
     names = table[field][sel]
     uniq, inv = np.unique(names, return_inverse=True)
     order = np.argsort(inv, kind="stable")

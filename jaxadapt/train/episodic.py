@@ -150,7 +150,7 @@ def make_episodic_trainer(model: nn.Module, config: ml_collections.ConfigDict, *
         draw = sampler(view, rows["train"], seed)
         val_draw = sampler(view, rows["validation"], seed)
         val_rows = np.concatenate([val_draw(s).rows.reshape(1, -1) for s in range(n_val // E)])
-        n_train = int(np.sum(~view.table["is_control"][rows["train"]]))
+        n_train = int(np.sum(view.table["label"][rows["train"]] >= 0))
         spe = int(a["steps_per_epoch"]) or max(1, -(-n_train // (E * L)))
         key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
         sample = (1, config.data.crop_size, config.data.crop_size, config.model.in_channels)

@@ -119,3 +119,17 @@ def test_bad_inputs():
         samplers.mixed_batches(np.ones(5, bool), 2, seed=0, epoch=0)
     np.testing.assert_array_equal(samplers.label_counts(t, np.arange(len(t)), 4),
                                   np.bincount(t["label"][t["label"] >= 0], minlength=4))
+
+
+def test_unlabelled_treated_rows_are_neither_units_nor_episodes():
+    t = make_table(plates=("pA",), n_pert=(12,), n_ctrl=(4,))
+    labels = t["label"].copy()
+    labels[:3] = -1  # treated images of compounds without a class (TARGET2 without one MoA)
+    t = schema.SiteTable({**{k: t[k] for k in schema.SITE_FIELDS}, "label": labels})
+    rows = np.arange(len(t))
+    pert = samplers.group_rows(t, rows, "plate", False)["pA"]
+    np.testing.assert_array_equal(pert, np.arange(3, 12))
+    np.testing.assert_array_equal(samplers.group_rows(t, rows, "plate", True)["pA"],
+                                  np.arange(12, 16))
+    (unit,) = samplers.eval_units(t, rows, batch_size=4)
+    assert set(unit.rows[unit.mask]) == set(range(3, 12))
