@@ -40,11 +40,12 @@ class _LoadBatch:
     """grain map function: batch index k -> dict batch (picklable, no lambdas)."""
 
     def __init__(self, source, table, index_batches, masks, transform, seed, first_index,
-                 channels):
+                 channels, first_column=0):
         self.source, self.table = source, table
         self.index_batches, self.masks = index_batches, masks
         self.transform, self.seed = transform, _seed_words(seed)
         self.first_index, self.channels = first_index, channels
+        self.first_column = int(first_column)
         self.labels = np.asarray(table["label"], np.int32)
         self.is_control = np.asarray(table["is_control"], bool)
 
@@ -52,8 +53,10 @@ class _LoadBatch:
         rows = self.index_batches[k]
         raw = _read(self.source, rows, self.table, self.channels)
         step = self.first_index + int(k)
-        # One Generator per (seed, step, position): independent of threads and order.
-        images = [self.transform(img, np.random.default_rng([*self.seed, step, j]))
+        # One Generator per (seed, step, position in the global batch): independent of
+        # threads, order and of which process reads the image.
+        images = [self.transform(img, np.random.default_rng([*self.seed, step,
+                                                             self.first_column + j]))
                   for j, img in enumerate(raw)]
         is_control = self.is_control[rows]
         return {
@@ -67,7 +70,8 @@ class _LoadBatch:
 
 def batches(source: Any, table: schema.SiteTable, index_batches, *, transform: Transform,
             seed, masks=None, first_index: int = 0, num_threads: int = 4,
-            prefetch: int = 8, channels: int = len(schema.CHANNELS)) -> Iterator[dict]:
+            prefetch: int = 8, channels: int = len(schema.CHANNELS),
+            first_column: int = 0) -> Iterator[dict]:
     """Iterates dict batches for the given rows, in order, read and transformed by threads.
 
     Args:
@@ -77,12 +81,16 @@ def batches(source: Any, table: schema.SiteTable, index_batches, *, transform: T
       index_batches: int [K, B] rows per batch (mixed_batches, Episodes.rows, EvalUnit.rows).
       transform: per-image transform, called as transform(image, rng).
       seed: int or tuple of ints, e.g. (cfg.seed, epoch); augmentation of image j of
-        batch k uses np.random.default_rng([*seed, first_index + k, j]).
+        batch k uses np.random.default_rng([*seed, first_index + k, first_column + j]).
       masks: bool [K, B] valid rows (padding False); default all True.
       first_index: step number of index_batches[0] (to resume mid-epoch identically).
       num_threads: grain read threads (batches prepared in parallel).
       prefetch: grain prefetch buffer size (batches).
       channels: expected channel count of every image.
+      first_column: global position of column 0 of `index_batches` (a process reading
+        its share of each batch, `samplers.process_share`): image j is augmented as
+        image first_column + j of the global batch, so any split over processes
+        yields the images of a one-process read.
 
     Returns:
       Iterator of dicts: `image` float32 [B, h, w, C], `label` int32 [B] (-1 for
@@ -100,7 +108,7 @@ def batches(source: Any, table: schema.SiteTable, index_batches, *, transform: T
     if masks.shape != index_batches.shape:
         raise ValueError(f"masks shape {masks.shape} != index_batches shape {index_batches.shape}")
     load = _LoadBatch(source, table, index_batches, masks, transform, seed, first_index,
-                      channels)
+                      channels, first_column)
     ds = grain.MapDataset.range(len(index_batches)).map(load)
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     return iter(ds.to_iter_dataset(options))

@@ -75,7 +75,7 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> list[reports.Row]
       workdir: run directory for checkpoints, logs and results.
 
     Returns:
-      The aggregated rows (also written to `workdir/results.*`).
+      The aggregated rows (also written to `workdir/results.*`, by process 0 alone).
 
     Raises:
       ValueError: a `validation.ConfigError` listing every problem of `cfg`, before
@@ -98,7 +98,8 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> list[reports.Row]
         view = make_view(source, table, rows["train"], cfg.data)
         scores += protocol.run_replicate(rep, cfg, view, rows, methods, trainers, workdir)
     result_rows = reports.aggregate(scores)
-    reports.write_results(workdir, cfg.study, cfg.to_dict(), result_rows)
+    if jax.process_index() == 0:  # every process holds the same rows (summed over processes)
+        reports.write_results(workdir, cfg.study, cfg.to_dict(), result_rows)
     return result_rows
 
 
