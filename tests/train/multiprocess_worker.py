@@ -12,6 +12,7 @@ RUN is the run directory (the same for every process of a job: orbax checkpoints
 
 import os
 import sys
+import time
 
 PID, NPROC, PORT, NDEV = (int(a) for a in sys.argv[1:5])
 OUT, RUN = sys.argv[5], sys.argv[6]
@@ -104,14 +105,22 @@ def flat(variables) -> dict:
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
 
 
+def _phase(name: str, start: float) -> float:
+    print(f"phase {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    return time.perf_counter()
+
+
 def main():
+    t = time.perf_counter()
     source, view, rows = make_study()
     cfg, out = make_config(), {}
     erm = supervised.make_erm_trainer(MODEL, cfg)(view, rows, os.path.join(RUN, "erm"), 1)
     out.update({f"erm{k}": v for k, v in flat(erm).items()}, erm_reads=source.take_log())
+    t = _phase("erm", t)
     cs = episodic.make_episodic_trainer(MODEL, cfg, with_controls=True)(
         view, rows, os.path.join(RUN, "cs_arm_bn"), 1)
     out.update({f"cs{k}": v for k, v in flat(cs).items()}, cs_reads=source.take_log())
+    t = _phase("cs_arm_bn", t)
     # Evaluation as the protocol runs it: AdaBN adapts per plate, units dealt to processes.
     study_cfg = defaults.get_defaults()
     study_cfg.model.num_classes = K
@@ -119,6 +128,7 @@ def main():
     method = registry.make_method("adabn", MODEL, study_cfg, {})
     out["cm"] = protocol.score_units(method, erm, view, units, K)
     out["eval_reads"] = source.take_log()
+    _phase("eval", t)
     os.makedirs(OUT, exist_ok=True)
     np.savez(os.path.join(OUT, f"process{PID}.npz"), **out)
 
