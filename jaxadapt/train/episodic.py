@@ -214,7 +214,7 @@ def make_episodic_trainer(model: nn.Module, config: ml_collections.ConfigDict, *
 
 
 def record_episode_shape(run_dir: str, n_perturbed: int, n_controls: int) -> None:
-    """Writes ``<run_dir>/episode.json`` = {"n_perturbed": L, "n_controls": N}.
+    """Writes ``<run_dir>/episode.json`` = {"n_perturbed": L, "n_controls": N} (process 0).
 
     Raises:
       ValueError: the directory already records another shape (a checkpoint directory
@@ -229,6 +229,10 @@ def record_episode_shape(run_dir: str, n_perturbed: int, n_controls: int) -> Non
             raise ValueError(f"{path} records episodes {old}, but this model trains on {shape}: "
                              "the directory holds another model; use another checkpoint_dir")
         return
+    if jax.process_index() != 0:  # one writer on a shared run directory
+        return
     os.makedirs(run_dir, exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(shape, f)
+    os.replace(tmp, path)  # atomic: another process never reads a half-written file

@@ -60,6 +60,8 @@ def _weights(out: dict) -> dict:
 
 def test_two_processes_train_and_score_as_one(tmp_path):
     p0, p1, ref = _run_all(tmp_path)
+    run = tmp_path / "two_run" / "cs_arm_bn"
+    assert sorted(os.listdir(run)) == ["checkpoints", "episode.json", "logs"]  # one writer
 
     weights = _weights(ref)
     assert any(k.startswith("erm") for k in weights) and any(k.startswith("cs") for k in weights)
