@@ -8,7 +8,7 @@ and the table are shared, not pickled.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import numpy as np
@@ -115,10 +115,14 @@ def batches(source: Any, table: schema.SiteTable, index_batches, *, transform: T
 
 
 def channel_stats(source: Any, rows: Sequence[int], *, chunk: int = 256,
-                  max_rows: int | None = None, seed: int = 0) -> ChannelStats:
+                  max_rows: int | None = None, seed: int = 0,
+                  share: tuple[int, int] = (0, 1),
+                  combine: Callable[[list[int]], list[int]] | None = None) -> ChannelStats:
     """Per-channel mean/std over all pixels of the images of `rows` (full images, 0-255).
 
-    Exact: integer sums in Python ints, then float64 (ddof 0).
+    Exact: integer sums in Python ints, then float64 (ddof 0). Several readers (one per
+    process) each read a contiguous share of the rows and `combine` totals their integer
+    sums, so the result is exactly that of one reader.
 
     Args:
       source: random-access records with "image" uint8 [H, W, C].
@@ -126,6 +130,10 @@ def channel_stats(source: Any, rows: Sequence[int], *, chunk: int = 256,
       chunk: records read per call.
       max_rows: if set and smaller than len(rows), a random subset (by seed) is used.
       seed: subset seed.
+      share: (reader index p, reader count P): read only the p-th of P contiguous parts
+        of the (subset of) rows.
+      combine: with P > 1, ``[count, *sums, *sumsqs]`` of this reader -> the totals over
+        all readers (e.g. summed over processes).
 
     Returns:
       ChannelStats(mean, std), float64 [C].
@@ -133,6 +141,11 @@ def channel_stats(source: Any, rows: Sequence[int], *, chunk: int = 256,
     rows = np.asarray(rows, np.int64)
     if max_rows is not None and max_rows < len(rows):
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
+    p, n_readers = share
+    if n_readers > 1 and (combine is None or len(rows) < n_readers):
+        raise ValueError(f"channel_stats: share={share} needs a combine function and at least "
+                         f"{n_readers} rows (got {len(rows)}); pass combine, or more rows")
+    rows = np.array_split(rows, n_readers)[p]
     count, sums, sumsqs = 0, None, None
     for start in range(0, len(rows), chunk):
         recs = source.__getitems__([int(r) for r in rows[start:start + chunk]])
@@ -142,4 +155,8 @@ def channel_stats(source: Any, rows: Sequence[int], *, chunk: int = 256,
         sumsqs = q if sumsqs is None else [a + b for a, b in zip(sumsqs, q)]
     if sums is None:
         raise ValueError("channel_stats needs at least one row; pass the training rows")
+    if n_readers > 1:
+        total = combine([count, *sums, *sumsqs])
+        c = len(sums)
+        count, sums, sumsqs = total[0], total[1:1 + c], total[1 + c:]
     return stats_from_sums(count, sums, sumsqs)

@@ -166,3 +166,29 @@ def test_processes_reading_shares_get_the_images_of_one_reader():
     local, _ = samplers.process_share(index, 1, 3, local_devices=2)
     wrong = _collect(pipeline.batches(src, table, local, transform=tf, seed=(3, 1)))
     assert not np.array_equal(wrong[0]["image"], whole[0]["image"][4:8])
+
+
+def test_channel_stats_from_shares_equal_one_reader_exactly():
+    images, _ = make_data(24)
+    src, rows = ArraySource(images), np.arange(3, 23)
+    whole = pipeline.channel_stats(src, rows, chunk=4)
+    # Three readers; combine totals the other readers' partial integer sums.
+    partials = {}
+
+    def recorder(p):
+        def combine(values):
+            partials[p] = values
+            return values
+        return combine
+
+    for p in range(3):
+        pipeline.channel_stats(src, rows, chunk=4, share=(p, 3), combine=recorder(p))
+    total = [sum(v) for v in zip(*partials.values())]
+    for p in range(3):
+        got = pipeline.channel_stats(src, rows, chunk=4, share=(p, 3),
+                                     combine=lambda values: total)
+        np.testing.assert_array_equal(got.mean, whole.mean)
+        np.testing.assert_array_equal(got.std, whole.std)
+    assert partials[0][0] == 7 * S * S  # reader 0 read 7 of the 20 rows (array_split)
+    with pytest.raises(ValueError, match="needs a combine function"):
+        pipeline.channel_stats(src, rows, share=(0, 2))

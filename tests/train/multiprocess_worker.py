@@ -4,8 +4,8 @@
 
 Joins a ``jax.distributed`` job with a localhost coordinator and gloo CPU collectives
 (NUM_PROCESSES=1: no job, the one-process reference), then on a tiny in-memory study
-trains ERM and CS-ARM-BN a few steps and scores AdaBN on every plate, exactly as the
-study runner would. Writes ``OUT/process<id>.npz``: the trained parameters and batch
+computes the training images' channel statistics, trains ERM and CS-ARM-BN a few steps
+and scores AdaBN on every plate, exactly as the study runner would. Writes ``OUT/process<id>.npz``: the trained parameters and batch
 statistics, the confusion matrix, and every row this process read in each phase.
 RUN is the run directory (the same for every process of a job: orbax checkpoints).
 """
@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from jaxadapt import config as defaults  # noqa: E402
 from jaxadapt.adapt import registry  # noqa: E402
 from jaxadapt.data import samplers, schema, transforms  # noqa: E402
-from jaxadapt.eval import protocol  # noqa: E402
+from jaxadapt.eval import protocol, study  # noqa: E402
 from jaxadapt.eval.units import DataView  # noqa: E402
 from jaxadapt.models.resnet import BasicBlock, ResNet  # noqa: E402
 from jaxadapt.train import episodic, supervised  # noqa: E402
@@ -114,6 +114,9 @@ def main():
     t = time.perf_counter()
     source, view, rows = make_study()
     cfg, out = make_config(), {}
+    # Normalization statistics of the training images, as the study runner computes them.
+    stats = study.train_stats(source, rows["train"])
+    out.update(stats_mean=stats.mean, stats_std=stats.std, stats_reads=source.take_log())
     erm = supervised.make_erm_trainer(MODEL, cfg)(view, rows, os.path.join(RUN, "erm"), 1)
     out.update({f"erm{k}": v for k, v in flat(erm).items()}, erm_reads=source.take_log())
     t = _phase("erm", t)

@@ -2,8 +2,9 @@
 
 Each process of the 2-process job has 2 CPU devices; the reference is one process with
 4, so both runs split the same global batches over 4 devices. ERM and CS-ARM-BN must end
-with the same weights, each process must read only its half of every batch, and the
-evaluation (AdaBN per plate) must give the same confusion matrix with each plate read by
+with the same weights, each process must read only its half of every batch, the
+training images' channel statistics must be bit-identical with each image read once, and
+the evaluation (AdaBN per plate) must give the same confusion matrix with each plate read by
 one process only. See multiprocess_worker.py.
 """
 
@@ -55,7 +56,8 @@ def _run_all(tmp_path):
 
 
 def _weights(out: dict) -> dict:
-    return {k: v for k, v in out.items() if not k.endswith("reads") and k != "cm"}
+    return {k: v for k, v in out.items()
+            if not k.endswith("reads") and k != "cm" and not k.startswith("stats")}
 
 
 def test_two_processes_train_and_score_as_one(tmp_path):
@@ -72,7 +74,12 @@ def test_two_processes_train_and_score_as_one(tmp_path):
         # ... equal to one process's up to float32 reduction order.
         np.testing.assert_allclose(p0[k], v, rtol=1e-5, atol=1e-5, err_msg=k)
 
-    for phase in ("erm_reads", "cs_reads", "eval_reads"):
+    # Channel statistics: exact integer sums totalled over processes, bit-identical.
+    for k in ("stats_mean", "stats_std"):
+        np.testing.assert_array_equal(p0[k], ref[k])
+        np.testing.assert_array_equal(p1[k], ref[k])
+
+    for phase in ("stats_reads", "erm_reads", "cs_reads", "eval_reads"):
         a, b, r = p0[phase], p1[phase], ref[phase]
         assert len(r) > 0
         # Each process reads half of what one process reads, and together exactly that.
@@ -80,8 +87,10 @@ def test_two_processes_train_and_score_as_one(tmp_path):
         assert collections.Counter(a.tolist()) + collections.Counter(b.tolist()) == \
             collections.Counter(r.tolist()), phase
 
-    # Evaluation: units dealt out whole (no plate read by both), totals summed over processes.
-    assert not set(p0["eval_reads"].tolist()) & set(p1["eval_reads"].tolist())
+    # Statistics and evaluation: no image read by both processes (units dealt out whole),
+    # totals summed over processes.
+    for phase in ("stats_reads", "eval_reads"):
+        assert not set(p0[phase].tolist()) & set(p1[phase].tolist()), phase
     np.testing.assert_array_equal(p0["cm"], ref["cm"])
     np.testing.assert_array_equal(p1["cm"], ref["cm"])
     assert ref["cm"].sum() == 4 * 18  # every perturbed image of the 4 plates scored once
