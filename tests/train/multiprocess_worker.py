@@ -5,8 +5,9 @@
 Joins a ``jax.distributed`` job with a localhost coordinator and gloo CPU collectives
 (NUM_PROCESSES=1: no job, the one-process reference), then on a tiny in-memory study
 computes the training images' channel statistics, trains ERM and CS-ARM-BN a few steps
-and scores AdaBN on every plate, exactly as the study runner would. Writes ``OUT/process<id>.npz``: the trained parameters and batch
-statistics, the confusion matrix, and every row this process read in each phase.
+and scores AdaBN on every plate, exactly as the study runner would. Writes
+``OUT/process<id>.npz``: the statistics, the trained parameters and batch statistics,
+the confusion matrix, and every row this process read in each phase.
 RUN is the run directory (the same for every process of a job: orbax checkpoints).
 """
 
