@@ -8,7 +8,7 @@ and the table are shared, not pickled.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import numpy as np
@@ -40,11 +40,12 @@ class _LoadBatch:
     """grain map function: batch index k -> dict batch (picklable, no lambdas)."""
 
     def __init__(self, source, table, index_batches, masks, transform, seed, first_index,
-                 channels):
+                 channels, first_column=0):
         self.source, self.table = source, table
         self.index_batches, self.masks = index_batches, masks
         self.transform, self.seed = transform, _seed_words(seed)
         self.first_index, self.channels = first_index, channels
+        self.first_column = int(first_column)
         self.labels = np.asarray(table["label"], np.int32)
         self.is_control = np.asarray(table["is_control"], bool)
 
@@ -52,8 +53,10 @@ class _LoadBatch:
         rows = self.index_batches[k]
         raw = _read(self.source, rows, self.table, self.channels)
         step = self.first_index + int(k)
-        # One Generator per (seed, step, position): independent of threads and order.
-        images = [self.transform(img, np.random.default_rng([*self.seed, step, j]))
+        # One Generator per (seed, step, position in the global batch): independent of
+        # threads, order and of which process reads the image.
+        images = [self.transform(img, np.random.default_rng([*self.seed, step,
+                                                             self.first_column + j]))
                   for j, img in enumerate(raw)]
         is_control = self.is_control[rows]
         return {
@@ -67,7 +70,8 @@ class _LoadBatch:
 
 def batches(source: Any, table: schema.SiteTable, index_batches, *, transform: Transform,
             seed, masks=None, first_index: int = 0, num_threads: int = 4,
-            prefetch: int = 8, channels: int = len(schema.CHANNELS)) -> Iterator[dict]:
+            prefetch: int = 8, channels: int = len(schema.CHANNELS),
+            first_column: int = 0) -> Iterator[dict]:
     """Iterates dict batches for the given rows, in order, read and transformed by threads.
 
     Args:
@@ -77,12 +81,16 @@ def batches(source: Any, table: schema.SiteTable, index_batches, *, transform: T
       index_batches: int [K, B] rows per batch (mixed_batches, Episodes.rows, EvalUnit.rows).
       transform: per-image transform, called as transform(image, rng).
       seed: int or tuple of ints, e.g. (cfg.seed, epoch); augmentation of image j of
-        batch k uses np.random.default_rng([*seed, first_index + k, j]).
+        batch k uses np.random.default_rng([*seed, first_index + k, first_column + j]).
       masks: bool [K, B] valid rows (padding False); default all True.
       first_index: step number of index_batches[0] (to resume mid-epoch identically).
       num_threads: grain read threads (batches prepared in parallel).
       prefetch: grain prefetch buffer size (batches).
       channels: expected channel count of every image.
+      first_column: global position of column 0 of `index_batches` (a process reading
+        its share of each batch, `samplers.process_share`): image j is augmented as
+        image first_column + j of the global batch, so any split over processes
+        yields the images of a one-process read.
 
     Returns:
       Iterator of dicts: `image` float32 [B, h, w, C], `label` int32 [B] (-1 for
@@ -100,17 +108,21 @@ def batches(source: Any, table: schema.SiteTable, index_batches, *, transform: T
     if masks.shape != index_batches.shape:
         raise ValueError(f"masks shape {masks.shape} != index_batches shape {index_batches.shape}")
     load = _LoadBatch(source, table, index_batches, masks, transform, seed, first_index,
-                      channels)
+                      channels, first_column)
     ds = grain.MapDataset.range(len(index_batches)).map(load)
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
     return iter(ds.to_iter_dataset(options))
 
 
 def channel_stats(source: Any, rows: Sequence[int], *, chunk: int = 256,
-                  max_rows: int | None = None, seed: int = 0) -> ChannelStats:
+                  max_rows: int | None = None, seed: int = 0,
+                  share: tuple[int, int] = (0, 1),
+                  combine: Callable[[list[int]], list[int]] | None = None) -> ChannelStats:
     """Per-channel mean/std over all pixels of the images of `rows` (full images, 0-255).
 
-    Exact: integer sums in Python ints, then float64 (ddof 0).
+    Exact: integer sums in Python ints, then float64 (ddof 0). Several readers (one per
+    process) each read a contiguous share of the rows and `combine` totals their integer
+    sums, so the result is exactly that of one reader.
 
     Args:
       source: random-access records with "image" uint8 [H, W, C].
@@ -118,6 +130,10 @@ def channel_stats(source: Any, rows: Sequence[int], *, chunk: int = 256,
       chunk: records read per call.
       max_rows: if set and smaller than len(rows), a random subset (by seed) is used.
       seed: subset seed.
+      share: (reader index p, reader count P): read only the p-th of P contiguous parts
+        of the (subset of) rows.
+      combine: with P > 1, ``[count, *sums, *sumsqs]`` of this reader -> the totals over
+        all readers (e.g. summed over processes).
 
     Returns:
       ChannelStats(mean, std), float64 [C].
@@ -125,6 +141,11 @@ def channel_stats(source: Any, rows: Sequence[int], *, chunk: int = 256,
     rows = np.asarray(rows, np.int64)
     if max_rows is not None and max_rows < len(rows):
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
+    p, n_readers = share
+    if n_readers > 1 and (combine is None or len(rows) < n_readers):
+        raise ValueError(f"channel_stats: share={share} needs a combine function and at least "
+                         f"{n_readers} rows (got {len(rows)}); pass combine, or more rows")
+    rows = np.array_split(rows, n_readers)[p]
     count, sums, sumsqs = 0, None, None
     for start in range(0, len(rows), chunk):
         recs = source.__getitems__([int(r) for r in rows[start:start + chunk]])
@@ -134,4 +155,8 @@ def channel_stats(source: Any, rows: Sequence[int], *, chunk: int = 256,
         sumsqs = q if sumsqs is None else [a + b for a, b in zip(sumsqs, q)]
     if sums is None:
         raise ValueError("channel_stats needs at least one row; pass the training rows")
+    if n_readers > 1:
+        total = combine([count, *sums, *sumsqs])
+        c = len(sums)
+        count, sums, sumsqs = total[0], total[1:1 + c], total[1 + c:]
     return stats_from_sums(count, sums, sumsqs)

@@ -95,6 +95,82 @@ def mixed_batches(rows, batch_size: int, *, seed: int, epoch: int,
     return perm[:need].reshape(steps, batch_size)
 
 
+def check_process_split(n: int, field: str, *, process_count: int, local_devices: int,
+                        unit: str = "rows") -> None:
+    """Checks that `n` (batch rows or episodes) splits evenly over processes and devices.
+
+    Args:
+      n: the global count (a batch size, or episodes per step).
+      field: the config key it comes from, named in the error.
+      process_count: processes (hosts) sharing each batch.
+      local_devices: devices of each process the batch is split over.
+      unit: what `n` counts ("rows", "episodes"), for the message.
+
+    Raises:
+      ValueError: `n` is not a multiple of process_count * local_devices; names the three
+        numbers and the nearest valid values.
+    """
+    need = int(process_count) * int(local_devices)
+    if need < 1:
+        raise ValueError(f"process_count={process_count} and local_devices={local_devices} "
+                         "must be >= 1")
+    if n % need == 0:
+        return
+    valid = n - n % need or need
+    fix = f"--{field}={valid}" if field.startswith("config.") else str(valid)
+    if process_count == 1:
+        raise ValueError(f"{field}={n} is not a multiple of the {local_devices} local devices; "
+                         f"set it to a multiple of {local_devices}, e.g. {fix}")
+    raise ValueError(
+        f"{field}={n} ({unit}) does not split over {process_count} processes x "
+        f"{local_devices} devices per process = {need} devices: each process reads its own "
+        f"equal share of every batch and splits it over its devices; set it to a multiple "
+        f"of {need}, e.g. {fix}, or run on fewer processes or devices")
+
+
+def process_share(index_batches, process_index: int, process_count: int, *,
+                  local_devices: int = 1, group: int = 1,
+                  field: str = "batch size") -> tuple[np.ndarray, int]:
+    """This process's contiguous share of every global index batch (multi-host reading).
+
+    Every process draws the same global batches (the samplers are seeded identically);
+    process p then reads only columns ``[p * B / P, (p + 1) * B / P)`` of each, so the
+    global batch is the concatenation of the processes' shares in process order, the
+    layout `jaxadapt.train.parallel.shard_batch` assembles.
+
+    Args:
+      index_batches: int [K, B] global row batches (identical on every process).
+      process_index: this process (0 <= p < P).
+      process_count: P, the number of processes.
+      local_devices: devices per process over which each share is split again.
+      group: columns that must stay together (an episode's L + N rows); the share is
+        made of whole groups.
+      field: config key of the batch size, named in errors.
+
+    Returns:
+      (int [K, B / P] this process's columns, index of its first column in the global
+      batch, to seed per-image augmentation by global position).
+
+    Raises:
+      ValueError: B is not a multiple of `group`, or B / group does not split over
+        P x local_devices.
+    """
+    index_batches = np.asarray(index_batches)
+    if index_batches.ndim != 2:
+        raise ValueError(f"index_batches must be [K, B], got shape {index_batches.shape}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must lie in [0, {process_count})")
+    width = index_batches.shape[1]
+    if group < 1 or width % group:
+        raise ValueError(f"{field}: batch width {width} is not a multiple of group={group}")
+    check_process_split(width // group, field, process_count=process_count,
+                        local_devices=local_devices,
+                        unit="rows" if group == 1 else "episodes")
+    share = width // process_count
+    first = process_index * share
+    return index_batches[:, first:first + share], first
+
+
 def group_rows(table: schema.SiteTable, rows: np.ndarray, field: str,
                control: bool) -> dict[str, np.ndarray]:
     """Groups the control (or perturbed) rows among `rows` by a unit field.

@@ -15,6 +15,7 @@ import logging
 import os
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -294,23 +295,29 @@ def score_units(method: Method, variables: Variables, view: DataView,
                 events: collections.Counter | None = None) -> np.ndarray:
     """Adapts and predicts on every unit; returns the confusion matrix summed over units.
 
+    On several processes (hosts) the units are dealt out round-robin (process p adapts
+    and scores units p, p + P, ...; a unit is never split, so its adaptation is that of
+    one process), and the confusion matrices and the `Method.counts` events are summed
+    over processes: every process returns the same totals as a one-process run.
+
     Args:
       method: the method under test.
-      variables: trained model variables.
+      variables: trained model variables (on this process's devices).
       view: data access.
-      units: target units from `make_units`.
+      units: target units from `make_units` (the same list on every process).
       num_classes: K.
-      events: optional counter that receives the units' events (`Method.counts`).
+      events: optional counter that receives the units' events (`Method.counts`; on
+        several processes only those names are summed over processes).
 
     Returns:
       int64 confusion matrix [K, K].
     """
     cm = np.zeros((num_classes, num_classes), np.int64)
-    for spec in units:
+    local: collections.Counter = collections.Counter()
+    for spec in list(units)[jax.process_index()::jax.process_count()]:
         target = PipelineUnit(view, spec, spec.rows.shape[1])
         logits = method.predict_unit(variables, target)
-        if events is not None:
-            events.update(target.events)
+        local.update(target.events)
         labels = target.labels()
         if len(logits) != len(labels):
             raise RuntimeError(
@@ -318,7 +325,31 @@ def score_units(method: Method, variables: Variables, view: DataView,
                 f"{len(labels)} samples of unit {spec.name}: a predict_unit must score every sample"
             )
         cm += metrics.confusion_matrix(labels, np.argmax(logits, -1), num_classes)
+    if jax.process_count() > 1:
+        names = sorted(set(method.counts))
+        cm, counts = sum_over_processes(
+            (cm, np.array([local[n] for n in names], np.int64)))
+        local = collections.Counter(dict(zip(names, counts.tolist())))
+    if events is not None:
+        events.update(local)
     return cm
+
+
+def sum_over_processes(tree: Any) -> Any:
+    """Sums a pytree of integer NumPy arrays over all processes (every process gets it).
+
+    Args:
+      tree: same structure and shapes on every process; counts below 2**31.
+
+    Returns:
+      The tree of int64 sums.
+    """
+    from jax.experimental import multihost_utils
+
+    # int32 on the wire: without jax_enable_x64 an int64 would be narrowed anyway.
+    gathered = multihost_utils.process_allgather(
+        jax.tree.map(lambda x: np.asarray(x, np.int32), tree))
+    return jax.tree.map(lambda x: np.asarray(x, np.int64).sum(0), gathered)
 
 
 def run_replicate(rep: Replicate, cfg: ml_collections.ConfigDict, view: DataView,

@@ -9,6 +9,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 
 from jaxadapt.adapt import registry
 from jaxadapt.data import pipeline, splits as splits_lib, tfds_sim, transforms
@@ -38,11 +39,51 @@ def make_view(source, table: SiteTable, train_rows, data_cfg: ml_collections.Con
         evaluate = transforms.per_image_eval_transform(data_cfg.crop_size)
         train = transforms.Transform(data_cfg.crop_size, None, train=True, per_image=True)
     else:
-        stats = pipeline.channel_stats(source, train_rows)
+        stats = train_stats(source, train_rows)
         evaluate = transforms.eval_transform(data_cfg.crop_size, stats)
         train = transforms.train_transform(data_cfg.crop_size, stats)
     return DataView(source=source, table=table, eval_transform=evaluate, train_transform=train,
                     num_threads=data_cfg.num_threads)
+
+
+def train_stats(source, train_rows) -> transforms.ChannelStats:
+    """Per-channel pixel mean/std of the training images, read once over all processes.
+
+    Each process reads a contiguous share of the rows; the exact integer sums are totalled
+    over processes, so every process gets the statistics of a one-process read.
+
+    Args:
+      source: random-access records.
+      train_rows: the rows whose pixels define the statistics.
+
+    Returns:
+      ChannelStats (float64).
+    """
+    n = jax.process_count()
+    return pipeline.channel_stats(source, train_rows, share=(jax.process_index(), n),
+                                  combine=exact_sum_over_processes if n > 1 else None)
+
+
+_LIMB_BITS, _LIMBS = 30, 4
+
+
+def exact_sum_over_processes(values: list[int]) -> list[int]:
+    """Sums non-negative Python ints (< 2**120) over processes, exactly.
+
+    Args:
+      values: the same number of ints on every process.
+
+    Returns:
+      The totals, as Python ints, on every process.
+    """
+    if any(v < 0 or v >> (_LIMB_BITS * _LIMBS) for v in values):
+        raise ValueError("exact_sum_over_processes takes ints in [0, 2**120)")
+    mask = (1 << _LIMB_BITS) - 1
+    # 30-bit limbs travel as int32 (x64 may be off); their sums over processes fit int64.
+    limbs = np.array([[(v >> (_LIMB_BITS * k)) & mask for k in range(_LIMBS)] for v in values],
+                     np.int64)
+    total = protocol.sum_over_processes(limbs)
+    return [sum(int(t) << (_LIMB_BITS * k) for k, t in enumerate(row)) for row in total]
 
 
 def make_trainers(model, cfg: ml_collections.ConfigDict, names: set[str]) -> dict:
@@ -70,7 +111,7 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> list[reports.Row]
       workdir: run directory for checkpoints, logs and results.
 
     Returns:
-      The aggregated rows (also written to `workdir/results.*`).
+      The aggregated rows (also written to `workdir/results.*`, by process 0 alone).
 
     Raises:
       ValueError: a `validation.ConfigError` listing every problem of `cfg`, before
@@ -93,7 +134,8 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> list[reports.Row]
         view = make_view(source, table, rows["train"], cfg.data)
         scores += protocol.run_replicate(rep, cfg, view, rows, methods, trainers, workdir)
     result_rows = reports.aggregate(scores)
-    reports.write_results(workdir, cfg.study, cfg.to_dict(), result_rows)
+    if jax.process_index() == 0:  # every process holds the same rows (summed over processes)
+        reports.write_results(workdir, cfg.study, cfg.to_dict(), result_rows)
     return result_rows
 
 

@@ -35,18 +35,27 @@ class DataView:
     train_transform: Any
     num_threads: int = 2
 
-    def eval_batches(self, rows: np.ndarray, masks: np.ndarray | None = None) -> Iterator[dict]:
-        """Deterministically transformed batches of `rows` [n_batches, batch_size]."""
+    def eval_batches(self, rows: np.ndarray, masks: np.ndarray | None = None, *,
+                     first_column: int = 0) -> Iterator[dict]:
+        """Deterministically transformed batches of `rows` [n_batches, batch_size].
+
+        `first_column`: global position of column 0 (see `pipeline.batches`).
+        """
         return pipeline.batches(
             self.source, self.table, rows, transform=self.eval_transform, seed=0,
-            masks=masks, num_threads=self.num_threads,
+            masks=masks, num_threads=self.num_threads, first_column=first_column,
         )
 
-    def train_batches(self, rows: np.ndarray, *, seed: int) -> Iterator[dict]:
-        """Randomly augmented batches of `rows` [n_batches, batch_size]."""
+    def train_batches(self, rows: np.ndarray, *, seed: int, first_column: int = 0
+                      ) -> Iterator[dict]:
+        """Randomly augmented batches of `rows` [n_batches, batch_size].
+
+        `first_column`: global position of column 0, a process reading its share of
+        each batch (see `pipeline.batches`).
+        """
         return pipeline.batches(
             self.source, self.table, rows, transform=self.train_transform, seed=seed,
-            num_threads=self.num_threads,
+            num_threads=self.num_threads, first_column=first_column,
         )
 
 

@@ -3,15 +3,16 @@
 `validate(cfg)` checks every field a study reads -- types, ranges, names, and the
 relations between fields (crop_size <= image_size, training sources among the
 simulated ones, enough batches for the splits, batch sizes that split over the
-devices) -- and raises one `ConfigError` listing every problem, each naming the key,
+processes and devices) -- and raises one `ConfigError` listing every problem, each naming the key,
 its value and the fix. `jaxadapt.eval.study` calls it first, so a bad value fails in a
 second instead of after minutes of rendering and training.
 
 Checks that live beside the code that needs them are called from here, not restated:
 the simulator design (`data.design.check_config`), the split counts
 (`data.splits.batch_counts`, `in_domain_fraction`), the training loop's settings
-(`train.loop.FitConfig`), the device split of a batch (`train.supervised.check_batch_size`),
-the model and method names (`models.build_model`, `adapt.registry`). The sweep's checks
+(`train.loop.FitConfig`), the device and process split of a batch
+(`train.supervised.check_batch_size`, `train.episodic.check_episodes`), the model and
+method names (`models.build_model`, `adapt.registry`). The sweep's checks
 live here; `eval.protocol.swept_settings` calls them.
 """
 
@@ -29,7 +30,8 @@ from jaxadapt.adapt import registry
 from jaxadapt.data import design, schema, splits, subsets, views
 from jaxadapt.models import VIT_SIZES, build_model
 from jaxadapt.models.resnet import STEMS
-from jaxadapt.train import registry as trainer_registry, supervised
+from jaxadapt.train import episodic, supervised
+from jaxadapt.train import registry as trainer_registry
 from jaxadapt.train.loop import FitConfig
 
 MISSING = object()
@@ -102,6 +104,10 @@ _CHOICES = {
     "data.normalization": ("dataset", "per_image"),
 }
 _STRINGS = ("study", "checkpoint_dir", "data.cache_dir")
+# Episodes per step each episodic trainer splits over processes x local devices (whole
+# episodes per process; on one host they fall back to fewer devices).
+_EPISODE_SPLIT = {"arm_bn": "arm.episodes_per_step", "cs_arm_bn": "arm.episodes_per_step",
+                  "ben": "arm.episodes_per_step"}
 
 
 def get(cfg: Any, key: str) -> Any:
@@ -329,12 +335,13 @@ def _train_problems(cfg: Any) -> list[str]:
 
 def _device_problems(cfg: Any) -> list[str]:
     """What needs the built methods: their adaptation subsets, their trainers being
-    registered, and the batch sizes those trainers split over the local devices.
+    registered, and the batch sizes and episode counts those trainers split over devices.
 
-    Builds the model and each method (cheap: nothing is initialized or compiled) to learn
-    which trainers the study runs; so it runs on an otherwise valid config only. (How
-    episodes spread over several hosts is checked when the episodic trainer is built,
-    which the study runner also does before any rendering.)
+    On several processes (hosts) each process reads its own equal share of every batch:
+    a batch size must divide by processes x local devices, and so must the episodes
+    per step of an episodic trainer (on one host they need not). Builds the model and
+    each method (cheap: nothing is initialized or compiled) to learn which trainers the
+    study runs; so it runs on an otherwise valid config only.
     """
     model = build_model(cfg.model)
     methods = [registry.make_method(n, model, cfg, {}) for n in cfg.methods]
@@ -350,6 +357,8 @@ def _device_problems(cfg: Any) -> list[str]:
     out = []
     for key in sorted(fields):
         out += _guarded(supervised.check_batch_size, get(cfg, key), f"config.{key}")
+    for key in sorted({_EPISODE_SPLIT[t] for t in names if t in _EPISODE_SPLIT}):
+        out += _guarded(episodic.check_episodes, get(cfg, key))
     return out
 
 

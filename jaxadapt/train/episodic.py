@@ -7,7 +7,8 @@ its controls alone, held constant in the gradient) and the step minimizes the me
 the episodes' cross-entropies (`jaxadapt.adapt.arm.episode_loss`). Adam at
 ``config.train.learning_rate``, no schedule; early stopping on the episodic loss of a
 fixed set of validation-split episodes, as in the paper. Same contract as
-`jaxadapt.train.supervised.make_erm_trainer`.
+`jaxadapt.train.supervised.make_erm_trainer`. On several hosts each process reads and
+decodes only its E / P episodes of every step; the math is that of one process.
 """
 
 from __future__ import annotations
@@ -58,19 +59,33 @@ def arm_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {k: sub[k] for k in ARM_FIELDS}
 
 
+def check_episodes(n_episodes: int) -> None:
+    """On several hosts, E episodes must split over processes x local devices.
+
+    Each process reads E / P whole episodes of every step and splits them over its
+    devices (an episode never straddles devices or hosts); one host needs nothing, as
+    `episode_mesh` then uses the devices that divide E.
+
+    Raises:
+      ValueError: naming E, the process count and the devices per process.
+    """
+    if jax.process_count() > 1:
+        samplers.check_process_split(n_episodes, "config.arm.episodes_per_step",
+                                     process_count=jax.process_count(),
+                                     local_devices=jax.local_device_count(), unit="episodes")
+
+
 def episode_mesh(n_episodes: int):
     """A data mesh over which `n_episodes` split evenly (episodes stay whole on a device).
 
     All devices when E is a multiple of the device count; on one host otherwise the
-    largest number of devices dividing E (e.g. E = 2 on 8 devices uses 2).
+    largest number of devices dividing E (e.g. E = 2 on 8 devices uses 2); on several
+    hosts E must be a multiple of the device count (`check_episodes`).
     """
+    check_episodes(n_episodes)
     n = jax.device_count()
     if n_episodes % n == 0:
         return parallel.make_data_mesh()
-    if jax.process_count() > 1:
-        raise ValueError(
-            f"config.arm.episodes_per_step={n_episodes} is not a multiple of the {n} "
-            f"devices; on several hosts use a multiple of {n}")
     return parallel.make_data_mesh(jax.devices()[: math.gcd(n_episodes, n)])
 
 
@@ -141,6 +156,14 @@ def make_episodic_trainer(model: nn.Module, config: ml_collections.ConfigDict, *
                         out_shardings={"loss": rep, "loss_per_episode": rep, "count": rep,
                                        "correct": rep})
 
+    # Each process reads E / P whole episodes of every step (its contiguous share of the
+    # flat E * (L + N) rows); the sharded step sees the same E episodes as on one process.
+    P = jax.process_count()
+
+    def read(load, index, **kwargs):
+        return parallel.process_batches(load, index, mesh, group=L + N,
+                                        field="config.arm.episodes_per_step", **kwargs)
+
     def sampler(view, rows, seed):
         return samplers.make_episode_sampler(
             view.table, rows, n_perturbed=L, n_controls=N, n_episodes=E, seed=seed,
@@ -158,14 +181,14 @@ def make_episodic_trainer(model: nn.Module, config: ml_collections.ConfigDict, *
 
         def epoch_batches(epoch: int) -> Iterator[dict]:
             index = np.stack([draw(epoch * spe + k).rows.reshape(-1) for k in range(spe)])
-            for batch in view.train_batches(index, seed=(seed, epoch)):
-                yield parallel.shard_batch(_episode_batch(batch, (E, L + N)), mesh)
+            for batch in read(view.train_batches, index, seed=(seed, epoch)):
+                yield parallel.shard_batch(_episode_batch(batch, (E // P, L + N)), mesh)
 
         def validate(state: TrainState) -> dict[str, float]:
             losses, count, correct = [], 0.0, 0.0
-            for batch in view.eval_batches(val_rows):
-                out = eval_step(state, parallel.shard_batch(_episode_batch(batch, (E, L + N)),
-                                                            mesh))
+            for batch in read(view.eval_batches, val_rows):
+                out = eval_step(state, parallel.shard_batch(
+                    _episode_batch(batch, (E // P, L + N)), mesh))
                 c = np.asarray(out["count"])
                 losses.append(np.asarray(out["loss_per_episode"])[c > 0])
                 count += float(c.sum())
@@ -191,7 +214,7 @@ def make_episodic_trainer(model: nn.Module, config: ml_collections.ConfigDict, *
 
 
 def record_episode_shape(run_dir: str, n_perturbed: int, n_controls: int) -> None:
-    """Writes ``<run_dir>/episode.json`` = {"n_perturbed": L, "n_controls": N}.
+    """Writes ``<run_dir>/episode.json`` = {"n_perturbed": L, "n_controls": N} (process 0).
 
     Raises:
       ValueError: the directory already records another shape (a checkpoint directory
@@ -206,6 +229,10 @@ def record_episode_shape(run_dir: str, n_perturbed: int, n_controls: int) -> Non
             raise ValueError(f"{path} records episodes {old}, but this model trains on {shape}: "
                              "the directory holds another model; use another checkpoint_dir")
         return
+    if jax.process_index() != 0:  # one writer on a shared run directory
+        return
     os.makedirs(run_dir, exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(shape, f)
+    os.replace(tmp, path)  # atomic: another process never reads a half-written file

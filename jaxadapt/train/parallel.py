@@ -6,35 +6,42 @@ global: XLA inserts the all-reduces, so the step computes exactly the single-dev
 math (BN statistics over the whole global batch, never an average of per-device
 variances) and the gradients are not multiplied by the device count.
 
-Multi-host: `make_data_mesh` spans ``jax.devices()`` (all hosts). Each process then
-feeds its *process-local* slice of the global batch to `shard_batch`, which assembles
-the global array with ``jax.make_array_from_process_local_data``; the global batch is
-the concatenation of the processes' slices in process order. Every process must call
-the step with the same state and the same local batch size. On one host the local
-batch is the global batch.
+Multi-host: `make_data_mesh` spans ``jax.devices()`` (all hosts), ordered by process.
+Every process draws the same global index batches (samplers are seeded identically);
+`process_batches` reads only this process's contiguous share of each
+(`jaxadapt.data.samplers.process_share`: columns ``[p B / P, (p + 1) B / P)``) and
+`shard_batch` assembles the global array from the shares with
+``jax.make_array_from_process_local_data``, so the step sees exactly the global batch
+a one-process run sees: only the reading and decoding of images is split. Every
+process must call the step with the same state and the same share size. On one host
+the share is the whole batch.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxadapt.data import samplers
+
 DATA_AXIS = "data"
 
 
 def make_data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh over the devices, axis name "data".
+    """A 1-D mesh over the devices, axis name "data", grouped by process in process order.
 
     Args:
       devices: devices to use; default ``jax.devices()`` (all hosts).
 
     Returns:
-      The mesh.
+      The mesh; process p's devices hold the p-th contiguous block of every batch, the
+      block `process_batches` reads on p.
     """
     devs = list(jax.devices() if devices is None else devices)
+    devs.sort(key=lambda d: (d.process_index, d.id))
     return Mesh(np.array(devs), (DATA_AXIS,))
 
 
@@ -48,9 +55,51 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def _local_devices(mesh: Mesh) -> int:
+def local_device_count(mesh: Mesh) -> int:
+    """Devices of the mesh that belong to this process. Args: mesh. Returns: the count."""
     pid = jax.process_index()
     return sum(1 for d in mesh.devices.flat if d.process_index == pid)
+
+
+
+def _mesh_first_row(mesh: Mesh, width: int) -> int:
+    """First row of a width-`width` batch that the mesh places on this process's devices."""
+    spans = batch_sharding(mesh).addressable_devices_indices_map((width,)).values()
+    return min(s[0].start or 0 for s in spans)
+
+
+def process_batches(read: Callable[..., Iterator[dict]], index_batches, mesh: Mesh, *,
+                    masks=None, group: int = 1, field: str = "batch size",
+                    **read_kwargs) -> Iterator[dict]:
+    """Reads only this process's share of every global index batch.
+
+    Args:
+      read: ``read(rows, [masks=...,] first_column=..., **read_kwargs)`` -> iterator of
+        dict batches, e.g. ``DataView.train_batches`` / ``eval_batches``.
+      index_batches: int [K, B] global row batches, identical on every process.
+      mesh: from `make_data_mesh`; the share is split again over its local devices.
+      masks: optional bool [K, B] global masks, sliced like the rows.
+      group: columns that stay on one device (an episode's L + N rows).
+      field: config key of the batch size, named in errors.
+      **read_kwargs: passed to `read` (e.g. ``seed``).
+
+    Returns:
+      The iterator of this process's batches (B / P rows each) for `shard_batch`.
+
+    Raises:
+      ValueError: B (or B / group episodes) does not split over processes x local
+        devices, naming both numbers; or the mesh does not place this process's share
+        on its devices (a mesh not from `make_data_mesh`).
+    """
+    local, first = samplers.process_share(
+        index_batches, jax.process_index(), jax.process_count(),
+        local_devices=local_device_count(mesh), group=group, field=field)
+    if jax.process_count() > 1 and _mesh_first_row(mesh, np.shape(index_batches)[1]) != first:
+        raise ValueError("the mesh does not hold process blocks in process order; build it "
+                         "with parallel.make_data_mesh")
+    if masks is not None:
+        read_kwargs["masks"] = np.asarray(masks)[:, first:first + local.shape[1]]
+    return read(local, first_column=first, **read_kwargs)
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
@@ -68,7 +117,7 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
         device count.
     """
     sharding = batch_sharding(mesh)
-    n_local = _local_devices(mesh)
+    n_local = local_device_count(mesh)
 
     def put(path, x):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x

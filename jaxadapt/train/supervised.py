@@ -2,7 +2,8 @@
 
 Follows the CS-ARM-BN paper's protocol: Adam (lr 1e-3, no schedule), cross-entropy on
 the perturbed (labelled) images, early stopping on the validation loss of held-out
-batches of the training source. Data parallel over every device via `parallel`.
+batches of the training source. Data parallel over every device via `parallel`; on
+several hosts each process reads only its share of every batch (`parallel.process_batches`).
 """
 
 from __future__ import annotations
@@ -32,13 +33,18 @@ def labelled_rows(table, rows: np.ndarray) -> np.ndarray:
 
 
 def check_batch_size(batch_size: int, field: str) -> None:
-    """A batch must split evenly over the devices of this process."""
-    n = jax.local_device_count()
-    if batch_size % n:
-        raise ValueError(
-            f"{field}={batch_size} is not a multiple of the {n} local devices; "
-            f"set it to a multiple of {n}, e.g. --{field}={max(n, batch_size - batch_size % n)}"
-        )
+    """A global batch must split evenly over the processes and then their local devices.
+
+    Args:
+      batch_size: the global batch size.
+      field: its config key, named in the error.
+
+    Raises:
+      ValueError: naming the batch size, the process and per-process device counts, and
+        valid sizes (`samplers.check_process_split`).
+    """
+    samplers.check_process_split(batch_size, field, process_count=jax.process_count(),
+                                 local_devices=jax.local_device_count())
 
 
 def make_validator(eval_step: Callable, view, rows: np.ndarray, batch_size: int,
@@ -58,8 +64,9 @@ def make_validator(eval_step: Callable, view, rows: np.ndarray, batch_size: int,
     index, mask = samplers.padded_batches(rows, batch_size)
 
     def validate(state: TrainState) -> dict[str, float]:
-        loss = count = correct = 0.0
-        for batch in view.eval_batches(index, mask):
+        loss = count = correct = 0.0  # the step's sums are global: every process gets them
+        for batch in parallel.process_batches(view.eval_batches, index, mesh, masks=mask,
+                                              field="config.train.eval_batch_size"):
             out = eval_step(state, parallel.shard_batch(_model_batch(batch), mesh))
             loss += float(out["loss_sum"])
             count += float(out["count"])
@@ -107,7 +114,9 @@ def make_erm_trainer(model: nn.Module, config: ml_collections.ConfigDict):
 
         def epoch_batches(epoch: int) -> Iterator[dict]:
             index = samplers.mixed_batches(train_rows, cfg.batch_size, seed=seed, epoch=epoch)
-            for batch in view.train_batches(index, seed=(seed, epoch)):
+            for batch in parallel.process_batches(view.train_batches, index, mesh,
+                                                  seed=(seed, epoch),
+                                                  field="config.train.batch_size"):
                 yield parallel.shard_batch(_model_batch(batch), mesh)
 
         fit_cfg = FitConfig(

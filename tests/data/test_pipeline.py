@@ -144,3 +144,51 @@ def test_tfds_store_through_pipeline(tmp_path):
         for b, rows in zip(got, u.rows):
             np.testing.assert_array_equal(b["image"], np.stack([tf(images[r]) for r in rows]))
             assert not b["mask"][np.asarray(tab["is_control"])[rows]].any()
+
+
+def test_processes_reading_shares_get_the_images_of_one_reader():
+    # Augmentation is seeded by the global position, so shares read by separate
+    # processes (each with its first column) equal the whole batch read at once.
+    images, table = make_data()
+    src, tf = ArraySource(images), transforms.train_transform(32, None)
+    index = np.arange(24).reshape(2, 12)[:, ::-1]
+    whole = _collect(pipeline.batches(src, table, index, transform=tf, seed=(3, 1)))
+    parts = []
+    for p in range(3):
+        local, first = samplers.process_share(index, p, 3, local_devices=2)
+        parts.append(_collect(pipeline.batches(src, table, local, transform=tf, seed=(3, 1),
+                                               first_column=first)))
+    for k in range(2):
+        for key in ("image", "label", "mask", "row"):
+            np.testing.assert_array_equal(
+                np.concatenate([part[k][key] for part in parts]), whole[k][key])
+    # Without the offset the augmentation would differ (the check above can fail).
+    local, _ = samplers.process_share(index, 1, 3, local_devices=2)
+    wrong = _collect(pipeline.batches(src, table, local, transform=tf, seed=(3, 1)))
+    assert not np.array_equal(wrong[0]["image"], whole[0]["image"][4:8])
+
+
+def test_channel_stats_from_shares_equal_one_reader_exactly():
+    images, _ = make_data(24)
+    src, rows = ArraySource(images), np.arange(3, 23)
+    whole = pipeline.channel_stats(src, rows, chunk=4)
+    # Three readers; combine totals the other readers' partial integer sums.
+    partials = {}
+
+    def recorder(p):
+        def combine(values):
+            partials[p] = values
+            return values
+        return combine
+
+    for p in range(3):
+        pipeline.channel_stats(src, rows, chunk=4, share=(p, 3), combine=recorder(p))
+    total = [sum(v) for v in zip(*partials.values())]
+    for p in range(3):
+        got = pipeline.channel_stats(src, rows, chunk=4, share=(p, 3),
+                                     combine=lambda values: total)
+        np.testing.assert_array_equal(got.mean, whole.mean)
+        np.testing.assert_array_equal(got.std, whole.std)
+    assert partials[0][0] == 7 * S * S  # reader 0 read 7 of the 20 rows (array_split)
+    with pytest.raises(ValueError, match="needs a combine function"):
+        pipeline.channel_stats(src, rows, share=(0, 2))

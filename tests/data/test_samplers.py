@@ -133,3 +133,54 @@ def test_unlabelled_treated_rows_are_neither_units_nor_episodes():
                                   np.arange(12, 16))
     (unit,) = samplers.eval_units(t, rows, batch_size=4)
     assert set(unit.rows[unit.mask]) == set(range(3, 12))
+
+
+def test_process_shares_are_contiguous_and_concatenate_to_the_global_batch():
+    index = np.arange(3 * 12).reshape(3, 12)
+    shares = [samplers.process_share(index, p, 3, local_devices=2) for p in range(3)]
+    assert [first for _, first in shares] == [0, 4, 8]
+    np.testing.assert_array_equal(np.concatenate([s for s, _ in shares], axis=1), index)
+    # One process: the whole batch.
+    whole, first = samplers.process_share(index, 0, 1, local_devices=4)
+    assert first == 0 and whole is not None
+    np.testing.assert_array_equal(whole, index)
+
+
+def test_process_shares_keep_episodes_whole():
+    E, width = 4, 6  # 4 episodes of L + N = 6 rows, flat
+    index = np.arange(2 * E * width).reshape(2, E * width)
+    local, first = samplers.process_share(index, 1, 2, group=width)
+    assert first == 2 * width
+    np.testing.assert_array_equal(local.reshape(2, 2, width),
+                                  index.reshape(2, E, width)[:, 2:])
+
+
+def test_batch_that_does_not_split_over_processes_names_both_numbers():
+    index = np.zeros((1, 12), np.int64)
+    with pytest.raises(ValueError) as err:
+        samplers.process_share(index, 0, 2, local_devices=4, field="config.train.batch_size")
+    msg = str(err.value)
+    for part in ("config.train.batch_size=12", "2 processes", "4 devices per process",
+                 "multiple of 8", "--config.train.batch_size=8"):
+        assert part in msg, msg
+    with pytest.raises(ValueError, match=r"episodes_per_step=3 \(episodes\) does not split "
+                                         r"over 2 processes x 1 devices"):
+        samplers.process_share(np.zeros((1, 18), np.int64), 0, 2, group=6,
+                               field="config.arm.episodes_per_step")
+    with pytest.raises(ValueError, match="not a multiple of group=4"):
+        samplers.process_share(np.zeros((1, 18), np.int64), 0, 2, group=4)
+    with pytest.raises(ValueError, match=r"process_index=2 must lie in \[0, 2\)"):
+        samplers.process_share(np.zeros((1, 4), np.int64), 2, 2)
+
+
+def test_one_process_message_speaks_of_local_devices_only():
+    with pytest.raises(ValueError) as err:
+        samplers.check_process_split(12, "config.train.batch_size", process_count=1,
+                                     local_devices=8)
+    assert str(err.value) == ("config.train.batch_size=12 is not a multiple of the 8 local "
+                              "devices; set it to a multiple of 8, e.g. "
+                              "--config.train.batch_size=8")
+    with pytest.raises(ValueError, match=r"e\.g\. --config.train.batch_size=8,"):
+        samplers.check_process_split(4, "config.train.batch_size", process_count=2,
+                                     local_devices=4)  # below one per device: suggest 8
+    samplers.check_process_split(16, "x", process_count=2, local_devices=4)  # fine

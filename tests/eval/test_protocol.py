@@ -1,3 +1,5 @@
+import collections
+
 import numpy as np
 import pytest
 
@@ -262,3 +264,42 @@ def test_pair_splits_are_scored_by_their_training_source_only(tmp_path):
                                     [({}, _recording(seen))], trainers, str(tmp_path))
     assert {s.split for s in scores} == {"source:t->s"}  # source:s->s: another replicate's
     assert len(seen) == 1 and (table["source"][seen[0][1]] == "s").all()
+
+
+def test_units_are_dealt_round_robin_over_processes(monkeypatch):
+    # Process 1 of 3 adapts units 1 and 4 only, then sums with the other processes
+    # (the real gather runs in tests/train/test_multihost.py).
+    import jax
+
+    class View:
+        table = _table()
+
+        def eval_batches(self, rows, masks):
+            for r, m in zip(rows, masks):
+                yield {"image": np.zeros((len(r), 1)), "mask": m & (self.table["label"][r] >= 0)}
+
+    seen, sent = [], []
+
+    def predict(v, u):
+        seen.append(u.name)
+        u.events["fallback"] += 1
+        return np.eye(4)[u.labels()]
+
+    def fake_sum(tree):
+        sent.append(tree)
+        return tuple(3 * np.asarray(x) for x in tree)  # as if 3 identical processes
+
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(protocol, "sum_over_processes", fake_sum)
+    units = protocol.make_units(View.table, np.arange(48), {"L": 5, "unit": "plate"},
+                                _cfg(), 0)
+    names = [u.name for u in units]
+    method = Method("oracle", "erm", predict, counts=("fallback",))
+    events = collections.Counter()
+    cm = protocol.score_units(method, {}, View(), units, 4, events)
+    assert seen == names[1::3] and len(seen) >= 1
+    local_cm, local_counts = sent[0]
+    assert local_counts.tolist() == [len(seen)]
+    np.testing.assert_array_equal(cm, 3 * local_cm)
+    assert events == {"fallback": 3 * len(seen)}

@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from jaxadapt.adapt import registry
@@ -111,3 +112,14 @@ def test_every_method_has_its_training_recipe(tmp_path):
     assert methods["ben"].trainer == "ben" and methods["adabn_plate"].trainer == "erm"
     trainers = study.make_trainers(model, cfg, {m.trainer for m in methods.values()})
     assert all(callable(t) for t in trainers.values())
+
+
+def test_exact_sum_over_processes_keeps_big_ints_exact(monkeypatch):
+    # One process: the identity, through the 30-bit limbs and back, for ints beyond int64.
+    values = [0, 1, 2**31 + 5, 2**70 + 3 * 2**40 + 7, 2**120 - 1]
+    assert study.exact_sum_over_processes(values) == values
+    # Three (faked) identical processes: exact triples.
+    monkeypatch.setattr(protocol, "sum_over_processes", lambda x: 3 * np.asarray(x))
+    assert study.exact_sum_over_processes(values) == [3 * v for v in values]
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*120\)"):
+        study.exact_sum_over_processes([2**120])

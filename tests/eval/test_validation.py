@@ -226,3 +226,21 @@ def test_adapt_on_is_validated_with_the_methods_that_can_use_it():
     assert len(found) == 1 and "method 'tent'" in found[0]
     found = _problems(sweep=({"adapt_on": "plates"},))
     assert len(found) == 1 and "adapt_on='plates'" in found[0] and "adaptation subset" in found[0]
+
+
+def test_batches_and_episodes_must_split_over_processes_too(monkeypatch):
+    # As if on 2 hosts with 8 devices each: every batch is read in 2 shares of 8 devices.
+    import jax
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    found = _problems(**{"train.batch_size": 8, "train.eval_batch_size": 32})
+    assert found == ["config.train.batch_size=8 (rows) does not split over 2 processes x 8 "
+                     "devices per process = 16 devices: each process reads its own equal "
+                     "share of every batch and splits it over its devices; set it to a "
+                     "multiple of 16, e.g. --config.train.batch_size=16, or run on fewer "
+                     "processes or devices"]
+    found = _problems(**{"methods": ("cs_arm_bn",), "arm.episodes_per_step": 8})
+    assert len(found) == 1 and found[0].startswith(
+        "config.arm.episodes_per_step=8 (episodes) does not split over 2 processes x 8 "
+        "devices per process = 16 devices")
+    assert _problems(**{"methods": ("cs_arm_bn",), "arm.episodes_per_step": 16}) == []

@@ -66,3 +66,36 @@ def test_shard_batch_not_divisible_error():
     sharded = parallel.shard_batch({"image": np.zeros((2 * n, 3))}, mesh)
     assert sharded["image"].sharding.spec == jax.sharding.PartitionSpec("data")
     assert sharded["image"].addressable_shards[0].data.shape == (2, 3)
+
+
+def test_make_data_mesh_groups_devices_by_process():
+    devs = jax.devices()
+    mesh = parallel.make_data_mesh(devs[::-1])
+    keys = [(d.process_index, d.id) for d in mesh.devices.flat]
+    assert keys == sorted(keys) and len(keys) == len(devs)
+
+
+@needs_devices
+def test_process_batches_reads_the_whole_batch_on_one_process():
+    calls = []
+
+    def read(rows, *, first_column, seed=None, masks=None):
+        calls.append((rows, first_column, seed, masks))
+        return iter([{"row": r} for r in rows])
+
+    mesh = parallel.make_data_mesh()
+    index = np.arange(32).reshape(2, 16)
+    masks = index % 3 > 0
+    out = list(parallel.process_batches(read, index, mesh, masks=masks, seed=(1, 2)))
+    rows, first, seed, got_masks = calls[0]
+    np.testing.assert_array_equal(rows, index)
+    np.testing.assert_array_equal(got_masks, masks)
+    assert first == 0 and seed == (1, 2) and len(out) == 2
+    with pytest.raises(ValueError, match="config.train.batch_size=12 is not a multiple of "
+                                         "the 8 local devices"):
+        parallel.process_batches(read, np.zeros((1, 12), np.int64), mesh,
+                                 field="config.train.batch_size")
+    # Episodes (group of rows) split over a sub-mesh of 2 devices: 2 episodes of 3 rows.
+    sub = parallel.make_data_mesh(jax.devices()[:2])
+    parallel.process_batches(read, np.zeros((1, 6), np.int64), sub, group=3)
+    assert calls[-1][1] == 0 and calls[-1][0].shape == (1, 6)

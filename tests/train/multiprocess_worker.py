@@ -1,0 +1,141 @@
+"""One process of a multi-process run on CPU (launched by test_multihost.py).
+
+    python tests/train/multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES OUT RUN
+
+Joins a ``jax.distributed`` job with a localhost coordinator and gloo CPU collectives
+(NUM_PROCESSES=1: no job, the one-process reference), then on a tiny in-memory study
+computes the training images' channel statistics, trains ERM and CS-ARM-BN a few steps
+and scores AdaBN on every plate, exactly as the study runner would. Writes
+``OUT/process<id>.npz``: the statistics, the trained parameters and batch statistics,
+the confusion matrix, and every row this process read in each phase.
+RUN is the run directory (the same for every process of a job: orbax checkpoints).
+"""
+
+import os
+import sys
+import time
+
+PID, NPROC, PORT, NDEV = (int(a) for a in sys.argv[1:5])
+OUT, RUN = sys.argv[5], sys.argv[6]
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={NDEV}"
+
+import jax  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")  # as tests/conftest.py
+if NPROC > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"localhost:{PORT}", num_processes=NPROC,
+                               process_id=PID)
+
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxadapt import config as defaults  # noqa: E402
+from jaxadapt.adapt import registry  # noqa: E402
+from jaxadapt.data import samplers, schema, transforms  # noqa: E402
+from jaxadapt.eval import protocol, study  # noqa: E402
+from jaxadapt.eval.units import DataView  # noqa: E402
+from jaxadapt.models.resnet import BasicBlock, ResNet  # noqa: E402
+from jaxadapt.train import episodic, supervised  # noqa: E402
+
+S, CROP, K = 20, 16, 3
+MODEL = ResNet(stage_sizes=(1,), block_cls=BasicBlock, width=4, stem="small", num_classes=K,
+               in_channels=5)
+
+
+class LoggedSource:
+    """In-memory records that log every row read (the test checks each process's share)."""
+
+    def __init__(self, images):
+        self.images, self.log = images, []
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitems__(self, keys):
+        self.log.extend(int(k) for k in keys)
+        return [{"image": self.images[k]} for k in keys]
+
+    def take_log(self) -> np.ndarray:
+        out, self.log = np.array(self.log, np.int64), []
+        return out
+
+
+def make_study(plates=4, per_plate=18, ctrl=6, seed=0):
+    """Plates p0..p3 with a plate effect; p3 is the validation split."""
+    rng = np.random.default_rng(seed)
+    n = plates * (per_plate + ctrl)
+    plate = np.repeat([f"p{p}" for p in range(plates)], per_plate + ctrl)
+    label = np.tile(np.r_[np.arange(per_plate) % K, -np.ones(ctrl, int)], plates)
+    is_ctrl = label < 0
+    img = rng.normal(100, 20, size=(n, S, S, 5))
+    img[..., 0] += 30 * np.maximum(label, 0)[:, None, None]
+    img += 15 * np.repeat(np.arange(plates), per_plate + ctrl)[:, None, None, None]
+    images = np.clip(img, 0, 255).astype(np.uint8)
+    table = schema.SiteTable({
+        "source": np.array(["s"] * n), "batch": np.array(["b"] * n), "plate": plate,
+        "well": np.array([f"W{i}" for i in range(n)]), "site": np.zeros(n, np.int64),
+        "compound": np.where(is_ctrl, schema.DMSO, "c"), "moa": np.array([""] * n),
+        "label": label, "is_control": is_ctrl,
+    })
+    stats = transforms.channel_stats_of(images)
+    source = LoggedSource(images)
+    view = DataView(source, table, transforms.eval_transform(CROP, stats),
+                    transforms.train_transform(CROP, stats), num_threads=1)
+    val = plate == f"p{plates - 1}"
+    return source, view, {"train": np.flatnonzero(~val), "validation": np.flatnonzero(val)}
+
+
+def make_config():
+    c = ml_collections.ConfigDict()
+    c.data = ml_collections.ConfigDict({"crop_size": CROP})
+    c.model = ml_collections.ConfigDict({"in_channels": 5})
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=8, eval_batch_size=8, learning_rate=1e-2, num_epochs=2, patience=10,
+        log_every_steps=100, stop_after_epochs=0))
+    c.arm = ml_collections.ConfigDict(dict(episodes_per_step=4, n_perturbed=4, n_controls=2,
+                                           steps_per_epoch=3, val_episodes=4,
+                                           on_missing_controls="raise"))
+    return c
+
+
+def flat(variables) -> dict:
+    leaves = jax.tree_util.tree_leaves_with_path(
+        {k: variables[k] for k in ("params", "batch_stats")})
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
+
+
+def _phase(name: str, start: float) -> float:
+    print(f"phase {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    return time.perf_counter()
+
+
+def main():
+    t = time.perf_counter()
+    source, view, rows = make_study()
+    cfg, out = make_config(), {}
+    # Normalization statistics of the training images, as the study runner computes them.
+    stats = study.train_stats(source, rows["train"])
+    out.update(stats_mean=stats.mean, stats_std=stats.std, stats_reads=source.take_log())
+    erm = supervised.make_erm_trainer(MODEL, cfg)(view, rows, os.path.join(RUN, "erm"), 1)
+    out.update({f"erm{k}": v for k, v in flat(erm).items()}, erm_reads=source.take_log())
+    t = _phase("erm", t)
+    cs = episodic.make_episodic_trainer(MODEL, cfg, with_controls=True)(
+        view, rows, os.path.join(RUN, "cs_arm_bn"), 1)
+    out.update({f"cs{k}": v for k, v in flat(cs).items()}, cs_reads=source.take_log())
+    t = _phase("cs_arm_bn", t)
+    # Evaluation as the protocol runs it: AdaBN adapts per plate, units dealt to processes.
+    study_cfg = defaults.get_defaults()
+    study_cfg.model.num_classes = K
+    units = samplers.eval_units(view.table, np.arange(len(source)), batch_size=8, seed=0)
+    method = registry.make_method("adabn", MODEL, study_cfg, {})
+    out["cm"] = protocol.score_units(method, erm, view, units, K)
+    out["eval_reads"] = source.take_log()
+    _phase("eval", t)
+    os.makedirs(OUT, exist_ok=True)
+    np.savez(os.path.join(OUT, f"process{PID}.npz"), **out)
+
+
+if __name__ == "__main__":
+    main()
