@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -60,24 +61,24 @@ def views_of(config: ml_collections.ConfigDict) -> views.ViewsConfig:
     return views.views_config(config.dino.views)
 
 
-def process_share(index_batches: np.ndarray) -> np.ndarray:
-    """This process's contiguous slice of every global batch ([steps, B, ...] -> [steps, B/P, ...]).
+def local_pairs(pair_index: np.ndarray, mesh) -> np.ndarray:
+    """This process's share of every global batch of (row_a, row_b) pairs.
 
     Args:
-      index_batches: global index batches, identical on every process.
+      pair_index: int [steps, B, 2] global pair batches, identical on every process.
+      mesh: the data mesh (its local device count).
 
     Returns:
-      The rows this process reads; the global batch is the processes' slices in order.
+      int [steps, B / P, 2]: the pairs this process reads (`samplers.process_share`).
 
     Raises:
-      ValueError: the batch size does not divide by the process count.
+      ValueError: B does not split over processes x local devices, naming both.
     """
-    n, pid = jax.process_count(), jax.process_index()
-    b = index_batches.shape[1]
-    if b % n:
-        raise ValueError(f"global batch size {b} does not divide over {n} processes; "
-                         f"use a multiple of {n}")
-    return index_batches[:, pid * (b // n):(pid + 1) * (b // n)]
+    share = [samplers.process_share(
+        pair_index[..., i], jax.process_index(), jax.process_count(),
+        local_devices=parallel.local_device_count(mesh), field="config.dino.batch_size")[0]
+        for i in range(2)]
+    return np.stack(share, axis=-1)
 
 
 def epoch_pairs(table: schema.SiteTable, rows: np.ndarray, batch_size: int, *, level: str,
@@ -121,24 +122,28 @@ def make_feature_fn(model: DINOModel, mesh) -> Callable[[Any, np.ndarray], jax.A
 
 def extract_features(feature_fn: Callable, params: Any, view, rows: np.ndarray,
                      batch_size: int, mesh) -> np.ndarray:
-    """CLS features of `rows` (evaluation transform), in row order.
+    """CLS features of `rows` (evaluation transform), in row order, on every process.
+
+    Each process reads its share of every batch; the features are gathered back.
 
     Args:
       feature_fn: from `make_feature_fn`.
-      params: DINOModel params (teacher or student).
+      params: DINOModel params (teacher or student), replicated on the mesh.
       view: the DataView (its eval transform standardizes per image).
       rows: int rows.
-      batch_size: rows per forward pass (a multiple of the local device count).
+      batch_size: rows per forward pass (global; splits over processes x devices).
       mesh: the data mesh.
 
     Returns:
       float32 [len(rows), D].
     """
     index, mask = samplers.padded_batches(rows, batch_size)
+    batches = parallel.process_batches(view.eval_batches, index, mesh, masks=mask,
+                                       field="config.train.eval_batch_size")
     out = []
-    for batch in view.eval_batches(index, mask):
+    for k, batch in enumerate(batches):
         feats = feature_fn(params, parallel.shard_batch(batch["image"], mesh))
-        out.append(np.asarray(jax.device_get(feats))[batch["mask"]])
+        out.append(np.asarray(multihost_utils.process_allgather(feats, tiled=True))[mask[k]])
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -349,7 +354,7 @@ def make_dino_trainer(config: ml_collections.ConfigDict, *, pairs: str = "none")
                                              seed=seed, epoch=epoch)
             if counts:
                 log.info("epoch %d cross-batch pairs (%s): %s", epoch + 1, level, counts)
-            for b in views.view_batches(view.source, view.table, process_share(pair_index),
+            for b in views.view_batches(view.source, view.table, local_pairs(pair_index, mesh),
                                         cfg=vcfg, seed=seed, epoch=epoch,
                                         num_threads=view.num_threads):
                 yield parallel.shard_batch({"global": b["global"], "local": b["local"]}, mesh)

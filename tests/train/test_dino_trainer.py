@@ -10,7 +10,7 @@ import pytest
 from jaxadapt.data import splits as splits_lib
 from jaxadapt.data import tfds_sim
 from jaxadapt.eval import study
-from jaxadapt.train import dino_trainer
+from jaxadapt.train import dino_trainer, parallel
 from jaxadapt.train.checkpoint import tree_equal
 from jaxadapt.train.supervised import Interrupted
 from tests.eval.tiny import tiny_config
@@ -110,6 +110,9 @@ def test_bad_pairs_and_small_split_raise(world, tmp_path):
         dino_trainer.make_dino_trainer(cfg)(view, tiny_rows, str(tmp_path), 0)
 
 
-def test_process_share_splits_the_global_batch():
-    index = np.arange(24).reshape(3, 8)
-    np.testing.assert_array_equal(dino_trainer.process_share(index), index)  # one process
+def test_local_pairs_on_one_process_are_the_global_batch_and_bad_sizes_raise():
+    mesh = parallel.make_data_mesh()
+    pairs = np.arange(3 * 16 * 2).reshape(3, 16, 2)
+    np.testing.assert_array_equal(dino_trainer.local_pairs(pairs, mesh), pairs)
+    with pytest.raises(ValueError, match="config.dino.batch_size=12"):
+        dino_trainer.local_pairs(pairs[:, :12], mesh)
