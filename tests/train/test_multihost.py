@@ -5,7 +5,10 @@ Each process of the 2-process job has 2 CPU devices; the reference is one proces
 with the same weights, each process must read only its half of every batch, the
 training images' channel statistics must be bit-identical with each image read once, and
 the evaluation (AdaBN per plate) must give the same confusion matrix with each plate read by
-one process only. See multiprocess_worker.py.
+one process only. DINO pretraining with cross-plate pairs (a tiny ViT under shard_map,
+drop path on) must end with the same student, teacher, centre and kNN bank, each process
+building the views of its half of every batch of pairs and reading half of the kNN
+probe's images. See multiprocess_worker.py.
 """
 
 import collections
@@ -15,6 +18,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,8 +38,14 @@ def _launch(pid, nproc, port, ndev, out, run, log):
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
-def _run_all(tmp_path):
-    """Starts the 2-process job and the 1-process reference together; waits for all."""
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Starts the 2-process job and the 1-process reference together; waits for all.
+
+    Returns:
+      (tmp_path, [process 0, process 1, reference] outputs).
+    """
+    tmp_path = tmp_path_factory.mktemp("multihost")
     port, procs = _free_port(), []
     jobs = [(0, 2, 2, "two"), (1, 2, 2, "two"), (0, 1, 4, "ref")]
     for pid, nproc, ndev, name in jobs:
@@ -52,16 +62,24 @@ def _run_all(tmp_path):
     for (p, _), (pid, _, _, name) in zip(procs, jobs):
         text = (tmp_path / f"{name}{pid}.log").read_text()
         assert p.returncode == 0, f"{name} process {pid} failed:\n{text[-3000:]}"
-    return [dict(np.load(tmp_path / name / f"process{pid}.npz")) for pid, _, _, name in jobs]
+    return tmp_path, [dict(np.load(tmp_path / name / f"process{pid}.npz"))
+                      for pid, _, _, name in jobs]
 
 
 def _weights(out: dict) -> dict:
     return {k: v for k, v in out.items()
-            if not k.endswith("reads") and k != "cm" and not k.startswith("stats")}
+            if not k.endswith("reads") and k != "cm" and not k.startswith(("stats", "dino"))}
 
 
-def test_two_processes_train_and_score_as_one(tmp_path):
-    p0, p1, ref = _run_all(tmp_path)
+def _halves_read_once(a, b, ref, phase):
+    """Each process read half of the reference's rows, and together exactly those."""
+    assert len(ref) > 0 and len(a) == len(b) == len(ref) // 2, (phase, len(a), len(b), len(ref))
+    assert collections.Counter(a.tolist()) + collections.Counter(b.tolist()) == \
+        collections.Counter(ref.tolist()), phase
+
+
+def test_two_processes_train_and_score_as_one(runs):
+    tmp_path, (p0, p1, ref) = runs
     run = tmp_path / "two_run" / "cs_arm_bn"
     assert sorted(os.listdir(run)) == ["checkpoints", "episode.json", "logs"]  # one writer
 
@@ -80,12 +98,7 @@ def test_two_processes_train_and_score_as_one(tmp_path):
         np.testing.assert_array_equal(p1[k], ref[k])
 
     for phase in ("stats_reads", "erm_reads", "cs_reads", "eval_reads"):
-        a, b, r = p0[phase], p1[phase], ref[phase]
-        assert len(r) > 0
-        # Each process reads half of what one process reads, and together exactly that.
-        assert len(a) == len(b) == len(r) // 2, (phase, len(a), len(b), len(r))
-        assert collections.Counter(a.tolist()) + collections.Counter(b.tolist()) == \
-            collections.Counter(r.tolist()), phase
+        _halves_read_once(p0[phase], p1[phase], ref[phase], phase)
 
     # Statistics and evaluation: no image read by both processes (units dealt out whole),
     # totals summed over processes.
@@ -94,3 +107,56 @@ def test_two_processes_train_and_score_as_one(tmp_path):
     np.testing.assert_array_equal(p0["cm"], ref["cm"])
     np.testing.assert_array_equal(p1["cm"], ref["cm"])
     assert ref["cm"].sum() == 4 * 18  # every perturbed image of the 4 plates scored once
+
+
+def _view_calls(out: dict) -> list[list[int]]:
+    """The rows of each batch of views a process read (one read call per batch)."""
+    ends = np.cumsum(out["dino_call_sizes"])
+    return [c.tolist() for c in np.split(out["dino_view_reads"], ends[:-1])]
+
+
+def _split_key_bias(key: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x without the student's attention key bias, that key bias); qkv bias = [q, k, v]."""
+    if not (key.startswith("dino_student") and key.endswith("['attn']['qkv']['bias']")):
+        return x, x[:0]
+    d = x.shape[0] // 3
+    return np.concatenate([x[:d], x[2 * d:]]), x[d:2 * d]
+
+
+def test_two_processes_pretrain_dino_as_one(runs):
+    tmp_path, (p0, p1, ref) = runs
+    run = tmp_path / "two_run" / "dino"
+    assert sorted(os.listdir(run)) == ["checkpoints", "dino_history.json", "dino_history.png",
+                                       "logs"]  # one writer
+
+    keys = [k for k in ref if k.startswith(("dino_student", "dino_params", "dino_centre",
+                                            "dino_knn_bank"))]
+    assert {"dino_centre", "dino_knn_bank['features']"} <= set(keys) and len(keys) > 20
+    for k in keys:
+        np.testing.assert_array_equal(p0[k], p1[k], err_msg=k)  # replicated, bit-identical
+        a, r = _split_key_bias(k, p0[k]), _split_key_bias(k, ref[k])
+        np.testing.assert_allclose(a[0], r[0], rtol=1e-5, atol=1e-5, err_msg=k)
+        # The student's key bias has an exactly zero gradient (softmax ignores a shift
+        # common to all keys): its AdamW steps are float noise / (|noise| + eps), tiny
+        # (measured 1.2e-4) but not reproducible across reduction orders.
+        np.testing.assert_allclose(a[1], r[1], rtol=0, atol=1e-3, err_msg=k)
+    # The two steps moved every student weight far from the teacher (which barely left
+    # the initialization): agreeing to 1e-5 is not agreeing on an untrained net.
+    moved = [np.abs(ref[k] - ref[k.replace("dino_student", "dino_params")]).max()
+             for k in keys if k.startswith("dino_student")]
+    assert min(moved) > 1e-3, min(moved)
+    assert np.abs(ref["dino_centre"]).max() > 1e-3
+
+    # Views: every batch of 8 pairs is read by the reference in one call (its distinct
+    # rows); process p reads exactly the distinct rows of pairs [4p, 4p + 4) of it.
+    pairs = ref["dino_pairs"]
+    assert pairs.shape == (2, 8, 2) and (pairs[..., 0] != pairs[..., 1]).any()
+    np.testing.assert_array_equal(p0["dino_pairs"], pairs)
+    np.testing.assert_array_equal(p1["dino_pairs"], pairs)
+    for p, out in enumerate((p0, p1)):
+        assert sorted(_view_calls(out)) == sorted(
+            np.unique(batch[4 * p:4 * p + 4]).tolist() for batch in pairs), p
+    assert sorted(_view_calls(ref)) == sorted(np.unique(batch).tolist() for batch in pairs)
+    # kNN probe and bank: each process reads half of every batch of images.
+    _halves_read_once(p0["dino_eval_reads"], p1["dino_eval_reads"], ref["dino_eval_reads"],
+                      "dino_eval_reads")
