@@ -135,6 +135,9 @@ def _dino() -> ml_collections.ConfigDict:
     d.out_dim = 1024  # head output K (DINO 65536, CODA 4096)
     d.hidden_dim = 512  # head MLP (2048)
     d.bottleneck_dim = 128  # (256)
+    # True: the head's last layer is weight-normalized with g = 1 frozen (DINO's default);
+    # False: g is learned (what DINO's authors use for ViT-S; less stable).
+    d.norm_last_layer = True
     d.epochs = 10  # (DINO 100, CODA 300)
     d.batch_size = 32  # global batch, over every device and host (DINO 1024)
     d.base_lr = 5e-4  # lr = base_lr * batch_size / 256, linear warm-up then cosine

@@ -93,7 +93,7 @@ _POSITIVE = ("train.learning_rate", "adapt.tent_lr", "dino.base_lr", "dino.min_l
 _UNIT_INTERVAL = ("dino.momentum_teacher", "dino.centre_momentum", "dino.weight_decay",
                   "dino.weight_decay_end")
 _NON_NEGATIVE = ("dino.clip_grad",)
-_BOOLS = ("dino.global_clip",)
+_BOOLS = ("dino.global_clip", "dino.norm_last_layer")
 _CHOICES = {
     "eval.unit": UNITS,
     "model.stem": STEMS,

@@ -249,15 +249,18 @@ def l2_normalize(x: Array, axis: int = -1) -> Array:
 
 
 class WeightNormDense(nn.Module):
-    """Linear layer without bias, weight-normalized with g = 1 frozen: x @ (V / ||V||).
+    """Linear layer without bias, weight-normalized: x @ (g * V / ||V||), g = 1 frozen by default.
 
     Each output column of the (in, out) kernel V is divided by its norm (torch's
     weight_norm over dim 0 of its (out, in) weight); no eps, as torch: a zero column is a
     bug worth a NaN. V keeps torch's default Linear init, as in the reference where the
-    last layer is created after the MLP's trunc-normal init.
+    last layer is created after the MLP's trunc-normal init. With ``learn_scale`` the
+    per-column g is a parameter ("scale"), initialized as torch's weight_norm does, to
+    the columns' initial norms (DINO's ``norm_last_layer=False``).
     """
 
     features: int
+    learn_scale: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -269,7 +272,11 @@ class WeightNormDense(nn.Module):
         # fuse the column-norm reduction into a (in, out)-sized loop and recompute it per
         # element (in x more work: 11 s of a 12 s CPU step at out_dim 65536).
         norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=0, keepdims=True))
-        return jnp.dot(x.astype(jnp.float32), v) / norm
+        out = jnp.dot(x.astype(jnp.float32), v) / norm
+        if self.learn_scale:
+            g = self.param("scale", lambda _, shape: jnp.reshape(norm, shape), (self.features,))
+            out = out * g
+        return out
 
 
 class DINOHead(nn.Module):
@@ -277,13 +284,16 @@ class DINOHead(nn.Module):
 
     The last layer is weight-normalized with g = 1 frozen (DINO's norm_last_layer=True):
     output = x @ (V / ||V||), each output column of V normalized, no bias. V is the only
-    parameter at ("last_layer", "kernel"); there is no g parameter to train.
+    parameter at ("last_layer", "kernel"); there is no g parameter to train. With
+    ``norm_last_layer=False`` (what DINO's authors use for ViT-S) g is learned, at
+    ("last_layer", "scale"), frozen with V during the first epoch.
 
     Attributes:
       out_dim: output units (DINO: 65536; CODA: 4096).
       hidden_dim, bottleneck_dim, nlayers: MLP sizes (nlayers Linear layers; 1 = one
         Linear straight to the bottleneck).
       dtype: computation dtype of the MLP; normalization and the last layer run in float32.
+      norm_last_layer: True freezes g = 1; False learns it.
     """
 
     out_dim: int
@@ -291,6 +301,7 @@ class DINOHead(nn.Module):
     bottleneck_dim: int = 256
     nlayers: int = 3
     dtype: jnp.dtype = jnp.float32
+    norm_last_layer: bool = True
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -303,7 +314,8 @@ class DINOHead(nn.Module):
             if i < len(widths) - 1:
                 x = jax.nn.gelu(x, approximate=False)
         x = l2_normalize(x.astype(jnp.float32))
-        return WeightNormDense(self.out_dim, name="last_layer")(x)
+        return WeightNormDense(self.out_dim, learn_scale=not self.norm_last_layer,
+                               name="last_layer")(x)
 
 
 def crop_groups(shapes: Sequence[tuple[int, ...]]) -> list[tuple[int, int]]:

@@ -52,7 +52,8 @@ def build_dino_model(config: ml_collections.ConfigDict) -> DINOModel:
       The (uninitialized) `DINOModel`.
     """
     d = config.dino
-    head = DINOHead(out_dim=d.out_dim, hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim)
+    head = DINOHead(out_dim=d.out_dim, hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim,
+                    norm_last_layer=d.norm_last_layer)
     return DINOModel(backbone=build_model(config.model), head=head)
 
 

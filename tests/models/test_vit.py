@@ -253,3 +253,22 @@ def test_build_model_vit_names():
         build_model(cfg)
     with pytest.raises(ValueError, match="vit_cpu.*vit_small"):
         build_model(ml_collections.ConfigDict(dict(name="vit_huge", num_classes=2)))
+
+
+def test_learned_scale_last_layer_starts_as_the_column_norms_and_scales_outputs():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jaxadapt.models.vit import DINOHead
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 8))
+    fixed, learned = DINOHead(16, 8, 4), DINOHead(16, 8, 4, norm_last_layer=False)
+    pf = fixed.init(jax.random.PRNGKey(1), x)["params"]
+    pl = learned.init(jax.random.PRNGKey(1), x)["params"]
+    assert "scale" not in pf["last_layer"]
+    v = np.asarray(pl["last_layer"]["kernel"])
+    np.testing.assert_allclose(pl["last_layer"]["scale"], np.linalg.norm(v, axis=0), rtol=1e-6)
+    g = jnp.arange(1, 17, dtype=jnp.float32)
+    pl = {**pl, "last_layer": {**pl["last_layer"], "scale": g}}
+    np.testing.assert_allclose(learned.apply({"params": pl}, x),
+                               fixed.apply({"params": pf}, x) * np.asarray(g), rtol=1e-5)
