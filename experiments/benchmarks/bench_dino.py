@@ -23,6 +23,16 @@ one JSON line: median / min / max step seconds over ``--iters`` timed steps afte
 ``--warmup`` steps, images/s = batch / median step, the first call's seconds (compile
 + one step) and ``compile_s`` = first call - median step, peak memory (host RSS; on a
 GPU also the device's peak bytes in use), process CPU seconds per step.
+
+Measured 2026-11-29 on the shared 2-core CPU (load average 9-15 from other jobs; ViT-S/16,
+2x96 + 6x48 px crops, batch 8, 3 channels, float32), images/s, medians of 5 steps:
+  2 threads, alternating runs (reference / ours):  head 4096: 0.27, 0.32, 0.29 / 0.98, 1.45
+    (3-5x); head 65536: 0.33, 0.36, 0.25 / 0.81, 0.99 (2.2-4x). Under this load the
+    reference's 2-thread pool degrades ~8x (its own README: 6.4 and 5.2 img/s unloaded),
+    so these ratios flatter us.
+  both pinned to one core (taskset -c 0; reference --threads 1), one pair:
+    head 4096: 2.20 / 1.53 (0.69x); head 65536: 1.95 / 1.28 (0.65x). Ours spent 3.2 and
+    3.8 CPU s per step. Compile: 65-110 s per configuration.
 """
 
 from __future__ import annotations
