@@ -377,7 +377,7 @@ def make_dino_trainer(config: ml_collections.ConfigDict, *, pairs: str = "none")
                          validate=validate, writer=writer)
         if not result.finished:
             raise Interrupted(run_dir, result.epochs_done)
-        write_history(run_dir, result.history)
+        write_history(run_dir, result.history, d.out_dim)
         out = knn_variables(model, result.state.teacher, view, rows, config, seed, mesh,
                             feature_fn)
         # What continuing DINO on new data (ODA / CODA) starts from, besides the teacher.
@@ -406,12 +406,14 @@ def make_random_init_trainer(config: ml_collections.ConfigDict):
     return train
 
 
-def write_history(run_dir: str, history: list[dict[str, float]]) -> str | None:
+def write_history(run_dir: str, history: list[dict[str, float]],
+                  out_dim: int | None = None) -> str | None:
     """`dino_history.json` and a plot of teacher entropy and kNN accuracy per epoch.
 
     Args:
       run_dir: the training run's directory.
       history: `FitResult.history`.
+      out_dim: K of the head; draws log K, the entropy of a uniform (collapsed) teacher.
 
     Returns:
       The PNG path (None on processes other than 0).
@@ -427,6 +429,9 @@ def write_history(run_dir: str, history: list[dict[str, float]]) -> str | None:
     epochs = [h["epoch"] + 1 for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3))
     a.plot(epochs, [h.get("train_teacher_entropy", np.nan) for h in history], marker="o")
+    if out_dim:
+        a.axhline(np.log(out_dim), color="grey", ls="--", label="uniform: log K")
+        a.legend(loc="best")
     a.set(xlabel="epoch", ylabel="teacher entropy (nats)", title="collapse monitor")
     b.plot(epochs, [h.get("val_knn_accuracy", np.nan) for h in history], marker="o")
     b.set(xlabel="epoch", ylabel="kNN accuracy", title="held-out wells")
