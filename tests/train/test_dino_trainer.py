@@ -13,7 +13,7 @@ from jaxadapt.eval import study
 from jaxadapt.train import dino_trainer, parallel
 from jaxadapt.train.checkpoint import tree_equal
 from jaxadapt.train.supervised import Interrupted
-from tests.eval.tiny import tiny_config
+from tests.eval.tiny import set_keys, tiny_config
 
 
 def dino_config(cache_dir, **changes):
@@ -28,13 +28,7 @@ def dino_config(cache_dir, **changes):
     d.epochs, d.batch_size, d.warmup_epochs, d.warmup_teacher_temp_epochs = 2, 16, 1, 1
     d.views.global_size, d.views.local_size, d.views.n_local = 32, 16, 2
     d.knn_bank_size = 64
-    for key, value in changes.items():
-        *path, leaf = key.split(".")
-        node = c
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return set_keys(c, changes)
 
 
 @pytest.fixture(scope="module")
