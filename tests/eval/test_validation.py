@@ -244,3 +244,29 @@ def test_batches_and_episodes_must_split_over_processes_too(monkeypatch):
         "config.arm.episodes_per_step=8 (episodes) does not split over 2 processes x 8 "
         "devices per process = 16 devices")
     assert _problems(**{"methods": ("cs_arm_bn",), "arm.episodes_per_step": 16}) == []
+
+
+def _dino_study(**changes):
+    c = cli.load_config_file("configs/dino_pretrain.py")
+    with c.unlocked():
+        return set_keys(c, changes)
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"dino.views.global_size": 72}, "config.dino.views.global_size=72 exceeds the image size 64x64"),
+    ({"dino.views.local_size": 20}, "config.dino.views.local_size=20 is not a multiple of the patch size 8"),
+    ({"data.crop_size": 44}, "config.data.crop_size=44 (the evaluation crop) is not divisible by the ViT patch size 8"),
+    ({"dino.pair_level": "well"}, "config.dino.pair_level='well': use one of ('plate', 'batch')"),
+    ({"dino.momentum_teacher": 1.5}, "config.dino.momentum_teacher=1.5: must be a number in [0, 1]"),
+    ({"dino.batch_size": 12}, "config.dino.batch_size=12 is not a multiple of the 8 local devices"),
+])
+def test_dino_views_sizes_and_batch_are_checked_at_config_time(changes, needle):
+    found = validation.problems(_dino_study(**changes))
+    assert any(needle in p for p in found), found
+
+
+def test_cross_batch_pairs_need_an_even_number_of_local_views():
+    c = _dino_study(**{"dino.views.n_local": 5})
+    assert validation.problems(c) == []  # plain DINO: one image gives every view
+    c = _dino_study(**{"dino.views.n_local": 5, "methods": ("dino_cb",)})
+    assert any("n_local=5 is odd" in p for p in validation.problems(c))
