@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxadapt.adapt.base import Method, collect_logits
+
 
 class FeatureBank(NamedTuple):
     """Labelled reference features for the kNN vote.
@@ -106,8 +108,6 @@ def knn_method(name: str, trainer: str):
     Returns:
       ``(model, cfg, setting) -> Method`` whose rows are named knn_accuracy / knn_macro_f1.
     """
-    from jaxadapt.adapt.base import Method, collect_logits
-
     def factory(model, cfg, setting) -> Method:
         k, t, n_cls = cfg.dino.knn_k, cfg.dino.knn_temperature, cfg.model.num_classes
 

@@ -11,6 +11,10 @@ from jaxadapt.models.resnet import BasicBlock, ResNet
 
 # rbg keys: model init compiles several times faster on CPU than with threefry.
 KEY = jax.random.key(0, impl="rbg")
+#: The one-stage width-4 ResNet of the episodic (ARM-BN, CS-ARM-BN, BEN) step tests, S px.
+S = 16
+EPISODE_MODEL = ResNet(stage_sizes=(1,), block_cls=BasicBlock, width=4, stem="small",
+                       num_classes=3, in_channels=5, zero_init_residual=False)
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,11 @@ import collections
 
 from jaxadapt.adapt import arm, shares
 from jaxadapt.adapt import base
-from jaxadapt.models.resnet import BasicBlock, ResNet
 from jaxadapt.train import parallel
 from jaxadapt.train.state import create_train_state
+from tests.adapt.conftest import EPISODE_MODEL, KEY, S
 
-KEY = jax.random.key(0, impl="rbg")  # threefry init compiles slowly on XLA:CPU
-S = 16
-MODEL = ResNet(stage_sizes=(1,), block_cls=BasicBlock, width=4, stem="small",
-               num_classes=3, in_channels=5, zero_init_residual=False)
+MODEL = EPISODE_MODEL
 TX = optax.adam(1e-2)
 E, L, N = 8, 4, 3
 

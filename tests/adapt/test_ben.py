@@ -8,14 +8,11 @@ import optax
 import pytest
 
 from jaxadapt.adapt import arm, ben, bn, registry
-from jaxadapt.models.resnet import BasicBlock, ResNet
 from jaxadapt.train import parallel
 from jaxadapt.train.state import create_train_state
+from tests.adapt.conftest import EPISODE_MODEL, KEY, S
 
-KEY = jax.random.key(0, impl="rbg")  # threefry init compiles slowly on XLA:CPU
-S = 16
-MODEL = ResNet(stage_sizes=(1,), block_cls=BasicBlock, width=4, stem="small",
-               num_classes=3, in_channels=5, zero_init_residual=False)
+MODEL = EPISODE_MODEL
 TX = optax.adam(1e-2)
 E, L, N = 4, 4, 3
 
