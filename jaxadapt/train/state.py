@@ -69,12 +69,20 @@ def create_train_state(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=variables.get("batch_stats", {}),
-        opt_state=_init_opt(tx, params),
+        opt_state=init_opt_state(tx, params),
         extra={} if extra is None else dict(extra),
     )
 
 
-def _init_opt(tx: optax.GradientTransformation, params: Any) -> Any:
-    # Standard promotion for optax's internals, as in the train step.
+def init_opt_state(tx: optax.GradientTransformation, params: Any) -> Any:
+    """`tx.init(params)` under standard dtype promotion (optax's internals rely on it).
+
+    Args:
+      tx: the optimizer.
+      params: the parameters it will update.
+
+    Returns:
+      The optimizer state.
+    """
     with jax.numpy_dtype_promotion("standard"):
         return tx.init(params)
