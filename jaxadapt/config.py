@@ -38,6 +38,7 @@ def get_defaults() -> ml_collections.ConfigDict:
     c.data, c.splits, c.model = _data(), _splits(), _model()
     c.train, c.eval, c.arm, c.adapt = _train(), _eval(), _arm(), _adapt()
     c.dino = _dino()
+    c.coda = _coda()
     return c
 
 
@@ -92,6 +93,9 @@ def _eval() -> ml_collections.ConfigDict:
     e.adapt_on = "unit"
     e.batch_size = 32  # test batch = the context L of batch-statistics methods
     e.seed = 0  # shuffling of test chunks and label-shift draws
+    # What the diagonal `source:<a>-><a>` of a source matrix scores: "in_domain" (held-out
+    # wells of the training plates) or "new_batch" (held-out batches of source a).
+    e.matrix_diagonal = "in_domain"
     return e
 
 
@@ -173,6 +177,52 @@ def _dino() -> ml_collections.ConfigDict:
     v.standardize = True
     d.views = v
     return d
+
+
+def _coda() -> ml_collections.ConfigDict:
+    """CODA's task models and online adaptation; CPU-sized, the reference's values in comments.
+
+    `task`: training of the supervised ViT and of the dual model's task transformer (the
+    reference's step 2: AdamW lr 1e-4, weight decay 1e-5, linear warm-up 3 epochs then
+    constant, global gradient norm 1.0, 50 epochs, batch 128). `adapt`: online DINO
+    adaptation of the extractor on a target unit (step 3: AdamW lr 1e-4, no batch scaling,
+    warm-up 10 epochs then cosine to 1e-6, weight decay cosine 1e-5 -> 1e-4, global clip
+    1.0, teacher momentum 0.996, last layer frozen in the first epoch, 300 epochs).
+    """
+    c = ml_collections.ConfigDict()
+    t = ml_collections.ConfigDict()
+    t.embed_dim = 64  # task transformer width (DeiT-S 384)
+    t.depth = 2  # (12)
+    t.num_heads = 4  # (6)
+    t.mlp_ratio = 4.0
+    t.learning_rate = 1e-4
+    t.weight_decay = 1e-5
+    t.warmup_epochs = 3
+    t.clip_grad = 1.0  # global norm; 0 disables
+    t.num_epochs = 30  # (50)
+    t.patience = 30  # the reference keeps the best validation epoch of all
+    t.batch_size = 32  # (128)
+    t.eval_batch_size = 64
+    t.log_every_steps = 20
+    c.task = t
+    a = ml_collections.ConfigDict()
+    a.epochs = 3  # (300)
+    a.batch_size = 32  # (128); a unit smaller than one batch adapts on one smaller batch
+    a.lr = 1e-4  # used as is (the reference does not scale it with the batch)
+    a.min_lr = 1e-6
+    a.warmup_epochs = 1  # (10)
+    a.weight_decay = 1e-5
+    a.weight_decay_end = 1e-4
+    a.momentum_teacher = 0.996
+    a.warmup_teacher_temp = 0.04
+    a.teacher_temp = 0.07
+    a.warmup_teacher_temp_epochs = 0  # (30 of 300)
+    a.freeze_last_layer = 1
+    a.clip_grad = 1.0
+    a.global_clip = True
+    a.seed = 0  # views and pairs of the adaptation, with the unit's name
+    c.adapt = a
+    return c
 
 
 def gpu_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

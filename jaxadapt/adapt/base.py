@@ -90,6 +90,43 @@ class Method(NamedTuple):
     adapts_on_subset: bool = False
 
 
+class UnlabelledImages(NamedTuple):
+    """A unit's raw images for methods that train on them (online DINO adaptation).
+
+    Attributes:
+      source: random-access records (record i -> {"image": uint8 [H, W, C]}).
+      table: the SiteTable of `source` with every label and MoA blanked (plate, batch,
+        well and compound stay: they are the plate map, known before any result).
+      rows: int64 row indices of the unit's images: its scored samples and its controls.
+      num_threads: reader threads.
+    """
+
+    source: Any
+    table: Any
+    rows: np.ndarray
+    num_threads: int = 2
+
+
+def unlabelled_images(unit: Unit) -> UnlabelledImages:
+    """The raw images of `unit` (`unit.unlabelled()`), for methods that train on them.
+
+    Args:
+      unit: a unit backed by an image store (e.g. `jaxadapt.eval.units.PipelineUnit`).
+
+    Returns:
+      `UnlabelledImages`.
+
+    Raises:
+      ValueError: the unit exposes only transformed batches.
+    """
+    get = getattr(unit, "unlabelled", None)
+    if not callable(get):
+        raise ValueError(f"unit {getattr(unit, 'name', unit)!r} exposes no raw images "
+                         "(.unlabelled()); online adaptation (oda, coda) needs a unit "
+                         "backed by an image store, such as the protocol runner's")
+    return get()
+
+
 def adaptation_unit(unit: Unit) -> Unit:
     """The unit whose images a method adapts on (its statistics, its optimizer steps).
 

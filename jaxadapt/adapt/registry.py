@@ -30,6 +30,25 @@ _FACTORIES: dict[str, Factory] = {
 }
 
 
+def register(name: str, factory: Factory) -> Factory:
+    """Adds a method implemented above this layer (e.g. online adaptation in `jaxadapt.train`).
+
+    Args:
+      name: the method name; must be new.
+      factory: ``(model, cfg, setting) -> Method``.
+
+    Returns:
+      `factory`.
+
+    Raises:
+      ValueError: the name is taken.
+    """
+    if name in _FACTORIES:
+        raise ValueError(f"method {name!r} is already registered; pick another name")
+    _FACTORIES[name] = factory
+    return factory
+
+
 def available() -> list[str]:
     """Names of the methods this version implements."""
     return sorted(_FACTORIES)

@@ -166,6 +166,10 @@ def _check_splits(table: schema.SiteTable, splits: dict[str, np.ndarray],
                     "the training plates (more plates/wells, lower splits.in_domain_fraction)")
 
 
+#: Splits the diagonal cell `source:<a>-><a>` of a source matrix may score.
+DIAGONALS = ("in_domain", "new_batch")
+
+
 def pair_name(train_source: str, target_source: str) -> str:
     """The split name of one source pair: `source:<train_source>-><target_source>`."""
     return f"{PAIR_PREFIX}{train_source}{_ARROW}{target_source}"
@@ -207,7 +211,7 @@ def source_matrix(train_sources, target_sources) -> tuple[str, ...]:
 
 
 def split_rows(table: schema.SiteTable, rows: dict[str, np.ndarray], name: str,
-               train_source: str) -> np.ndarray | None:
+               train_source: str, diagonal: str = "in_domain") -> np.ndarray | None:
     """The rows a split name scores for models trained on `train_source`.
 
     Args:
@@ -215,6 +219,10 @@ def split_rows(table: schema.SiteTable, rows: dict[str, np.ndarray], name: str,
       rows: `make_splits(table, train_source=train_source, ...)`.
       name: a pooled split (`SPLITS`) or a pair `source:<a>-><b>`.
       train_source: the replicate's training source.
+      diagonal: the split a pair of the training source with itself scores:
+        "in_domain" (held-out wells of the training plates) or "new_batch" (held-out
+        batches; for layouts such as TARGET2, where each compound has one well per
+        plate, so that holding out wells would take compounds out of training).
 
     Returns:
       Sorted row indices; None for a pair split of another training source (a != the
@@ -238,6 +246,8 @@ def split_rows(table: schema.SiteTable, rows: dict[str, np.ndarray], name: str,
     if a != train_source:
         return None
     if b == a:
-        return rows["in_domain"]
+        if diagonal not in DIAGONALS:
+            raise ValueError(f"matrix diagonal {diagonal!r} is unknown; use one of {DIAGONALS}")
+        return rows[diagonal]
     new = rows["new_source"]
     return new[table["source"][new] == b]

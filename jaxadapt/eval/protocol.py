@@ -400,7 +400,8 @@ def _score_splits(rep: Replicate, cfg: ml_collections.ConfigDict, view: DataView
     """One method under one setting on every evaluation split."""
     scores = []
     for split in cfg.eval_splits:
-        split_rows = splits_lib.split_rows(view.table, rows, split, rep.train_source)
+        split_rows = splits_lib.split_rows(view.table, rows, split, rep.train_source,
+                                             cfg.eval.matrix_diagonal)
         if split_rows is None:  # a source pair trained on another replicate's source
             continue
         units = make_units(view.table, split_rows, setting, cfg, rep.seed)

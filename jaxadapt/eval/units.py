@@ -12,9 +12,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from jaxadapt.adapt.base import UnitBatch
+from jaxadapt.adapt.base import UnitBatch, UnlabelledImages
 from jaxadapt.data import pipeline, samplers
-from jaxadapt.data.schema import SiteTable
+from jaxadapt.data.schema import NO_LABEL, SiteTable
 
 
 @dataclasses.dataclass
@@ -89,6 +89,15 @@ class PipelineUnit:
         if self.spec.adaptation is None:
             return self
         return PipelineUnit(self.view, self.spec.adaptation, self.batch_size, self.events)
+
+    def unlabelled(self) -> UnlabelledImages:
+        """The unit's scored and control rows with the labels blanked (`UnlabelledImages`)."""
+        rows = np.concatenate([self.spec.rows[self.spec.mask], self.spec.control_rows])
+        columns = dict(self.view.table.columns)
+        columns["label"] = np.full(len(self.view.table), NO_LABEL, columns["label"].dtype)
+        columns["moa"] = np.full(len(self.view.table), "", columns["moa"].dtype)
+        return UnlabelledImages(self.view.source, SiteTable(columns), rows.astype(np.int64),
+                                self.view.num_threads)
 
     def batches(self) -> Iterator[UnitBatch]:
         for batch in self.view.eval_batches(self.spec.rows, self.spec.mask):

@@ -84,16 +84,25 @@ _INTEGERS = {
     "dino.batch_size": 1, "dino.warmup_epochs": 0, "dino.warmup_teacher_temp_epochs": 0,
     "dino.freeze_last_layer": 0, "dino.log_every_steps": 1, "dino.knn_k": 1,
     "dino.knn_bank_size": 1,
+    "coda.task.embed_dim": 1, "coda.task.depth": 1, "coda.task.num_heads": 1,
+    "coda.task.warmup_epochs": 0, "coda.task.num_epochs": 1, "coda.task.patience": 1,
+    "coda.task.batch_size": 1, "coda.task.eval_batch_size": 1, "coda.task.log_every_steps": 1,
+    "coda.adapt.epochs": 0, "coda.adapt.batch_size": 1, "coda.adapt.warmup_epochs": 0,
+    "coda.adapt.warmup_teacher_temp_epochs": 0, "coda.adapt.freeze_last_layer": 0,
+    "coda.adapt.seed": 0,
 }
 _MAY_BE_NONE = ("adapt.plate_chunk_size",)  # None: the unit's own batch size
 _POSITIVE = ("train.learning_rate", "adapt.tent_lr", "dino.base_lr", "dino.min_lr",
              "dino.warmup_teacher_temp", "dino.teacher_temp", "dino.student_temp",
-             "dino.knn_temperature")
+             "dino.knn_temperature", "coda.task.learning_rate", "coda.task.mlp_ratio",
+             "coda.adapt.lr", "coda.adapt.min_lr", "coda.adapt.warmup_teacher_temp",
+             "coda.adapt.teacher_temp")
 # Numbers in [0, 1] (momenta, weight decays) and >= 0 (clip threshold; 0 = off).
 _UNIT_INTERVAL = ("dino.momentum_teacher", "dino.centre_momentum", "dino.weight_decay",
-                  "dino.weight_decay_end")
-_NON_NEGATIVE = ("dino.clip_grad",)
-_BOOLS = ("dino.global_clip", "dino.norm_last_layer")
+                  "dino.weight_decay_end", "coda.task.weight_decay", "coda.adapt.weight_decay",
+                  "coda.adapt.weight_decay_end", "coda.adapt.momentum_teacher")
+_NON_NEGATIVE = ("dino.clip_grad", "coda.task.clip_grad", "coda.adapt.clip_grad")
+_BOOLS = ("dino.global_clip", "dino.norm_last_layer", "coda.adapt.global_clip")
 _CHOICES = {
     "eval.unit": UNITS,
     "model.stem": STEMS,
@@ -102,6 +111,7 @@ _CHOICES = {
     "adapt.on_short_controls": ("raise", "resample"),
     "dino.pair_level": ("plate", "batch"),
     "data.normalization": ("dataset", "per_image"),
+    "eval.matrix_diagonal": splits.DIAGONALS,
 }
 _STRINGS = ("study", "checkpoint_dir", "data.cache_dir")
 # Episodes per step each episodic trainer splits over processes x local devices (whole
@@ -307,6 +317,10 @@ def _dino_problems(cfg: Any) -> list[str]:
     out = _guarded(views.check_views_config, get(cfg, "dino.views"),
                    size if _is_int(size) else None, patch_size=patch, paired=paired,
                    where="config.dino.views")
+    dim, heads = get(cfg, "coda.task.embed_dim"), get(cfg, "coda.task.num_heads")
+    if _is_int(dim) and _is_int(heads) and heads > 0 and dim % heads:
+        out.append(f"config.coda.task.embed_dim={dim} is not divisible by "
+                   f"config.coda.task.num_heads={heads}; choose a head count dividing it")
     crop = get(cfg, "data.crop_size")
     if _is_int(crop) and _is_int(patch) and patch > 0 and crop % patch:
         out.append(f"config.data.crop_size={crop} (the evaluation crop) is not divisible by "

@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple
 import flax.linen as nn
 import ml_collections
 
-from jaxadapt.train import dino_trainer, episodic, supervised
+from jaxadapt.train import dino_trainer, episodic, online, supervised, task_trainer
 
 #: (data view, rows of each split, checkpoint dir, seed) -> trained variables.
 TrainFn = Callable[[Any, dict, str, int], dict]
@@ -148,3 +148,23 @@ register(Trainer("dino_cb", ("dino",),
                  ignored=_KNN, device_batch_fields=("dino.batch_size",)))
 register(Trainer("random_init", ("dino",), lambda m, c: dino_trainer.make_random_init_trainer(c),
                  ignored=_KNN + ("dino.pair_level",)))
+
+# CODA (issue 9): the supervised ViT reads the task recipe only; the dual models read DINO's
+# section too (their extractor is pretrained first). Online adaptation settings
+# (coda.adapt) never reach trained weights: ODA / CODA apply them at test time.
+_ADAPT_ONLY = ("coda.adapt",)
+register(Trainer("supervised", ("coda",), lambda m, c: task_trainer.make_supervised_trainer(c),
+                 ignored=_ADAPT_ONLY, device_batch_fields=("coda.task.batch_size",
+                                                           "coda.task.eval_batch_size")))
+register(Trainer("dual_dino", ("dino", "coda"),
+                 lambda m, c: task_trainer.make_dual_trainer(c),
+                 ignored=_KNN + ("dino.pair_level",) + _ADAPT_ONLY,
+                 device_batch_fields=("dino.batch_size", "coda.task.batch_size",
+                                      "coda.task.eval_batch_size")))
+register(Trainer("dual_cb", ("dino", "coda"),
+                 lambda m, c: task_trainer.make_dual_trainer(c, pairs=c.dino.pair_level),
+                 ignored=_KNN + _ADAPT_ONLY,
+                 device_batch_fields=("dino.batch_size", "coda.task.batch_size",
+                                      "coda.task.eval_batch_size")))
+# Importing these modules registers the methods oda, coda, supervised, dual_dino, dual_cb.
+_METHOD_MODULES = (online, task_trainer)
