@@ -232,6 +232,46 @@ def _to_varying(tree: Any, axis_name: str) -> Any:
     return jax.tree.map(lambda x: jax.lax.pcast(x, axis_name, to="varying"), tree)
 
 
+def _student_inputs(state: DinoState, axis_name: str | None) -> tuple[jax.Array, Any]:
+    """This step's student PRNG key (per device too) and the parameters to differentiate.
+
+    With ``axis_name``, the parameters are cast device-varying (see the module docstring:
+    otherwise their gradient comes back already summed over devices).
+    """
+    rng = jax.random.fold_in(state.key, state.step)
+    params = state.params
+    if axis_name is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+        params = _to_varying(params, axis_name)
+    return rng, params
+
+
+def _mean_over_devices(loss: jax.Array, grads: Any, mon: dict[str, jax.Array],
+                       axis_name: str | None) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+    """Loss, gradients and the batch-dependent monitor entries averaged over ``axis_name``.
+
+    No-op on one device (``axis_name=None``). The monitor's ``centre_norm`` reads only
+    the replicated centre, so it is already the same on every device.
+    """
+    if axis_name is not None:
+        loss, grads = jax.lax.pmean((loss, grads), axis_name)
+        mon.update(jax.lax.pmean({k: mon[k] for k in ("teacher_entropy", "kl")}, axis_name))
+    return loss, grads, mon
+
+
+def _apply_step(state: DinoState, grads: Any, optimizer: optax.GradientTransformation,
+                teacher_out: jax.Array, *, momentum: jax.Array, centre_momentum: float,
+                axis_name: str | None) -> DinoState:
+    """The state after one step, in the reference's order: optimizer update of the student,
+    teacher EMA towards the *updated* student, centre from the raw teacher outputs."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    return state.replace(
+        step=state.step + 1, params=new_params, opt_state=opt_state,
+        teacher=ema_update(state.teacher, new_params, momentum),
+        centre=update_centre(state.centre, teacher_out, centre_momentum, axis_name))
+
+
 def make_dino_step(
     apply_fn: Callable[..., jax.Array],
     optimizer: optax.GradientTransformation,
@@ -271,11 +311,7 @@ def make_dino_step(
         it = state.step
         temp, mom = at_step(schedules.teacher_temp, it), at_step(schedules.momentum, it)
         teacher_out = jax.lax.stop_gradient(apply_fn(state.teacher, crops[:n_global]))
-        rng = jax.random.fold_in(state.key, it)
-        params = state.params
-        if axis_name is not None:
-            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-            params = _to_varying(params, axis_name)
+        rng, params = _student_inputs(state, axis_name)
 
         def loss_fn(p):
             out = apply_fn(p, crops, rng) if stochastic else apply_fn(p, crops)
@@ -286,18 +322,11 @@ def make_dino_step(
         (loss, student_out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         mon = monitor(student_out, teacher_out, state.centre, (student_temp, temp),
                       n_global=n_global)
-        if axis_name is not None:
-            loss, grads = jax.lax.pmean((loss, grads), axis_name)
-            mon.update(jax.lax.pmean({k: mon[k] for k in ("teacher_entropy", "kl")},
-                                     axis_name))
+        loss, grads, mon = _mean_over_devices(loss, grads, mon, axis_name)
         grad_norm = optax.tree.norm(grads)
         grads = clip_per_parameter(grads, clip_grad, global_norm=global_clip)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(
-            step=it + 1, params=new_params, opt_state=opt_state,
-            teacher=ema_update(state.teacher, new_params, mom),
-            centre=update_centre(state.centre, teacher_out, centre_momentum, axis_name))
+        new_state = _apply_step(state, grads, optimizer, teacher_out, momentum=mom,
+                                centre_momentum=centre_momentum, axis_name=axis_name)
         metrics = {"loss": loss, "lr": at_step(schedules.lr, it),
                    "wd": at_step(schedules.wd, it), "momentum": mom, "teacher_temp": temp,
                    "grad_norm": grad_norm, **mon}

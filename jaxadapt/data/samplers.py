@@ -3,17 +3,28 @@
 Every sampler draws from `np.random.default_rng((seed, epoch_or_step, ...))`, so a
 given (seed, epoch/step) always yields the same indices whatever was drawn before:
 resumed training sees the same batches as an uninterrupted run.
+
+Training samplers live here (ERM batches, CS-ARM-BN episodes, the multi-host share of a
+batch); the row helpers they share are in `jaxadapt.data.rows` and the evaluation units
+in `jaxadapt.data.target_units`, both re-exported here.
 """
 
 from __future__ import annotations
 
 import logging
-import zlib
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple
 
 import numpy as np
 
 from jaxadapt.data import schema
+from jaxadapt.data.rows import _rows, draw_rows, group_rows, padded_batches
+from jaxadapt.data.target_units import EvalUnit, eval_units, label_counts, label_shift_units
+
+__all__ = [
+    "EvalUnit", "Episodes", "check_process_split", "draw_rows", "eval_units", "group_rows",
+    "label_counts", "label_shift_units", "make_episode_sampler", "mixed_batches",
+    "padded_batches", "plate_episodes", "process_share",
+]
 
 log = logging.getLogger(__name__)
 
@@ -30,42 +41,6 @@ class Episodes(NamedTuple):
     rows: np.ndarray
     is_control: np.ndarray
     plate: np.ndarray
-
-
-class EvalUnit(NamedTuple):
-    """The perturbed rows of one plate/batch/source cut into padded batches.
-
-    Attributes:
-      name: the unit's plate/batch/source name.
-      rows: int64 [n_batches, batch_size]; padding repeats a row of the unit.
-      mask: bool [n_batches, batch_size]; False on padding.
-      control_rows: int64 [n_controls] the unit's control rows (from the given rows).
-      short_batches: label-shift units only: how many batches hold fewer than
-        ``batch_size`` samples because a class had fewer rows than the batch's count of
-        it (that class is then taken whole, never resampled); 0 otherwise.
-      adaptation: the EvalUnit a method adapts on when it is not this unit itself
-        (`jaxadapt.data.subsets`, e.g. the unit's first plate); None: this unit.
-    """
-
-    name: str
-    rows: np.ndarray
-    mask: np.ndarray
-    control_rows: np.ndarray
-    short_batches: int = 0
-    adaptation: "EvalUnit | None" = None
-
-
-def _rows(rows) -> np.ndarray:
-    rows = np.asarray(rows)
-    if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "iu"):
-        raise ValueError(f"rows must be a 1-D integer index array, got dtype {rows.dtype} "
-                         f"shape {rows.shape}; pass np.flatnonzero(mask) for a boolean mask")
-    return rows.astype(np.int64)
-
-
-def _seed_words(seed: int | Sequence[int]) -> list[int]:
-    """Entropy words of a seed given as an int or a sequence of ints (e.g. (eval seed, replicate seed))."""
-    return [int(seed)] if np.ndim(seed) == 0 else [int(x) for x in seed]
 
 
 def mixed_batches(rows, batch_size: int, *, seed: int, epoch: int,
@@ -171,48 +146,6 @@ def process_share(index_batches, process_index: int, process_count: int, *,
     return index_batches[:, first:first + share], first
 
 
-def group_rows(table: schema.SiteTable, rows: np.ndarray, field: str,
-               control: bool) -> dict[str, np.ndarray]:
-    """Groups the control (or perturbed) rows among `rows` by a unit field.
-
-    Args:
-      table: the study's SiteTable.
-      rows: candidate rows.
-      field: the unit: "plate", "batch" or "source".
-      control: True for control rows, False for perturbed ones.
-
-    Returns:
-      unit name -> its rows with is_control == control, in the order of `rows`. Perturbed
-      rows are the *labelled* ones: a treated image without a class (label -1, e.g. a
-      TARGET2 compound without a single MoA) can be neither trained on nor scored.
-    """
-    keep = table["is_control"][rows] == control
-    if not control:
-        keep &= table["label"][rows] >= 0
-    sel = rows[keep]
-    names = table[field][sel]
-    uniq, inv = np.unique(names, return_inverse=True)
-    order = np.argsort(inv, kind="stable")
-    splits = np.split(sel[order], np.cumsum(np.bincount(inv, minlength=len(uniq)))[:-1])
-    return {str(u): s for u, s in zip(uniq, splits)}
-
-
-def draw_rows(rng: np.random.Generator, pool: np.ndarray, k: int) -> np.ndarray:
-    """Draws k rows of `pool`, without replacement unless the pool is too small.
-
-    Args:
-      rng: the generator to draw with.
-      pool: candidate rows.
-      k: how many to draw (0 gives an empty array of pool's dtype).
-
-    Returns:
-      int array [k].
-    """
-    if k == 0:
-        return pool[:0]
-    return rng.choice(pool, size=k, replace=len(pool) < k)
-
-
 def make_episode_sampler(table: schema.SiteTable, rows, *, n_perturbed: int, n_controls: int,
                          n_episodes: int, seed: int,
                          on_missing_controls: str = "raise") -> Callable[[int], Episodes]:
@@ -272,143 +205,3 @@ def plate_episodes(table: schema.SiteTable, rows, *, n_perturbed: int, n_control
     return make_episode_sampler(table, rows, n_perturbed=n_perturbed, n_controls=n_controls,
                                 n_episodes=n_episodes, seed=seed,
                                 on_missing_controls=on_missing_controls)(step)
-
-
-def padded_batches(rows, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cuts rows into batches, padding the last one with repeats masked False.
-
-    Args:
-      rows: int row indices, in the order they should be visited.
-      batch_size: rows per batch (>= 1).
-
-    Returns:
-      (rows int64 [n, batch_size], mask bool [n, batch_size]); every input row appears
-      exactly once with mask True, so nothing is dropped.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: use a positive batch size")
-    rows = _rows(rows)
-    n = -(-len(rows) // batch_size)
-    padded = np.resize(rows, n * batch_size)  # np.resize repeats rows from the start
-    mask = np.arange(n * batch_size) < len(rows)
-    return padded.reshape(n, batch_size), mask.reshape(n, batch_size)
-
-
-def eval_units(table: schema.SiteTable, rows, *, unit: str = "plate", batch_size: int,
-               seed: int | Sequence[int] | None = 0) -> list[EvalUnit]:
-    """Groups the perturbed rows of each plate/batch/source into padded evaluation batches.
-
-    Args:
-      table: the study's SiteTable.
-      rows: the evaluation rows (controls included; they become `control_rows`).
-      unit: "plate", "batch" or "source".
-      batch_size: rows per batch; the last batch is padded (mask False), never dropped.
-      seed: an int or a sequence of ints; shuffles each unit's perturbed rows (by seed
-        and unit name) before cutting, so that batches mix classes as the paper's test
-        chunks do (batch-statistics methods would otherwise see one-class batches); None
-        keeps row order.
-
-    Returns:
-      One EvalUnit per unit with perturbed rows, sorted by name. Every perturbed row
-      appears exactly once with mask True.
-    """
-    if unit not in ("plate", "batch", "source"):
-        raise ValueError(f"unit={unit!r}: use 'plate', 'batch' or 'source'")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: use a positive batch size")
-    rows = _rows(rows)
-    pert, ctrl = group_rows(table, rows, unit, False), group_rows(table, rows, unit, True)
-    units = []
-    for name in sorted(pert):
-        r = np.sort(pert[name])
-        if seed is not None:
-            r = np.random.default_rng(_seed_words(seed) + [zlib.crc32(name.encode())]).permutation(r)
-        b, m = padded_batches(r, batch_size)
-        units.append(EvalUnit(name, b, m, np.sort(ctrl.get(name, rows[:0]))))
-    return units
-
-
-def label_counts(table: schema.SiteTable, rows, num_classes: int) -> np.ndarray:
-    """Returns int64 [num_classes] counts of the labelled rows among `rows`."""
-    labels = table["label"][_rows(rows)]
-    return np.bincount(labels[labels != schema.NO_LABEL], minlength=num_classes).astype(np.int64)
-
-
-def label_shift_units(table: schema.SiteTable, rows, *, alpha: float | None, batch_size: int,
-                      num_classes: int, seed: int | Sequence[int],
-                      unit: str = "plate") -> list[EvalUnit]:
-    """Test batches with a per-batch Dirichlet label shift (CS-ARM-BN label-shift protocol).
-
-    Per unit: ``p ~ Dirichlet(alpha * 1_K)`` over the K' classes present among the unit's
-    perturbed rows (K' = K on a complete plate), ``counts ~ Multinomial(batch_size, p)``;
-    the unit gets K' batches, batch k asking for ``roll(counts, k)[j]`` rows of class j, so
-    the unit is balanced over its batches while each batch is skewed (alpha = 0.01: most
-    batches are (nearly) one class; large alpha: nearly balanced).
-
-    As in the reference ("up to n_c"), the rows of class j in a batch are drawn from the
-    unit's rows of class j without replacement, and a class with fewer rows than asked
-    for is taken whole, never resampled: such a batch holds fewer than ``batch_size``
-    samples (padded, mask False) and is counted in `EvalUnit.short_batches`. Draws are
-    independent across batches, so (as in the reference) a row may appear in several
-    batches and some rows in none; the scores are then over the drawn samples. Rows
-    within a batch are shuffled. Unlabelled perturbed rows are never drawn.
-
-    Args:
-      table: the study's SiteTable.
-      rows: the evaluation rows (controls included; they become `control_rows`).
-      alpha: Dirichlet concentration (> 0); None: balanced, i.e. exactly `eval_units`
-        (every perturbed row once, shuffled chunks, last one padded).
-      batch_size: rows per batch (the test context L).
-      num_classes: K; labels must lie in [0, K).
-      seed: an int or a sequence of ints (e.g. ``(config.eval.seed, replicate seed)``);
-        the draw of unit u depends only on (seed, u's name).
-      unit: "plate", "batch" or "source".
-
-    Returns:
-      One EvalUnit per unit with labelled perturbed rows, sorted by name; with alpha
-      set, ``rows`` is [K', batch_size], ``mask`` False only where a short batch is
-      padded.
-    """
-    if alpha is None:
-        return eval_units(table, rows, unit=unit, batch_size=batch_size, seed=seed)
-    if not alpha > 0:
-        raise ValueError(f"alpha={alpha!r}: the Dirichlet concentration must be > 0 "
-                         "(or None for balanced batches)")
-    if unit not in ("plate", "batch", "source"):
-        raise ValueError(f"unit={unit!r}: use 'plate', 'batch' or 'source'")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: use a positive batch size")
-    rows = _rows(rows)
-    labels = np.asarray(table["label"])
-    pert, ctrl = group_rows(table, rows, unit, False), group_rows(table, rows, unit, True)
-    units = []
-    for name in sorted(pert):
-        r = np.sort(pert[name])
-        r = r[labels[r] != schema.NO_LABEL]
-        if len(r) == 0:
-            continue
-        lab = labels[r]
-        if lab.min() < 0 or lab.max() >= num_classes:
-            raise ValueError(f"unit {name!r} has labels outside [0, {num_classes}); "
-                             "check num_classes (config.model.num_classes)")
-        rng = np.random.default_rng(_seed_words(seed) + [zlib.crc32(name.encode())])
-        b, m = _shifted_batches(rng, [r[lab == c] for c in np.unique(lab)], alpha, batch_size)
-        units.append(EvalUnit(name, b, m, np.sort(ctrl.get(name, rows[:0])),
-                              short_batches=int((~m.all(1)).sum())))
-    return units
-
-
-def _shifted_batches(rng: np.random.Generator, by_class: list[np.ndarray], alpha: float,
-                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One unit's K' label-shifted batches, padded: (rows [K', L], mask [K', L])."""
-    p = rng.dirichlet(np.full(len(by_class), float(alpha)))
-    counts = rng.multinomial(batch_size, p)
-    rows, masks = [], []
-    for k in range(len(by_class)):
-        c = np.roll(counts, k)
-        # Up to n_c of class c: a small pool is taken whole (permuted), never resampled.
-        batch = np.concatenate([rng.permutation(pool)[: int(n)] for pool, n in zip(by_class, c)])
-        b, m = padded_batches(rng.permutation(batch), batch_size)
-        rows.append(b[0])
-        masks.append(m[0])
-    return np.stack(rows).astype(np.int64), np.stack(masks)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import flax.linen as nn
 import jax
@@ -129,36 +129,15 @@ def make_episodic_trainer(model: nn.Module, config: ml_collections.ConfigDict, *
       Episodes of step s depend only on (seed, s) and augmentation on (seed, epoch,
       step in epoch), so a resumed run is identical to an uninterrupted one.
     """
-    a = arm_settings(config)
-    E, L = int(a["episodes_per_step"]), int(a["n_perturbed"])
-    N = int(a["n_controls"]) if with_controls else 0
-    if E < 1 or L < 1 or N < 0:
-        raise ValueError(f"config.arm: episodes_per_step={E}, n_perturbed={L} must be >= 1 "
-                         f"and n_controls={N} >= 0")
-    if stats not in EPISODE_STATS:
-        raise ValueError(f"episode stats={stats!r}; use one of {EPISODE_STATS}")
-    controls_from = L if stats == "controls" else None
-    if controls_from is not None and not with_controls:
-        raise ValueError("stats='controls' (BEN) normalizes with the episodes' controls: "
-                         "pass with_controls=True")
-    if controls_from is not None and N < 1:
-        raise ValueError(f"config.arm.n_controls={N}: BEN normalizes every episode with its "
-                         "controls' statistics; set config.arm.n_controls >= 1")
+    a, E, L, N, controls_from = _episode_shape(config, with_controls, stats)
     n_val = -(-max(int(a["val_episodes"]), 1) // E) * E
     cfg = config.train
     mesh = episode_mesh(E)
     tx = optax.adam(cfg.learning_rate)
-    train_step = parallel.parallel_train_step(
-        arm.make_episodic_train_step(model, tx, controls_from=controls_from), mesh)
-    rep, data = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
-    eval_step = jax.jit(arm.make_episodic_eval_step(model, controls_from=controls_from),
-                        in_shardings=(rep, data),
-                        out_shardings={"loss": rep, "loss_per_episode": rep, "count": rep,
-                                       "correct": rep})
-
+    train_step, eval_step = _episodic_steps(model, tx, mesh, controls_from)
     # Each process reads E / P whole episodes of every step (its contiguous share of the
     # flat E * (L + N) rows); the sharded step sees the same E episodes as on one process.
-    P = jax.process_count()
+    shape = (E // jax.process_count(), L + N)
 
     def read(load, index, **kwargs):
         return parallel.process_batches(load, index, mesh, group=L + N,
@@ -182,25 +161,11 @@ def make_episodic_trainer(model: nn.Module, config: ml_collections.ConfigDict, *
         def epoch_batches(epoch: int) -> Iterator[dict]:
             index = np.stack([draw(epoch * spe + k).rows.reshape(-1) for k in range(spe)])
             for batch in read(view.train_batches, index, seed=(seed, epoch)):
-                yield parallel.shard_batch(_episode_batch(batch, (E // P, L + N)), mesh)
+                yield parallel.shard_batch(_episode_batch(batch, shape), mesh)
 
-        def validate(state: TrainState) -> dict[str, float]:
-            losses, count, correct = [], 0.0, 0.0
-            for batch in read(view.eval_batches, val_rows):
-                out = eval_step(state, parallel.shard_batch(
-                    _episode_batch(batch, (E // P, L + N)), mesh))
-                c = np.asarray(out["count"])
-                losses.append(np.asarray(out["loss_per_episode"])[c > 0])
-                count += float(c.sum())
-                correct += float(out["correct"])
-            ce = np.concatenate(losses)
-            return {"loss": float(ce.mean()) if ce.size else float("nan"),
-                    "accuracy": correct / max(count, 1.0)}
-
-        fit_cfg = FitConfig(
-            num_epochs=cfg.num_epochs, patience=cfg.patience,
-            ckpt_dir=os.path.join(run_dir, "checkpoints"), log_every_steps=cfg.log_every_steps,
-            stop_after_epochs=cfg.get("stop_after_epochs") or None, steps_per_epoch=spe)
+        validate = _episodic_validate(
+            eval_step, lambda: read(view.eval_batches, val_rows), shape, mesh)
+        fit_cfg = _fit_config(cfg, run_dir, spe)
         with MetricWriter(os.path.join(run_dir, "logs")) as writer:
             result = fit(state, fit_cfg, train_step=train_step, epoch_batches=epoch_batches,
                          validate=validate, writer=writer)
@@ -211,6 +176,74 @@ def make_episodic_trainer(model: nn.Module, config: ml_collections.ConfigDict, *
         return shares.with_episode_shape(variables, L, N)
 
     return train
+
+
+def _episode_shape(config: ml_collections.ConfigDict, with_controls: bool,
+                   stats: str) -> tuple[dict[str, Any], int, int, int, int | None]:
+    """``(config.arm settings, E, L, N, controls_from)``, checked (see `make_episodic_trainer`).
+
+    ``controls_from`` is L for BEN (``stats="controls"``), else None.
+    """
+    a = arm_settings(config)
+    E, L = int(a["episodes_per_step"]), int(a["n_perturbed"])
+    N = int(a["n_controls"]) if with_controls else 0
+    if E < 1 or L < 1 or N < 0:
+        raise ValueError(f"config.arm: episodes_per_step={E}, n_perturbed={L} must be >= 1 "
+                         f"and n_controls={N} >= 0")
+    if stats not in EPISODE_STATS:
+        raise ValueError(f"episode stats={stats!r}; use one of {EPISODE_STATS}")
+    controls_from = L if stats == "controls" else None
+    if controls_from is not None and not with_controls:
+        raise ValueError("stats='controls' (BEN) normalizes with the episodes' controls: "
+                         "pass with_controls=True")
+    if controls_from is not None and N < 1:
+        raise ValueError(f"config.arm.n_controls={N}: BEN normalizes every episode with its "
+                         "controls' statistics; set config.arm.n_controls >= 1")
+    return a, E, L, N, controls_from
+
+
+def _episodic_steps(model: nn.Module, tx: optax.GradientTransformation, mesh,
+                    controls_from: int | None) -> tuple[Callable, Callable]:
+    """The train step sharded over ``mesh`` and the jitted eval step (replicated outputs)."""
+    train_step = parallel.parallel_train_step(
+        arm.make_episodic_train_step(model, tx, controls_from=controls_from), mesh)
+    rep, data = parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)
+    eval_step = jax.jit(arm.make_episodic_eval_step(model, controls_from=controls_from),
+                        in_shardings=(rep, data),
+                        out_shardings={"loss": rep, "loss_per_episode": rep, "count": rep,
+                                       "correct": rep})
+    return train_step, eval_step
+
+
+def _episodic_validate(eval_step, batches: Callable[[], Iterable[dict]],
+                       shape: tuple[int, int], mesh) -> Callable[[TrainState], dict[str, float]]:
+    """``validate(state)`` for `fit`: the episodic loss over the fixed validation episodes.
+
+    The mean over every episode with a scored image (not a mean of batch means), and the
+    accuracy over all scored images; ``batches()`` reads this process's flat batches.
+    """
+
+    def validate(state: TrainState) -> dict[str, float]:
+        losses, count, correct = [], 0.0, 0.0
+        for batch in batches():
+            out = eval_step(state, parallel.shard_batch(_episode_batch(batch, shape), mesh))
+            c = np.asarray(out["count"])
+            losses.append(np.asarray(out["loss_per_episode"])[c > 0])
+            count += float(c.sum())
+            correct += float(out["correct"])
+        ce = np.concatenate(losses)
+        return {"loss": float(ce.mean()) if ce.size else float("nan"),
+                "accuracy": correct / max(count, 1.0)}
+
+    return validate
+
+
+def _fit_config(cfg: ml_collections.ConfigDict, run_dir: str, steps_per_epoch: int) -> FitConfig:
+    """The loop options from ``config.train``, checkpointing under ``<run_dir>/checkpoints``."""
+    return FitConfig(
+        num_epochs=cfg.num_epochs, patience=cfg.patience,
+        ckpt_dir=os.path.join(run_dir, "checkpoints"), log_every_steps=cfg.log_every_steps,
+        stop_after_epochs=cfg.get("stop_after_epochs") or None, steps_per_epoch=steps_per_epoch)
 
 
 def record_episode_shape(run_dir: str, n_perturbed: int, n_controls: int) -> None:

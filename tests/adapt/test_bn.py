@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxadapt.adapt import adabn, ben, bn
+from jaxadapt.adapt import adabn, ben, bn, bn_levels
 from jaxadapt.adapt.base import UnitBatch as Batch
 from jaxadapt.models.resnet import resnet18
 
@@ -145,8 +145,8 @@ def test_plate_stats_budget_disk_and_fallback_equal_joint(tiny, tmp_path, caplog
 def test_carried_plan_is_one_forward_pass_and_its_memory_scales_with_the_chunk():
     m = resnet18(width=4, stem="small", num_classes=3, in_channels=2)
     v = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 2))))
-    plan = bn._carry_plan(m, bn._var_struct(v), (4, 32, 32, 2), jnp.dtype(jnp.float32),
-                          jnp.dtype(bool))[0]
+    plan = bn_levels._carry_plan(m, bn_levels._var_struct(v), (4, 32, 32, 2),
+                                 jnp.dtype(jnp.float32), jnp.dtype(bool))[0]
     assert len(plan.stages) == 17
     # every conv of the network (stem + 16 + 3 projections) runs once per chunk in all
     convs = [p for stage in plan.chunk_prims for p in stage if p == "conv_general_dilated"]
