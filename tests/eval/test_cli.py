@@ -1,9 +1,10 @@
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
-from jaxadapt.eval import cli
+from jaxadapt.eval import cli, validation
 
 CONFIG = "configs/quickstart.py"
 
@@ -41,11 +42,20 @@ def test_run_py_reports_typo_without_traceback():
     assert "no such config key" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("name", ["quickstart", "erm", "domain_gap", "label_shift", "context_size"])
-def test_every_study_config_loads_in_both_variants(name):
+STUDY_CONFIGS = sorted(p.stem for p in pathlib.Path("configs").glob("*.py"))
+
+
+def test_the_config_folder_holds_every_study():
+    assert {"quickstart", "erm", "domain_gap", "label_shift", "context_size", "dino_pretrain",
+            "coda_matrix", "coda_granularity"} <= set(STUDY_CONFIGS)
+
+
+@pytest.mark.parametrize("name", STUDY_CONFIGS)
+def test_every_study_config_loads_and_validates_in_both_variants(name):
     for variant in ("cpu", "gpu"):
         config = cli.load_config_file(f"configs/{name}.py:{variant}")
         assert config.study == name
+        validation.validate(config)
 
 
 def _run(tmp_path, *args):
