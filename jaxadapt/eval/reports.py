@@ -167,7 +167,8 @@ def plot_rows(rows: list[Row], path: str, *, metric: str = "accuracy", title: st
 
 
 def write_results(workdir: str, study: str, config: Mapping[str, Any], rows: list[Row]) -> dict[str, str]:
-    """Writes results.json, results.md, results.csv and results.png under `workdir`.
+    """Writes results.json, results.md, results.csv and results.png under `workdir`; for
+    a study scored on source pairs also the heat-map results_matrix.png.
 
     Args:
       workdir: output directory (created).
@@ -188,6 +189,11 @@ def write_results(workdir: str, study: str, config: Mapping[str, Any], rows: lis
     with open(paths["csv"], "w") as f:
         f.write(csv_text(rows))
     plot_rows(rows, paths["png"], title=study)
+    from jaxadapt.eval import matrix_plot  # it reads Row from here: imported when needed
+
+    matrix = os.path.join(workdir, "results_matrix.png")
+    if matrix_plot.plot_source_matrix(rows, matrix, title=study):
+        paths["matrix"] = matrix
     return paths
 
 

@@ -43,3 +43,20 @@ def test_write_results_files_agree(tmp_path):
     md = open(paths["md"]).read()
     assert "L=16, N=128" in md and "0.800 ± 0.100 (3)" in md
     assert os.path.getsize(paths["png"]) > 1000
+
+
+def test_pair_splits_make_a_source_matrix_heat_map(tmp_path):
+    from jaxadapt.eval import matrix_plot
+
+    Row, write_results = reports.Row, reports.write_results
+    rows = [Row("oda", "source:source_3->source_3", {}, "accuracy", 0.4, 0.0, 3),
+            Row("oda", "source:source_3->source_5", {}, "accuracy", 0.2, 0.0, 3),
+            Row("oda", "source:source_5->source_3", {}, "accuracy", 0.1, 0.0, 3),
+            Row("oda", "new_batch", {}, "accuracy", 0.9, 0.0, 3),
+            Row("oda", "source:source_3->source_5", {}, "macro_f1", 0.7, 0.0, 3)]
+    train, target, grids = matrix_plot.matrix_cells(rows)
+    assert train == ["source_3", "source_5"] and target == ["source_3", "source_5"]
+    np.testing.assert_array_equal(grids["oda"], [[0.4, 0.2], [0.1, np.nan]])
+    paths = write_results(str(tmp_path), "m", {}, rows)
+    assert os.path.getsize(paths["matrix"]) > 0
+    assert "matrix" not in write_results(str(tmp_path / "pooled"), "p", {}, rows[3:4])
