@@ -76,6 +76,10 @@ class Method(NamedTuple):
         scores every batch of `unit`, so the runner may give it an adaptation subset
         (`eval.adapt_on` other than "unit"); methods whose context is the scored batch
         itself (AdaBN, TENT, CS-ARM-BN chunks) leave it False.
+      spans_processes: its predict_unit is a collective over every process (e.g. online
+        DINO adaptation, data-parallel over every device and host): on several
+        processes the runner gives every unit to every process, in the same order,
+        instead of dealing units out, and counts each unit once.
     """
 
     name: str
@@ -88,6 +92,7 @@ class Method(NamedTuple):
     counts: tuple[str, ...] = ()
     metric_prefix: str = ""
     adapts_on_subset: bool = False
+    spans_processes: bool = False
 
 
 class UnlabelledImages(NamedTuple):

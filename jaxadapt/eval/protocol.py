@@ -298,7 +298,10 @@ def score_units(method: Method, variables: Variables, view: DataView,
     On several processes (hosts) the units are dealt out round-robin (process p adapts
     and scores units p, p + P, ...; a unit is never split, so its adaptation is that of
     one process), and the confusion matrices and the `Method.counts` events are summed
-    over processes: every process returns the same totals as a one-process run.
+    over processes: every process returns the same totals as a one-process run. A
+    method whose adaptation is itself data-parallel over every host
+    (`Method.spans_processes`: ODA, CODA) runs every unit on every process together
+    instead, and each process already holds the totals.
 
     Args:
       method: the method under test.
@@ -314,7 +317,10 @@ def score_units(method: Method, variables: Variables, view: DataView,
     """
     cm = np.zeros((num_classes, num_classes), np.int64)
     local: collections.Counter = collections.Counter()
-    for spec in list(units)[jax.process_index()::jax.process_count()]:
+    # A collective method (Method.spans_processes) runs every unit on every process.
+    dealt = jax.process_count() > 1 and not method.spans_processes
+    units = list(units)
+    for spec in units[jax.process_index()::jax.process_count()] if dealt else units:
         target = PipelineUnit(view, spec, spec.rows.shape[1])
         logits = method.predict_unit(variables, target)
         local.update(target.events)
@@ -325,7 +331,7 @@ def score_units(method: Method, variables: Variables, view: DataView,
                 f"{len(labels)} samples of unit {spec.name}: a predict_unit must score every sample"
             )
         cm += metrics.confusion_matrix(labels, np.argmax(logits, -1), num_classes)
-    if jax.process_count() > 1:
+    if dealt:
         names = sorted(set(method.counts))
         cm, counts = sum_over_processes(
             (cm, np.array([local[n] for n in names], np.int64)))

@@ -11,9 +11,10 @@ fallbacks where a compound has no partner there). Every unit starts again from t
 pretrained state (no carry-over between units).
 
 The loop is the pretraining's data-parallel DINO step (`dino_trainer.compiled_step`:
-``shard_map`` over the devices, gradients and centre averaged across them), over this
-process's devices: the protocol runner deals whole units to processes, so each process
-adapts its own units. Differences from the reference, on purpose: the adaptation
+``shard_map`` over every device of every host, gradients and centre averaged across
+them); each process builds the views of its own share of every batch of pairs, as in
+pretraining. The methods are collectives (`Method.spans_processes`): on several hosts
+every process runs every unit, together. Differences from the reference, on purpose: the adaptation
 optimizer is DINO's AdamW, which exempts biases and 1-D tensors from the weight decay
 (the reference decays them too, at 1e-5 -> 1e-4); the images of a unit are its scored
 samples and its DMSO controls.
@@ -88,18 +89,20 @@ def unit_batch_size(n_images: int, batch_size: int, n_devices: int, unit: str) -
     return size
 
 
-def make_online_adapter(config: ml_collections.ConfigDict, *, pairs: str):
-    """Builds `adapt(dino_state, images, seed) -> teacher params` for ODA or CODA.
+def make_online_adapter(config: ml_collections.ConfigDict, *, pairs: str, mesh=None):
+    """Builds `adapt(dino_state, images, seed, name) -> teacher params` for ODA or CODA.
 
     Args:
       config: the study config (`dino`, `model`, `coda.adapt`).
       pairs: "none" (ODA: plain DINO) or "plate" / "batch" (CODA's cross-batch pairs).
+      mesh: the data mesh; default every device of every process (then every process
+        must call the adapter on the same unit with the same seed, as a collective).
 
     Returns:
       The adapter; its teacher params are the whole DINOModel's ({"backbone", "head"}).
     """
     model = dino_trainer.build_dino_model(config)
-    mesh = parallel.make_data_mesh(jax.local_devices())
+    mesh = parallel.make_data_mesh() if mesh is None else mesh
     vcfg = dino_trainer.views_of(config)
     stochastic = (config.model.get("drop_path_rate") or 0.0) > 0
     a = config.coda.adapt
@@ -107,8 +110,7 @@ def make_online_adapter(config: ml_collections.ConfigDict, *, pairs: str):
     def adapt(state: Variables, images, seed: int, name: str = "unit") -> Any:
         if a.epochs == 0:  # no adaptation: the pretrained teacher as it is
             return state["teacher"]
-        bs = unit_batch_size(len(images.rows), a.batch_size, parallel.local_device_count(mesh),
-                             name)
+        bs = unit_batch_size(len(images.rows), a.batch_size, mesh.size, name)
         n_iter = len(images.rows) // bs
         d = adaptation_dino_config(config, bs)
         optimizer, step = dino_trainer.compiled_step(
@@ -123,7 +125,8 @@ def make_online_adapter(config: ml_collections.ConfigDict, *, pairs: str):
             if counts:
                 log.info("unit %s epoch %d cross-batch pairs (%s): %s", name, epoch + 1, pairs,
                          counts)
-            for b in views.view_batches(images.source, images.table, index, cfg=vcfg, seed=seed,
+            share = dino_trainer.local_pairs(index, mesh)  # this process's views only
+            for b in views.view_batches(images.source, images.table, share, cfg=vcfg, seed=seed,
                                         epoch=epoch, num_threads=images.num_threads):
                 s, metrics = step(s, parallel.shard_batch(
                     {"global": b["global"], "local": b["local"]}, mesh))
@@ -167,7 +170,7 @@ def online_method(name: str, trainer: str, pairs_of):
             return collect_logits(functools.partial(predict, adapted), unit)
 
         return Method(name=name, trainer=trainer, predict_unit=predict_unit,
-                      ignores=("L",), adapts_on_subset=True)
+                      ignores=("L",), adapts_on_subset=True, spans_processes=True)
 
     return factory
 

@@ -43,7 +43,8 @@ from jaxadapt.data import samplers, schema, transforms  # noqa: E402
 from jaxadapt.eval import protocol, study  # noqa: E402
 from jaxadapt.eval.units import DataView  # noqa: E402
 from jaxadapt.models.resnet import BasicBlock, ResNet  # noqa: E402
-from jaxadapt.train import dino_trainer, episodic, supervised  # noqa: E402
+from jaxadapt.adapt.base import UnlabelledImages  # noqa: E402
+from jaxadapt.train import dino_trainer, episodic, online, supervised  # noqa: E402
 
 S, CROP, K = 20, 16, 3
 MODEL = ResNet(stage_sizes=(1,), block_cls=BasicBlock, width=4, stem="small", num_classes=K,
@@ -154,6 +155,26 @@ def run_dino(run_dir: str) -> dict:
     # One read call per batch of views (its distinct rows): the test splits the log by call.
     result.update(dino_pairs=pairs, dino_call_sizes=np.array(view.source.calls),
                   dino_view_reads=view.source.take_log(), dino_eval_reads=eval_source.take_log())
+    return {**result, **run_oda(view, out)}  # after the pretraining's reads are taken
+
+
+def run_oda(view, dino_out) -> dict:
+    """CODA's online adaptation (cross-plate pairs) of the pretrained state on plates p2, p3.
+
+    Every process calls the adapter on the same unit (a collective over the global mesh);
+    the teacher follows the student closely (momentum 0.5) so that it moves measurably.
+    """
+    cfg = make_dino_config()
+    a = cfg.coda.adapt
+    a.epochs, a.batch_size, a.warmup_epochs, a.freeze_last_layer = 1, 8, 0, 0
+    a.lr, a.momentum_teacher = 0.01, 0.5
+    rows = np.flatnonzero(np.isin(view.table["plate"], ["p2", "p3"]))  # 48 images: 6 steps
+    state = {"teacher": dino_out["params"], "student": dino_out["student"],
+             "centre": dino_out["centre"]}
+    teacher = online.make_online_adapter(cfg, pairs="plate")(
+        state, UnlabelledImages(view.source, view.table, rows, 1), seed=5, name="p2+p3")
+    result = {f"oda_teacher{p}": v for p, v in _leaves(teacher).items()}
+    result["oda_reads"] = view.source.take_log()
     return result
 
 

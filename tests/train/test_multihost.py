@@ -68,7 +68,7 @@ def runs(tmp_path_factory):
 
 def _weights(out: dict) -> dict:
     return {k: v for k, v in out.items()
-            if not k.endswith("reads") and k != "cm" and not k.startswith(("stats", "dino"))}
+            if not k.endswith("reads") and k != "cm" and not k.startswith(("stats", "dino", "oda"))}
 
 
 def _halves_read_once(a, b, ref, phase):
@@ -117,7 +117,8 @@ def _view_calls(out: dict) -> list[list[int]]:
 
 def _split_key_bias(key: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(x without the student's attention key bias, that key bias); qkv bias = [q, k, v]."""
-    if not (key.startswith("dino_student") and key.endswith("['attn']['qkv']['bias']")):
+    if not (key.startswith(("dino_student", "oda_teacher"))
+            and key.endswith("['attn']['qkv']['bias']")):
         return x, x[:0]
     d = x.shape[0] // 3
     return np.concatenate([x[:d], x[2 * d:]]), x[d:2 * d]
@@ -160,3 +161,23 @@ def test_two_processes_pretrain_dino_as_one(runs):
     # kNN probe and bank: each process reads half of every batch of images.
     _halves_read_once(p0["dino_eval_reads"], p1["dino_eval_reads"], ref["dino_eval_reads"],
                       "dino_eval_reads")
+
+
+def test_two_processes_adapt_online_as_one(runs):
+    """ODA / CODA adaptation is a collective: both processes adapt the same unit together,
+    each building the views of its half of every batch, and end with one process's teacher."""
+    _, (p0, p1, ref) = runs
+    keys = [k for k in ref if k.startswith("oda_teacher")]
+    assert len(keys) > 20
+    moved = []
+    for k in keys:
+        np.testing.assert_array_equal(p0[k], p1[k], err_msg=k)
+        a, r = _split_key_bias(k, p0[k]), _split_key_bias(k, ref[k])
+        np.testing.assert_allclose(a[0], r[0], rtol=1e-5, atol=1e-5, err_msg=k)
+        np.testing.assert_allclose(a[1], r[1], rtol=0, atol=1e-3, err_msg=k)  # as above
+        moved.append(np.abs(ref[k] - ref[k.replace("oda_teacher", "dino_params")]).max())
+    assert min(moved) > 1e-3, min(moved)  # adaptation moved every teacher weight
+    # Each process read only its share of the unit's views; together, every image.
+    a, b, r = (set(out["oda_reads"].tolist()) for out in (p0, p1, ref))
+    assert a | b == r and len(r) == 48
+    assert len(p0["oda_reads"]) < len(ref["oda_reads"]) and len(p1["oda_reads"]) < len(ref["oda_reads"])
