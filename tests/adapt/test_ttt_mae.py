@@ -33,10 +33,16 @@ def setup():
     return params, images, predict, np.asarray(logits), np.asarray(losses)
 
 
-def test_vmapped_equals_one_image_at_a_time(setup):
+@pytest.fixture(scope="module")
+def adapt_one():
+    """The unbatched adaptation of one image, jitted once for the module."""
+    return jax.jit(make_ttt_adapt(MODEL, **SETTINGS))
+
+
+def test_vmapped_equals_one_image_at_a_time(setup, adapt_one):
     """(a) N images in one vmapped call == each adapted alone by the unbatched function."""
     params, images, _, logits, losses = setup
-    adapt = jax.jit(make_ttt_adapt(MODEL, **SETTINGS))
+    adapt = adapt_one
     key = jax.random.PRNGKey(3)
     for i in range(4):
         enc, loss_i = adapt(params, images[i], jax.random.fold_in(key, i))
@@ -140,3 +146,15 @@ def test_bad_images():
         predict(params, jnp.zeros((2, 40, 40, 5)), key)
     with pytest.raises(ValueError, match="ids have shape"):
         predict(params, jnp.zeros((2, 32, 32, 5)), key, ids=jnp.arange(3))
+
+
+def test_mask_token_is_adapted_only_in_the_reference_mode(setup, adapt_one):
+    """The reference's "encoder" mode also trains the mask token: the first step's loss is
+    the same either way, the later ones differ only through the moved mask token."""
+    params, images, _, _, _ = setup
+    key = jax.random.PRNGKey(2)
+    _, loss_t = adapt_one(params, images[0], key)
+    _, loss_f = jax.jit(make_ttt_adapt(MODEL, train_mask_token=False, **SETTINGS))(
+        params, images[0], key)
+    assert float(loss_t[0]) == float(loss_f[0])
+    assert np.abs(np.asarray(loss_t[1:]) - np.asarray(loss_f[1:])).max() > 1e-6

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxadapt.models.mae import (MAE, MAEDecoder, MAEEncoder, init_mae_params, mae, mask_noise,
+from jaxadapt.models.mae import (MAE, MAEDecoder, MAEEncoder, mae, mask_noise,
                                  random_masking, sincos_pos_embed_2d)
 from jaxadapt.models.vit import ViT
 from tests.adapt import mae_tiny
