@@ -197,6 +197,8 @@ def make_ttt_predict(model: MAE, classify: Classify, *, steps: int = 20, lr: flo
     def with_losses(params: Any, images: Array, key: Array, ids: Array | None = None):
         _check_images(model, images)
         total = images.shape[0]
+        if total == 0:
+            raise ValueError("TTT-MAE got 0 images; pass (N, H, W, C) with N >= 1")
         ids = jnp.arange(total) if ids is None else jnp.asarray(ids)
         if ids.shape != (total,):
             raise ValueError(f"TTT-MAE ids have shape {ids.shape}; expected ({total},), "

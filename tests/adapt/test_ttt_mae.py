@@ -144,6 +144,8 @@ def test_bad_images():
         predict(params, jnp.zeros((2, 36, 36, 5)), key)
     with pytest.raises(ValueError, match="40x40x5 but the MAE was built for 32x32x5"):
         predict(params, jnp.zeros((2, 40, 40, 5)), key)
+    with pytest.raises(ValueError, match="0 images"):
+        predict(params, jnp.zeros((0, 32, 32, 5)), key)
     with pytest.raises(ValueError, match="ids have shape"):
         predict(params, jnp.zeros((2, 32, 32, 5)), key, ids=jnp.arange(3))
 
