@@ -192,14 +192,37 @@ class MAEState(flax.struct.PyTreeNode):
     opt_state: Any
 
 
-def create_mae_state(params: Any, optimizer: optax.GradientTransformation) -> MAEState:
-    """Args: params (e.g. `init_mae_params`), optimizer. Returns: the step-0 `MAEState`."""
-    return MAEState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+def _split(params: Any, freeze: tuple[str, ...]) -> tuple[dict, dict]:
+    unknown = sorted(set(freeze) - set(params))
+    if unknown:
+        raise ValueError(f"freeze={freeze!r} names {unknown}, not parts of the MAE params; "
+                         f"use some of {sorted(params)} (e.g. ('decoder',))")
+    return ({k: v for k, v in params.items() if k not in freeze},
+            {k: v for k, v in params.items() if k in freeze})
+
+
+def create_mae_state(params: Any, optimizer: optax.GradientTransformation,
+                     freeze: tuple[str, ...] = ()) -> MAEState:
+    """The step-0 state.
+
+    Args:
+      params: {"encoder", "mask_token", "decoder"} (e.g. `init_mae_params`).
+      optimizer: e.g. `make_mae_optimizer`.
+      freeze: top-level parts left unchanged (their optimizer state is not made), e.g.
+        ("decoder",) to adapt the encoder on unlabelled target data as TTT-MAE does;
+        pass the same to `make_mae_step`.
+
+    Returns:
+      `MAEState`.
+    """
+    train, _ = _split(params, tuple(freeze))
+    return MAEState(jnp.zeros((), jnp.int32), params, optimizer.init(train))
 
 
 def make_mae_step(model: MAE, optimizer: optax.GradientTransformation,
                   mesh: Mesh | None = None, *, axis_name: str = "data",
-                  mask_ratio: float = 0.75, norm_pix: bool = True) -> Callable:
+                  mask_ratio: float = 0.75, norm_pix: bool = True,
+                  freeze: tuple[str, ...] = ()) -> Callable:
     """Build the jitted MAE pre-training step ``(state, images, key) -> (state, metrics)``.
 
     With a mesh the step runs per device under ``jax.shard_map`` over ``axis_name``
@@ -218,9 +241,10 @@ def make_mae_step(model: MAE, optimizer: optax.GradientTransformation,
       axis_name: the data axis.
       mask_ratio: fraction of patches removed (MAE: 0.75).
       norm_pix: per-patch standardized targets (MAE's norm_pix_loss).
+      freeze: top-level parts of the params that stay fixed (as in `create_mae_state`).
 
     Returns:
-      The step; metrics {"loss", "grad_norm"}.
+      The step; metrics {"loss", "grad_norm"} (the norm of the trained parts' gradient).
     """
     if not 0.0 < float(mask_ratio) < 1.0:
         raise ValueError(f"make_mae_step: mask_ratio={mask_ratio!r} is outside (0, 1); "
@@ -233,20 +257,22 @@ def make_mae_step(model: MAE, optimizer: optax.GradientTransformation,
         first = 0 if mesh is None else jax.lax.axis_index(axis_name) * b
         noise = image_noise(jax.random.fold_in(key, state.step), first + jnp.arange(b), n)
         target = mae_targets(images, p, norm_pix)
-        params = state.params
+        train, fixed = _split(state.params, tuple(freeze))
+        params = train
         if mesh is not None:
             params = jax.tree.map(lambda x: jax.lax.pcast(x, axis_name, to="varying"), params)
 
         def loss_fn(prm):
-            pred, mask = model.apply({"params": prm}, images, noise, mask_ratio)
+            pred, mask = model.apply({"params": {**fixed, **prm}}, images, noise, mask_ratio)
             return mae_loss(pred, target, mask)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         if mesh is not None:
             loss, grads = jax.lax.pmean((loss, grads), axis_name)
         with jax.numpy_dtype_promotion("standard"):  # optax's Adam: float ** int32 count
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new = MAEState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+            updates, opt_state = optimizer.update(grads, state.opt_state, train)
+        new_params = {**fixed, **optax.apply_updates(train, updates)}
+        new = MAEState(state.step + 1, new_params, opt_state)
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     if mesh is None:
