@@ -138,6 +138,23 @@ def _check_images(model: MAE, images: Array) -> None:
                          f"the MAE's img_size or build the MAE for these images")
 
 
+def _run_chunks(run: Callable, params: Any, images: Array, keys: Array, chunk: int,
+                n_dev: int) -> tuple[Array, Array]:
+    """``run`` over consecutive chunks, each padded (copies of its first image) to a
+    multiple of the device count; the padding's outputs are dropped."""
+    outs = []
+    for s in range(0, images.shape[0], chunk):
+        x, k = images[s:s + chunk], keys[s:s + chunk]
+        m = x.shape[0]
+        pad = -m % n_dev
+        if pad:
+            x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (pad, *x.shape[1:]))])
+            k = jnp.concatenate([k, jnp.broadcast_to(k[:1], (pad, *k.shape[1:]))])
+        logits, losses = run(params, x, k)
+        outs.append((logits[:m], losses[:m]))
+    return (jnp.concatenate([o[0] for o in outs]), jnp.concatenate([o[1] for o in outs]))
+
+
 def make_ttt_predict(model: MAE, classify: Classify, *, steps: int = 20, lr: float = 5e-3,
                      momentum: float = 0.9, copies: int = 128, mask_ratio: float = 0.75,
                      norm_pix: bool = True, train_mask_token: bool = True,
@@ -163,13 +180,18 @@ def make_ttt_predict(model: MAE, classify: Classify, *, steps: int = 20, lr: flo
       mesh: a device mesh with ``axis_name`` (`jaxadapt.train.parallel.make_data_mesh`);
         None: one device.
       chunk_size: images per jitted call (bounds memory: each image holds ``copies``
-        activations); None: all at once. Rounded up to a multiple of the device count.
+        activations; every chunk has the same padded shape, so one compile); None: all
+        at once (one compile per distinct padded count). Rounded up to a multiple of the
+        device count.
 
     Returns:
       ``predict(params, images (N, H, W, C), key, ids=None) -> (N, K)`` logits; ``ids``
       (N,) ints name the images for their keys (default ``arange(N)``).
       ``predict.with_losses`` returns (logits, (N, steps) TTT losses).
     """
+    if chunk_size is not None and not (isinstance(chunk_size, (int, np.integer))
+                                       and chunk_size >= 1):
+        raise ValueError(f"TTT-MAE chunk_size={chunk_size!r}: use None or an integer >= 1")
     adapt = make_ttt_adapt(model, steps=steps, lr=lr, momentum=momentum, copies=copies,
                            mask_ratio=mask_ratio, norm_pix=norm_pix,
                            train_mask_token=train_mask_token, augment=augment)
@@ -184,15 +206,13 @@ def make_ttt_predict(model: MAE, classify: Classify, *, steps: int = 20, lr: flo
         return jax.vmap(one, in_axes=(None, 0, 0))(params, images, keys)
 
     n_dev = 1 if mesh is None else mesh.shape[axis_name]
+    chunk = None if chunk_size is None else -(-chunk_size // n_dev) * n_dev
     if mesh is None:
         run = jax.jit(many)
     else:
         data, rep = PartitionSpec(axis_name), PartitionSpec()
         run = jax.jit(jax.shard_map(many, mesh=mesh, in_specs=(rep, data, data),
                                     out_specs=(data, data)))
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"TTT-MAE chunk_size={chunk_size!r}: use None or an integer >= 1")
-    chunk = None if chunk_size is None else -(-chunk_size // n_dev) * n_dev
 
     def with_losses(params: Any, images: Array, key: Array, ids: Array | None = None):
         _check_images(model, images)
@@ -204,18 +224,7 @@ def make_ttt_predict(model: MAE, classify: Classify, *, steps: int = 20, lr: flo
             raise ValueError(f"TTT-MAE ids have shape {ids.shape}; expected ({total},), "
                              f"one id per image")
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
-        outs = []
-        for s in range(0, total, chunk or max(total, 1)):
-            e = min(total, s + (chunk or total))
-            x, k = images[s:e], keys[s:e]
-            pad = -(e - s) % n_dev
-            if pad:
-                x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (pad, *x.shape[1:]))])
-                k = jnp.concatenate([k, jnp.broadcast_to(k[:1], (pad, *k.shape[1:]))])
-            logits, losses = run(params, x, k)
-            outs.append((logits[:e - s], losses[:e - s]))
-        return (jnp.concatenate([o[0] for o in outs]),
-                jnp.concatenate([o[1] for o in outs]))
+        return _run_chunks(run, params, images, keys, chunk or total, n_dev)
 
     def predict(params: Any, images: Array, key: Array, ids: Array | None = None) -> Array:
         return with_losses(params, images, key, ids)[0]
