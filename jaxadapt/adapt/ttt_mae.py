@@ -169,7 +169,9 @@ def make_ttt_predict(model: MAE, classify: Classify, *, steps: int = 20, lr: flo
     axis is split over its ``axis_name`` devices with ``jax.shard_map`` (no communication:
     the parameters are cast device-varying, so no gradient is summed across devices).
     A count that does not divide over the devices is padded (copies of image 0) and the
-    padding dropped from the result.
+    padding dropped from the result. Images are independent, so on several hosts each
+    process adapts its own images with a mesh of its local devices
+    (``make_data_mesh(jax.local_devices())``); ``images`` here are process-local arrays.
 
     Args:
       model: the trained `MAE`; params of ``predict`` are its full params.

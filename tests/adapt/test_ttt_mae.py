@@ -160,3 +160,15 @@ def test_mask_token_is_adapted_only_in_the_reference_mode(setup, adapt_one):
         params, images[0], key)
     assert float(loss_t[0]) == float(loss_f[0])
     assert np.abs(np.asarray(loss_t[1:]) - np.asarray(loss_f[1:])).max() > 1e-6
+
+
+def test_augment_feeds_both_input_and_targets(setup, adapt_one):
+    """An ``augment`` that flips every copy == adapting the flipped image without it."""
+    params, images, _, _, _ = setup
+    key = jax.random.PRNGKey(6)
+    flip = jax.jit(make_ttt_adapt(MODEL, augment=lambda k, x: x[:, ::-1], **SETTINGS))
+    enc_a, loss_a = flip(params, images[0], key)
+    enc_b, loss_b = adapt_one(params, images[0][::-1], key)
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(enc_a["norm"]["bias"], enc_b["norm"]["bias"], rtol=1e-4,
+                               atol=1e-6)
