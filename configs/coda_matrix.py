@@ -14,7 +14,9 @@ unit. Methods, as in CODA's table 2:
   dual_dino   DINO extractor (frozen) + task transformer, no adaptation;
   dual_cb     the same on a DINO extractor pretrained with cross-batch pairs;
   oda         dual_dino, its extractor adapted with plain DINO on each target batch;
-  coda        dual_cb, adapted with cross-batch DINO on each target batch.
+  coda        dual_cb, adapted with cross-batch DINO on each target batch;
+  ttt_mae     an MAE-pretrained ViT under the same task transformer, its encoder adapted
+              on each test image alone (20 SGD steps on copies of it, reset per image).
 Add `--config.train_sources='("source_3","source_5","source_8","source_11")'` and
 `--config.eval_splits` from `jaxadapt.data.splits.source_matrix` for the full matrix.
 """
@@ -27,7 +29,7 @@ def get_config(variant: str = "cpu"):
     """Args: variant, "cpu" or "gpu". Returns: the ConfigDict."""
     c = defaults.get_defaults()
     c.study = "coda_matrix"
-    c.methods = ("supervised", "dual_dino", "dual_cb", "oda", "coda")
+    c.methods = ("supervised", "dual_dino", "dual_cb", "oda", "coda", "ttt_mae")
     c.train_sources = ("source_3",)
     c.eval_splits = splits.source_matrix(c.train_sources, target2.MAIN_SOURCES)
     c.eval.unit = "batch"  # CODA adapts per batch in its main table
@@ -63,5 +65,7 @@ def gpu_sizes(c):
     c.coda.task.eval_batch_size = 256
     c.coda.adapt.epochs, c.coda.adapt.batch_size = 300, 128
     c.coda.adapt.warmup_epochs, c.coda.adapt.warmup_teacher_temp_epochs = 10, 30
+    c.mae.size, c.mae.epochs, c.mae.batch_size, c.mae.warmup_epochs = "mae_small", 300, 256, 40
+    c.mae.ttt_copies, c.mae.ttt_chunk = 128, 8
     c.train.eval_batch_size = 256
     c.eval.batch_size = 256

@@ -39,6 +39,7 @@ def get_defaults() -> ml_collections.ConfigDict:
     c.train, c.eval, c.arm, c.adapt = _train(), _eval(), _arm(), _adapt()
     c.dino = _dino()
     c.coda = _coda()
+    c.mae = _mae()
     return c
 
 
@@ -223,6 +224,29 @@ def _coda() -> ml_collections.ConfigDict:
     a.seed = 0  # views and pairs of the adaptation, with the unit's name
     c.adapt = a
     return c
+
+
+def _mae() -> ml_collections.ConfigDict:
+    """The MAE of TTT-MAE and of study 6 (ODA with MAE); CPU-sized, MAE's values in comments."""
+    m = ml_collections.ConfigDict()
+    m.size = "mae_cpu"  # jaxadapt.models.mae.MAE_SIZES (mae_small: ViT-S/16 encoder)
+    m.epochs = 10  # pretraining (MAE 800)
+    m.batch_size = 32  # (4096)
+    m.blr = 1.5e-4  # lr = blr * batch / 256, AdamW betas (0.9, 0.95)
+    m.weight_decay = 0.05
+    m.warmup_epochs = 1  # (40), then half-cycle cosine to min_lr
+    m.min_lr = 0.0
+    m.mask_ratio = 0.75
+    m.norm_pix = True  # per-patch targets standardized with the unbiased variance
+    m.log_every_steps = 10
+    # TTT-MAE: each test image alone, from the trained MAE, SGD on copies of itself.
+    m.ttt_steps = 20
+    m.ttt_lr = 5e-3  # (blr 1e-2 x 128 / 256)
+    m.ttt_momentum = 0.9
+    m.ttt_copies = 16  # (128)
+    m.ttt_chunk = 16  # images adapted per compiled call (memory: chunk x copies activations)
+    m.ttt_seed = 0
+    return m
 
 
 def gpu_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

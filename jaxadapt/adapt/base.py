@@ -104,12 +104,16 @@ class UnlabelledImages(NamedTuple):
         well and compound stay: they are the plate map, known before any result).
       rows: int64 row indices of the unit's images: its scored samples and its controls.
       num_threads: reader threads.
+      train_transform: the study's training transform (random crop, flips, normalization)
+        for methods that train on the images directly (e.g. MAE adaptation); DINO builds
+        its own multi-crop views.
     """
 
     source: Any
     table: Any
     rows: np.ndarray
     num_threads: int = 2
+    train_transform: Any = None
 
 
 def unlabelled_images(unit: Unit) -> UnlabelledImages:

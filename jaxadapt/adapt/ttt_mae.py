@@ -38,11 +38,15 @@ from jaxadapt.models.mae import MAE, mask_noise
 __all__ = ["classify_with_head", "make_ttt_adapt", "make_ttt_predict"]
 
 Array = jax.Array
-Classify = Callable[[Any, Array], Array]
+#: classify(adapted encoder params, images, the params given to predict) -> logits; the
+#: third argument lets a frozen task head travel with the MAE's params (e.g. under "task").
+Classify = Callable[[Any, Array, Any], Array]
+#: The MAE's own parts; other entries of the params (a task head) never enter the MAE.
+_MAE_PARTS = ("encoder", "mask_token", "decoder")
 
 
 def classify_with_head(model: MAE, head: Callable[[dict[str, Array]], Array]) -> Classify:
-    """A ``classify(encoder_params, images) -> logits`` from a head on ViT-style tokens.
+    """A ``classify(encoder_params, images, params) -> logits`` from a head on ViT tokens.
 
     Args:
       model: the `MAE` (its encoder makes the tokens, unmasked).
@@ -53,7 +57,7 @@ def classify_with_head(model: MAE, head: Callable[[dict[str, Array]], Array]) ->
       The classify function for `make_ttt_predict`.
     """
     encoder = model.encoder_def()
-    return lambda enc, images: head(encoder.apply({"params": enc}, images))
+    return lambda enc, images, params=None: head(encoder.apply({"params": enc}, images))
 
 
 def _check_settings(steps: int, lr: float, momentum: float, copies: int,
@@ -101,7 +105,7 @@ def make_ttt_adapt(model: MAE, *, steps: int = 20, lr: float = 5e-3, momentum: f
 
     def adapt(params: Any, image: Array, key: Array):
         train = {k: params[k] for k in names}
-        frozen = {k: v for k, v in params.items() if k not in names}
+        frozen = {k: v for k, v in params.items() if k not in names and k in _MAE_PARTS}
         batch = jnp.broadcast_to(image, (copies, *image.shape))
 
         def loss_fn(tr, t_key):
@@ -164,7 +168,7 @@ def make_ttt_predict(model: MAE, classify: Classify, *, steps: int = 20, lr: flo
     """TTT-MAE prediction: ``predict(params, images, key, ids=None) -> logits``.
 
     Every image is adapted on its own from ``params`` (reset per image, see
-    `make_ttt_adapt`), then classified by ``classify(adapted_encoder, image[None])``. The
+    `make_ttt_adapt`), then classified by ``classify(adapted_encoder, image[None], params)``. The
     images of a call adapt at once: ``vmap`` over images, and with a ``mesh`` the image
     axis is split over its ``axis_name`` devices with ``jax.shard_map`` (no communication:
     the parameters are cast device-varying, so no gradient is summed across devices).
@@ -175,8 +179,10 @@ def make_ttt_predict(model: MAE, classify: Classify, *, steps: int = 20, lr: flo
 
     Args:
       model: the trained `MAE`; params of ``predict`` are its full params.
-      classify: ``classify(encoder_params, images (B, H, W, C)) -> (B, K)`` logits, the
-        frozen task model (e.g. `classify_with_head`).
+      classify: ``classify(encoder_params, images (B, H, W, C), params) -> (B, K)``
+        logits, the frozen task model (e.g. `classify_with_head`); ``params`` are those
+        given to ``predict``, so a task head may travel in them (entries other than the
+        MAE's parts never enter the MAE).
       steps, lr, momentum, copies, mask_ratio, norm_pix, train_mask_token, augment: as
         `make_ttt_adapt` (defaults: the reference's).
       mesh: a device mesh with ``axis_name`` (`jaxadapt.train.parallel.make_data_mesh`);
@@ -200,7 +206,7 @@ def make_ttt_predict(model: MAE, classify: Classify, *, steps: int = 20, lr: flo
 
     def one(params, image, key):
         enc, losses = adapt(params, image, key)
-        return classify(enc, image[None])[0], losses
+        return classify(enc, image[None], params)[0], losses
 
     def many(params, images, keys):
         if mesh is not None:

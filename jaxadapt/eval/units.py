@@ -97,7 +97,7 @@ class PipelineUnit:
         columns["label"] = np.full(len(self.view.table), NO_LABEL, columns["label"].dtype)
         columns["moa"] = np.full(len(self.view.table), "", columns["moa"].dtype)
         return UnlabelledImages(self.view.source, SiteTable(columns), rows.astype(np.int64),
-                                self.view.num_threads)
+                                self.view.num_threads, self.view.train_transform)
 
     def batches(self) -> Iterator[UnitBatch]:
         for batch in self.view.eval_batches(self.spec.rows, self.spec.mask):

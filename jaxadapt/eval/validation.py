@@ -29,6 +29,7 @@ from jaxadapt import config as defaults
 from jaxadapt.adapt import registry
 from jaxadapt.data import design, schema, splits, subsets, views
 from jaxadapt.models import VIT_SIZES, build_model
+from jaxadapt.models.mae import MAE_SIZES
 from jaxadapt.models.resnet import STEMS
 from jaxadapt.train import episodic, supervised
 from jaxadapt.train import registry as trainer_registry
@@ -90,19 +91,25 @@ _INTEGERS = {
     "coda.adapt.epochs": 0, "coda.adapt.batch_size": 1, "coda.adapt.warmup_epochs": 0,
     "coda.adapt.warmup_teacher_temp_epochs": 0, "coda.adapt.freeze_last_layer": 0,
     "coda.adapt.seed": 0,
+    "mae.epochs": 1, "mae.batch_size": 1, "mae.warmup_epochs": 0, "mae.log_every_steps": 1,
+    "mae.ttt_steps": 1, "mae.ttt_copies": 1, "mae.ttt_chunk": 1, "mae.ttt_seed": 0,
 }
 _MAY_BE_NONE = ("adapt.plate_chunk_size",)  # None: the unit's own batch size
 _POSITIVE = ("train.learning_rate", "adapt.tent_lr", "dino.base_lr", "dino.min_lr",
              "dino.warmup_teacher_temp", "dino.teacher_temp", "dino.student_temp",
              "dino.knn_temperature", "coda.task.learning_rate", "coda.task.mlp_ratio",
              "coda.adapt.lr", "coda.adapt.min_lr", "coda.adapt.warmup_teacher_temp",
-             "coda.adapt.teacher_temp")
+             "coda.adapt.teacher_temp", "mae.blr")
 # Numbers in [0, 1] (momenta, weight decays) and >= 0 (clip threshold; 0 = off).
 _UNIT_INTERVAL = ("dino.momentum_teacher", "dino.centre_momentum", "dino.weight_decay",
                   "dino.weight_decay_end", "coda.task.weight_decay", "coda.adapt.weight_decay",
-                  "coda.adapt.weight_decay_end", "coda.adapt.momentum_teacher")
-_NON_NEGATIVE = ("dino.clip_grad", "coda.task.clip_grad", "coda.adapt.clip_grad")
-_BOOLS = ("dino.global_clip", "dino.norm_last_layer", "coda.adapt.global_clip")
+                  "coda.adapt.weight_decay_end", "coda.adapt.momentum_teacher",
+                  "mae.weight_decay", "mae.ttt_momentum")
+# Numbers strictly inside (0, 1).
+_OPEN_UNIT_INTERVAL = ("mae.mask_ratio",)
+_NON_NEGATIVE = ("dino.clip_grad", "coda.task.clip_grad", "coda.adapt.clip_grad", "mae.min_lr",
+                 "mae.ttt_lr")
+_BOOLS = ("dino.global_clip", "dino.norm_last_layer", "coda.adapt.global_clip", "mae.norm_pix")
 _CHOICES = {
     "eval.unit": UNITS,
     "model.stem": STEMS,
@@ -112,6 +119,7 @@ _CHOICES = {
     "dino.pair_level": ("plate", "batch"),
     "data.normalization": ("dataset", "per_image"),
     "eval.matrix_diagonal": splits.DIAGONALS,
+    "mae.size": tuple(MAE_SIZES),
 }
 _STRINGS = ("study", "checkpoint_dir", "data.cache_dir")
 # Episodes per step each episodic trainer splits over processes x local devices (whole
@@ -173,6 +181,8 @@ def _scalar_problems(cfg: Any) -> list[str]:
         elif not (isinstance(v, str) and v in choices):
             out.append(f"config.{key}={v!r}: use one of {choices}")
     for key, ok, rule in ([(k, lambda v: 0 <= v <= 1, "a number in [0, 1]") for k in _UNIT_INTERVAL]
+                          + [(k, lambda v: 0 < v < 1, "a number in (0, 1)")
+                             for k in _OPEN_UNIT_INTERVAL]
                           + [(k, lambda v: v >= 0, "a number >= 0") for k in _NON_NEGATIVE]):
         v = get(cfg, key)
         if v is MISSING:

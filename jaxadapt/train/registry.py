@@ -14,7 +14,7 @@ from typing import Any, Callable, NamedTuple
 import flax.linen as nn
 import ml_collections
 
-from jaxadapt.train import dino_trainer, episodic, online, supervised, task_trainer
+from jaxadapt.train import dino_trainer, episodic, mae_trainer, online, supervised, task_trainer
 
 #: (data view, rows of each split, checkpoint dir, seed) -> trained variables.
 TrainFn = Callable[[Any, dict, str, int], dict]
@@ -166,5 +166,11 @@ register(Trainer("dual_cb", ("dino", "coda"),
                  ignored=_KNN + _ADAPT_ONLY,
                  device_batch_fields=("dino.batch_size", "coda.task.batch_size",
                                       "coda.task.eval_batch_size")))
-# Importing these modules registers the methods oda, coda, supervised, dual_dino, dual_cb.
-_METHOD_MODULES = (online, task_trainer)
+register(Trainer("dual_mae", ("mae", "coda"), lambda m, c: mae_trainer.make_dual_mae_trainer(c),
+                 ignored=_ADAPT_ONLY + ("mae.ttt_steps", "mae.ttt_lr", "mae.ttt_momentum",
+                                        "mae.ttt_copies", "mae.ttt_chunk", "mae.ttt_seed"),
+                 device_batch_fields=("mae.batch_size", "coda.task.batch_size",
+                                      "coda.task.eval_batch_size")))
+# Importing these modules registers the methods oda, coda, supervised, dual_dino, dual_cb,
+# dual_mae, ttt_mae and oda_mae.
+_METHOD_MODULES = (online, task_trainer, mae_trainer)

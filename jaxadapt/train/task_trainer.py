@@ -78,7 +78,19 @@ def vit_classifier(config: ml_collections.ConfigDict) -> ViTClassifier:
     return ViTClassifier(backbone=build_model(config.model), num_classes=config.model.num_classes)
 
 
-def _task_trainer(model, config, frozen: tuple[str, ...] = (), prepare=None):
+def make_task_trainer(model, config: ml_collections.ConfigDict, frozen: tuple[str, ...] = (),
+                      prepare=None):
+    """The step-2 recipe (`config.coda.task`) for any classifier with the BN call signature.
+
+    Args:
+      model: e.g. a `DualModel` or `ViTClassifier`.
+      config: the study config.
+      frozen: top-level parameter names that never move.
+      prepare: optional starting variables (see `supervised.make_classifier_trainer`).
+
+    Returns:
+      `train(view, rows, run_dir, seed) -> variables`.
+    """
     t = config.coda.task
     return make_classifier_trainer(model, config, t, "config.coda.task",
                                    lambda n: task_optimizer(t, n, frozen), prepare)
@@ -93,7 +105,7 @@ def make_supervised_trainer(config: ml_collections.ConfigDict):
     Returns:
       `train(view, rows, run_dir, seed) -> variables` ({"params": {"backbone", "fc"}}).
     """
-    return _task_trainer(vit_classifier(config), config)
+    return make_task_trainer(vit_classifier(config), config)
 
 
 def make_dual_trainer(config: ml_collections.ConfigDict, *, pairs: str = "none"):
@@ -115,7 +127,7 @@ def make_dual_trainer(config: ml_collections.ConfigDict, *, pairs: str = "none")
                 "batch_stats": {}}
 
     # Built once per study, so the task step compiles once.
-    train_task = _task_trainer(dual_model(config), config, ("extractor",), prepare)
+    train_task = make_task_trainer(dual_model(config), config, ("extractor",), prepare)
 
     def train(view, rows: dict, run_dir: str, seed: int) -> Variables:
         dino_vars = pretrain(view, rows, os.path.join(run_dir, "extractor"), seed)
