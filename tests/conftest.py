@@ -17,3 +17,13 @@ def pytest_collection_finish(session):
     """A run that collects no test is a broken run, not a pass."""
     if not session.items and not session.config.option.collectonly:
         raise RuntimeError("pytest collected no tests: check testpaths and file names")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sim_cache(tmp_path_factory) -> str:
+    """One TFDS cache folder for the whole run: simulated stores are keyed by their config's
+    hash, so tests that render the same tiny world share one build (tens of seconds each)."""
+    return str(tmp_path_factory.mktemp("sim_cache"))

@@ -9,39 +9,18 @@ import pytest
 from jaxadapt.adapt import registry
 from jaxadapt.adapt.base import UnitBatch, UnlabelledImages
 from jaxadapt.data import samplers
-from jaxadapt.data import splits as splits_lib
-from jaxadapt.data import tfds_sim
-from jaxadapt.eval import study
 from jaxadapt.eval.units import PipelineUnit
 from jaxadapt.models import vit
 from jaxadapt.models.dual import DualModel, TaskHead, tokens
 from jaxadapt.train import online, steps, task_trainer
 from jaxadapt.train.checkpoint import tree_equal
 from jaxadapt.train.state import create_train_state
-from tests.eval.tiny import set_keys
-from tests.train.test_dino_trainer import dino_config
-
-
-def coda_config(cache_dir, **changes):
-    """dino_config with a 1-block task transformer and one short epoch of everything."""
-    c = dino_config(cache_dir)
-    c.dino.epochs, c.dino.warmup_epochs, c.dino.warmup_teacher_temp_epochs = 1, 0, 0
-    t = c.coda.task
-    t.embed_dim, t.depth, t.num_heads, t.num_epochs, t.patience = 16, 1, 2, 1, 1
-    t.batch_size, t.eval_batch_size, t.warmup_epochs = 8, 8, 0  # few labelled training images
-    c.coda.adapt.epochs, c.coda.adapt.batch_size, c.coda.adapt.warmup_epochs = 1, 16, 0
-    return set_keys(c, changes)
+from tests.train.conftest import coda_config
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    cfg = coda_config(str(tmp_path_factory.mktemp("tfds")))
-    source, table = tfds_sim.load_simulated(cfg.data.sim, cfg.data.cache_dir)
-    rows = splits_lib.make_splits(table, train_source="source_3", cfg=cfg.splits)
-    rows["train"] = rows["train"][::6]  # short epochs: these tests are about mechanics
-    rows["validation"] = rows["validation"][::4]
-    view = study.make_view(source, table, rows["train"], cfg.data)
-    return cfg, view, rows
+def world(coda_world):
+    return coda_world
 
 
 @pytest.fixture(scope="module")

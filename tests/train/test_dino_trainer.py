@@ -32,8 +32,8 @@ def dino_config(cache_dir, **changes):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    cfg = dino_config(str(tmp_path_factory.mktemp("tfds")))
+def world(sim_cache):
+    cfg = dino_config(sim_cache)
     source, table = tfds_sim.load_simulated(cfg.data.sim, cfg.data.cache_dir)
     rows = splits_lib.make_splits(table, train_source="source_3", cfg=cfg.splits)
     rows["train"] = rows["train"][::6]  # a short epoch: the tests are about mechanics

@@ -9,7 +9,8 @@ from jaxadapt.models import mae as mae_models
 from jaxadapt.train import mae_trainer
 from jaxadapt.train.checkpoint import tree_equal
 from tests.eval.tiny import set_keys
-from tests.train.test_coda import _unit, coda_config, world  # noqa: F401  (module fixture)
+from tests.train.conftest import coda_config
+from tests.train.test_coda import _unit
 
 TINY = dict(patch_size=8, embed_dim=16, depth=1, num_heads=2, img_size=32, decoder_dim=16,
             decoder_depth=1, decoder_heads=2)
@@ -30,7 +31,12 @@ def mae_config(cache_dir, **changes):
 
 
 @pytest.fixture(scope="module")
-def mae_vars(world, tmp_path_factory):  # noqa: F811
+def world(coda_world):
+    return coda_world
+
+
+@pytest.fixture(scope="module")
+def mae_vars(world, tmp_path_factory):
     cfg, view, rows = world
     cfg = mae_config(cfg.data.cache_dir)
     return mae_trainer.make_dual_mae_trainer(cfg)(view, rows, str(tmp_path_factory.mktemp("m")), 0)
@@ -42,7 +48,7 @@ def test_dual_mae_freezes_the_pretrained_encoder_under_its_task_model(mae_vars):
     assert set(mae_vars["params"]) == {"extractor", "task"}
 
 
-def test_ttt_mae_without_steps_is_the_frozen_dual_model_and_adapts_with_them(world, mae_vars):  # noqa: F811
+def test_ttt_mae_without_steps_is_the_frozen_dual_model_and_adapts_with_them(world, mae_vars):
     cfg, view, rows = world
     unit = _unit(cfg, view, rows["new_batch"])
     frozen = registry.make_method("dual_mae", None, mae_config(cfg.data.cache_dir)).predict_unit(
@@ -55,7 +61,7 @@ def test_ttt_mae_without_steps_is_the_frozen_dual_model_and_adapts_with_them(wor
     assert moved.shape == frozen.shape and np.abs(moved - frozen).max() > 1e-5
 
 
-def test_oda_mae_adapts_the_encoder_on_the_unit(world, mae_vars):  # noqa: F811
+def test_oda_mae_adapts_the_encoder_on_the_unit(world, mae_vars):
     cfg, view, rows = world
     unit = _unit(cfg, view, rows["new_batch"])
     base = mae_config(cfg.data.cache_dir)
@@ -69,7 +75,7 @@ def test_oda_mae_adapts_the_encoder_on_the_unit(world, mae_vars):  # noqa: F811
     assert mae_vars["mae"]["encoder"] is not None and jax.tree.leaves(mae_vars["mae"])
 
 
-def test_mae_methods_refuse_variables_without_an_mae(world):  # noqa: F811
+def test_mae_methods_refuse_variables_without_an_mae(world):
     cfg, view, rows = world
     unit = _unit(cfg, view, rows["new_batch"])
     with pytest.raises(ValueError, match="needs the variables of the 'dual_mae' recipe"):
