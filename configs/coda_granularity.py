@@ -9,7 +9,7 @@ models are shared through `checkpoint_dir`); scored on the other main sources. T
 sweep sets the adaptation unit of oda / coda: `plate`, `batch` (two plates) or the
 whole `source`, and `{"unit": "source", "adapt_on": "first_plate"}` (adapt on the
 source's first plate, score every image of the source). `dual_cb` is the same model
-without adaptation (its rows repeat across the sweep: it ignores the unit).
+without adaptation (scored once: the unit cannot change it).
 """
 
 import importlib.util

@@ -149,8 +149,8 @@ def frozen_method(name: str, trainer: str, model_of):
       model_of: config -> the module (`vit_classifier`, `dual_model`).
 
     Returns:
-      ``(model, cfg, setting) -> Method``; nothing adapts, so the context size and the
-      adaptation subset cannot change its predictions.
+      ``(model, cfg, setting) -> Method``; nothing adapts, so the context size, the
+      adaptation unit and its subset cannot change its predictions (scored once per sweep).
     """
     def factory(model, cfg, setting) -> Method:
         module = model_of(cfg)
@@ -161,7 +161,7 @@ def frozen_method(name: str, trainer: str, model_of):
             return collect_logits(functools.partial(predict, variables), unit)
 
         return Method(name=name, trainer=trainer, predict_unit=predict_unit,
-                      ignores=("L", "adapt_on"))
+                      ignores=("L", "unit", "adapt_on"))
 
     return factory
 
