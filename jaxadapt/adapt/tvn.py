@@ -124,7 +124,12 @@ def fit_tvn(embeddings: Any, is_control: Any, *, eps: float = 1e-8,
     scale = np.where(std > eps, std, 1.0)
     z = (c - mean) / scale
     # PCA by SVD of the centred controls: variance of direction i = s_i^2 / n (ddof 0).
-    _, s, vt = np.linalg.svd(z - z.mean(axis=0), full_matrices=False)
+    # With many controls, the [D, D] R of a QR has the same singular values and right
+    # vectors, and spares the [n, D] left vectors that the SVD would allocate.
+    zc = z - z.mean(axis=0)
+    if n_ctrl > x.shape[1]:
+        zc = np.linalg.qr(zc, mode="r")
+    _, s, vt = np.linalg.svd(zc, full_matrices=False)
     var = s ** 2 / n_ctrl
     keep = var > min_variance * var[0]
     if var[0] <= 0 or not keep.any():
