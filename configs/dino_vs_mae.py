@@ -11,24 +11,16 @@ sources, adapted per batch). Two extractors with the same task transformer on to
                         (`config.coda.adapt`: epochs, batch size, learning rate).
 """
 
-import importlib.util
 import pathlib
 
 from jaxadapt.data import splits, target2
-
-
-def _sibling(name: str):
-    """A config module next to this file (configs are loaded by path, not as a package)."""
-    path = pathlib.Path(__file__).with_name(f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_jaxadapt_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from jaxadapt.eval import cli
 
 
 def get_config(variant: str = "cpu"):
     """Args: variant, "cpu" or "gpu". Returns: the ConfigDict."""
-    c = _sibling("coda_matrix").get_config(variant)
+    # The same world and models as study 4 (configs are loaded by path, as the runner does).
+    c = cli.load_config_file(f"{pathlib.Path(__file__).with_name('coda_matrix.py')}:{variant}")
     c.study = "dino_vs_mae"
     c.methods = ("dual_dino", "oda", "dual_mae", "oda_mae")
     targets = tuple(s for s in target2.MAIN_SOURCES if s not in c.train_sources)

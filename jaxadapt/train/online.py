@@ -157,12 +157,13 @@ def online_method(name: str, trainer: str, pairs_of):
         adapt = make_online_adapter(cfg, pairs=pairs_of(cfg))
         dual = task_trainer.dual_model(cfg)
         predict = jax.jit(lambda variables, x: dual.apply(variables, x)[0])
+        expected = extractor_shapes(dual, cfg)  # traced once, not per unit
 
         def predict_unit(variables: Variables, unit) -> np.ndarray:
             if "dino" not in variables:
                 raise ValueError(f"method {name!r} needs the variables of a dual-model recipe "
                                  f"({trainer!r}) with their DINO state; got {sorted(variables)}")
-            check_extractor(variables, dual, cfg)
+            check_extractor(variables, expected, cfg)
             subset = adaptation_unit(unit)
             teacher = adapt(variables["dino"], unlabelled_images(subset),
                             unit_seed(cfg.coda.adapt.seed, subset.name), subset.name)
@@ -175,30 +176,35 @@ def online_method(name: str, trainer: str, pairs_of):
     return factory
 
 
-def check_extractor(variables: Variables, dual, cfg: ml_collections.ConfigDict) -> None:
+def _shapes(tree) -> Any:
+    return jax.tree.map(lambda x: tuple(np.shape(x)), tree)
+
+
+def extractor_shapes(dual, cfg: ml_collections.ConfigDict) -> Any:
+    """The parameter shapes of `dual`'s extractor for the study's crops (traced, not run)."""
+    crop = cfg.data.crop_size
+    x = jax.ShapeDtypeStruct((1, crop, crop, cfg.model.in_channels), jnp.float32)
+    return _shapes(jax.eval_shape(dual.init, jax.random.PRNGKey(0), x)["params"]["extractor"])
+
+
+def check_extractor(variables: Variables, expected: Any, cfg: ml_collections.ConfigDict) -> None:
     """The trained extractor, its DINO state and `config.model` must describe one ViT.
 
     Args:
       variables: a dual-model recipe's variables.
-      dual: the `DualModel` the method predicts with (built from `cfg`).
-      cfg: the study config.
+      expected: `extractor_shapes` of the DualModel the method predicts with.
+      cfg: the study config (named in the error).
 
     Raises:
       ValueError: naming the differing shapes (e.g. a task model trained on another ViT
         size than the one configured for adaptation).
     """
-    def shapes(tree):
-        return jax.tree.map(lambda x: tuple(np.shape(x)), tree)
-
-    crop = cfg.data.crop_size
-    x = jax.ShapeDtypeStruct((1, crop, crop, cfg.model.in_channels), jnp.float32)
-    expected = shapes(jax.eval_shape(dual.init, jax.random.PRNGKey(0), x)["params"]["extractor"])
     for what, tree in (("the task model's extractor", variables["params"]["extractor"]),
                        ("the DINO state's teacher backbone", variables["dino"]["teacher"]["backbone"])):
-        if shapes(tree) != expected:
+        if _shapes(tree) != expected:
             raise ValueError(
                 f"{what} does not match config.model ({cfg.model.name!r}): "
-                f"{_summary(shapes(tree))} vs {_summary(expected)}; adapt with the model "
+                f"{_summary(_shapes(tree))} vs {_summary(expected)}; adapt with the model "
                 "config the dual model was trained with")
 
 

@@ -1,6 +1,5 @@
 """MAE recipes in the study: dual model on an MAE encoder, TTT-MAE and ODA with MAE."""
 
-import jax
 import numpy as np
 import pytest
 
@@ -72,7 +71,6 @@ def test_oda_mae_adapts_the_encoder_on_the_unit(world, mae_vars):
     adapted = registry.make_method("oda_mae", None, mae_config(
         cfg.data.cache_dir, **{"coda.adapt.lr": 1e-2})).predict_unit(mae_vars, unit)
     assert np.abs(adapted - frozen).max() > 1e-5
-    assert mae_vars["mae"]["encoder"] is not None and jax.tree.leaves(mae_vars["mae"])
 
 
 def test_mae_methods_refuse_variables_without_an_mae(world):
