@@ -157,13 +157,15 @@ def online_method(name: str, trainer: str, pairs_of):
         adapt = make_online_adapter(cfg, pairs=pairs_of(cfg))
         dual = task_trainer.dual_model(cfg)
         predict = jax.jit(lambda variables, x: dual.apply(variables, x)[0])
-        expected = extractor_shapes(dual, cfg)  # traced once, not per unit
+        # Traced on first use, once per method: building a method (e.g. to list its recipe)
+        # must not require a ViT config.
+        expected = functools.cache(lambda: extractor_shapes(dual, cfg))
 
         def predict_unit(variables: Variables, unit) -> np.ndarray:
             if "dino" not in variables:
                 raise ValueError(f"method {name!r} needs the variables of a dual-model recipe "
                                  f"({trainer!r}) with their DINO state; got {sorted(variables)}")
-            check_extractor(variables, expected, cfg)
+            check_extractor(variables, expected(), cfg)
             subset = adaptation_unit(unit)
             teacher = adapt(variables["dino"], unlabelled_images(subset),
                             unit_seed(cfg.coda.adapt.seed, subset.name), subset.name)
