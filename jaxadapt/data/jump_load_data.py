@@ -171,7 +171,8 @@ def read_load_data(load_data_csv: str, well_csv: str, label_map: Mapping[str, in
                    moa_map: Mapping[str, str] | None = None,
                    control_compounds: Sequence[str] = (schema.DMSO,),
                    drop_unlabelled: bool = False,
-                   check_files: bool = True) -> JumpSites:
+                   check_files: bool = True,
+                   exclude: Sequence[tuple] = ()) -> JumpSites:
     """Parses a load_data table and joins it with compounds and labels.
 
     Args:
@@ -191,6 +192,8 @@ def read_load_data(load_data_csv: str, well_csv: str, label_map: Mapping[str, in
       drop_unlabelled: drop (and log) sites whose well is not in `well_csv` or whose
         compound is neither labelled nor a control, instead of raising.
       check_files: raise if any referenced image file does not exist.
+      exclude: site keys (source, batch, plate, well, site) to leave out before the
+        join, e.g. the sites a builder skips (`jump_checks.find_bad_sites`).
 
     Returns:
       JumpSites(table, paths [N, C], frames [N, C], channels).
@@ -212,6 +215,13 @@ def read_load_data(load_data_csv: str, well_csv: str, label_map: Mapping[str, in
     keys = [(r["Metadata_Source"], r["Metadata_Batch"], r["Metadata_Plate"], r["Metadata_Well"],
              _site_index(r, i + 2, load_data_csv)) for i, r in enumerate(rows)]
     _check_duplicates(keys, load_data_csv)
+    if len(exclude):
+        out = set(exclude)
+        kept = [(r, k) for r, k in zip(rows, keys) if k not in out]
+        rows, keys = [r for r, _ in kept], [k for _, k in kept]
+        if not rows:
+            raise ValueError(f"every site of {load_data_csv} is excluded (skipped as bad); "
+                             "nothing is left to build")
     wells = _read_wells(well_csv)
     compounds = [wells.get((k[0], k[2], k[3])) for k in keys]
     keep = _label_rows(compounds, label_map, control_compounds, drop_unlabelled, keys)
