@@ -96,6 +96,8 @@ def build_beam(plan: jump_build.BuildPlan, root: str, *, key: str, beam_runner: 
       The build report (also saved as `root/build_report.json`).
     """
     import apache_beam as beam  # pylint: disable=g-import-not-at-top
+    if beam_options is None:  # else Beam parses the calling program's sys.argv as options
+        beam_options = beam.options.pipeline_options.PipelineOptions([])
     if beam_runner is None and (beam_options is None or not beam_options.view_as(
             beam.options.pipeline_options.StandardOptions).runner):
         # The DirectRunner's own in-process batch engine. Beam 2.77's "DirectRunner" first

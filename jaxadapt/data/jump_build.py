@@ -102,7 +102,8 @@ def plan_build(load_data_csv: str, well_csv: str, label_map: Mapping[str, int], 
     if ref is None:
         raise ValueError(f"no site of {load_data_csv} is usable; see the reasons: "
                          f"{[b.reason for b in head_bad[:5]]}")
-    keep = ~np.isin(np.arange(len(keys)), [keys.index(b.key) for b in head_bad])
+    bad_keys = {b.key for b in head_bad}
+    keep = np.array([k not in bad_keys for k in keys], bool)
     table = schema.SiteTable({k: np.asarray(v)[keep] for k, v in sites.table.columns.items()})
     illum_files = jump_checks.illum_paths(load_data_csv, _keys(table), channels,
                                           image_root=image_root, path_map=path_map, use=illum)
@@ -115,7 +116,7 @@ def plan_build(load_data_csv: str, well_csv: str, label_map: Mapping[str, int], 
                      dict(prep), tuple(int(s) for s in shape), tuple(bad + head_bad))
 
 
-@functools.lru_cache(maxsize=32)  # one plate's functions serve all its sites
+@functools.lru_cache(maxsize=16)  # one plate's functions serve all its sites
 def read_illum(path: str, shape: tuple[int, int] | None = None) -> np.ndarray:
     """Loads one illumination function (.npy, as JUMP ships them) as float64 [H, W].
 

@@ -10,10 +10,13 @@ Three steps, each usable alone:
 2. `preprocess`: one site's raw stack -> uint8 [h, w, C] as in the CS-ARM-BN paper's
    data code: each channel downsampled 2x, then 16 -> 8 bit by clipping at its
    99.99th percentile, optionally centre-cropped/padded to a fixed size.
-3. `build_jump_store`: reads every site with tifffile, preprocesses it and writes the
-   store through `store.ensure_store` under `<data_dir>/jump_<key>`, where the key
-   hashes the inputs (table files, every image file's path/size/mtime, all options),
-   so a re-run reuses the store and any change builds a new one.
+3. `build_jump_store`: checks the tables and TIFF headers (`jump_checks`; bad sites
+   raise or are skipped and reported), then reads every site with tifffile, divides by
+   its illumination functions when load_data names them, preprocesses it and writes the
+   store under `<data_dir>/jump_<key>`, where the key hashes the inputs (table files,
+   every image file's path/size/mtime, all options), so a re-run reuses the store and
+   any change builds a new one. Engines: "local" (`jump_shards`: threads, resumable
+   shards) or "beam" (`jump_beam`: Apache Beam through TFDS, DirectRunner or a cluster).
 
 Only local files are read: download the images first (e.g. from the Cell Painting
 Gallery) and map the `s3://` prefixes of `PathName_*` with `path_map`.
