@@ -96,7 +96,8 @@ def main() -> None:
                 num_workers=args.workers, progress_every_s=1e9, beam_options=beam_options)
             dt = time.perf_counter() - t0
             assert len(source) == args.sites
-            print(f"engine={engine} {args.beam_args if engine == 'beam' else ''}: {args.sites} sites in {dt:.2f} s = "
+            flags = f" {args.beam_args}" if engine == "beam" and args.beam_args else ""
+            print(f"engine={engine}{flags}: {args.sites} sites in {dt:.2f} s = "
                   f"{args.sites / dt:.1f} site images/s (whole build, plan included)")
 
 

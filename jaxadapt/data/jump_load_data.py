@@ -193,7 +193,7 @@ def read_load_data(load_data_csv: str, well_csv: str, label_map: Mapping[str, in
         compound is neither labelled nor a control, instead of raising.
       check_files: raise if any referenced image file does not exist.
       exclude: site keys (source, batch, plate, well, site) to leave out before the
-        join, e.g. the sites a builder skips (`jump_checks.find_bad_sites`).
+        join, e.g. the sites a builder skips (`jump_build.plan_build`).
 
     Returns:
       JumpSites(table, paths [N, C], frames [N, C], channels).

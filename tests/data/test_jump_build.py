@@ -244,14 +244,15 @@ def _check_skipped(source, table, skipped, rows, root, bad_rows):
         np.testing.assert_array_equal(source[i]["image"], _expected(row, root, False))
 
 
-def test_missing_tiff(tmp_path):
+@pytest.mark.parametrize("engine", ["local", "beam"])
+def test_missing_tiff(tmp_path, engine):
     root = _copy(tmp_path)
     ld, rows = _ld("UMINI0101", root), _rows(_ld("UMINI0101", root))
     gone = _file(rows[5], "Orig", "RNA", root)
     os.remove(gone)
     with pytest.raises(ValueError, match=f"channel RNA: missing TIFF.*{os.path.basename(gone)}"):
-        _build(ld, tmp_path / "r", root)
-    source, table, skipped = _skip_build(ld, tmp_path, root)
+        _build(ld, tmp_path / "r", root, engine=engine)
+    source, table, skipped = _skip_build(ld, tmp_path, root, engine=engine)
     assert skipped[0]["reason"] == "channel RNA: missing TIFF" and skipped[0]["where"] == gone
     _check_skipped(source, table, skipped, rows, root, [5])
 
