@@ -73,8 +73,13 @@ def plan_build(load_data_csv: str, well_csv: str, label_map: Mapping[str, int], 
                path_map: Mapping[str, str] | None, moa_map: Mapping[str, str] | None,
                control_compounds: Sequence[str], drop_unlabelled: bool,
                plate_csv: str | None = None, illum: bool | None = None,
-               on_bad_site: str = "raise", num_workers: int = 4) -> BuildPlan:
+               on_bad_site: str = "raise", num_workers: int = 4,
+               check_headers: bool = True) -> BuildPlan:
     """Parses and checks the inputs of a build (see `build_jump_store` for the args).
+
+    With `check_headers=False` only the first site's TIFF header is read (for the record
+    shape): at gallery scale the per-file header scan is one small read per file on the
+    driver; a bad file then fails at decode time in `load_site`, naming site and files.
 
     Returns:
       The BuildPlan; `skipped` lists the bad sites left out with `on_bad_site="skip"`.
@@ -85,6 +90,9 @@ def plan_build(load_data_csv: str, well_csv: str, label_map: Mapping[str, int], 
     """
     if on_bad_site not in ("raise", "skip"):
         raise ValueError(f"on_bad_site={on_bad_site!r}: use 'raise' or 'skip'")
+    if on_bad_site == "skip" and not check_headers:
+        raise ValueError("on_bad_site='skip' needs check_headers=True: bad files are found "
+                         "by the header scan before any record is written")
     channels = tuple(channels)
     bad = jump_checks.table_problems(load_data_csv, well_csv, channels, plate_csv=plate_csv)
     if bad and on_bad_site == "raise":
@@ -94,9 +102,10 @@ def plan_build(load_data_csv: str, well_csv: str, label_map: Mapping[str, int], 
         path_map=path_map, moa_map=moa_map, control_compounds=control_compounds,
         drop_unlabelled=drop_unlabelled, check_files=False, exclude=[b.key for b in bad])
     keys = _keys(sites.table)
+    n_checked = len(keys) if check_headers else 1
     head_bad, ref = jump_checks.header_problems(
-        sites.paths, sites.frames, channels, keys, same_size=prep["image_size"] is None,
-        num_workers=num_workers)
+        sites.paths[:n_checked], sites.frames[:n_checked], channels, keys[:n_checked],
+        same_size=prep["image_size"] is None, num_workers=num_workers)
     if head_bad and on_bad_site == "raise":
         _raise_bad(head_bad)
     if ref is None:

@@ -204,7 +204,11 @@ def read_site(paths: Sequence[str], frames: Sequence[int], *, name: str = "site"
 
 
 def _file_stamp(path: str) -> list:
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ValueError(f"input file {path} cannot be read ({e.strerror}); download it or "
+                         "fix image_root / path_map") from None
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
 
@@ -241,7 +245,8 @@ def build_jump_store(load_data_csv: str, well_csv: str, label_map: Mapping[str, 
                      num_workers: int = 4, engine: str = "local",
                      plate_csv: str | None = None, illum: bool | None = None,
                      on_bad_site: str = "raise", shard_sites: int = 256,
-                     beam_runner=None, beam_options=None, progress_every_s: float = 30.0):
+                     beam_runner=None, beam_options=None, progress_every_s: float = 30.0,
+                     check_headers: bool = True):
     """Builds (or reuses) the uint8 image store of the sites of a load_data table.
 
     The store lives in `<data_dir>/jump_<key>`; the key hashes the tables, every image
@@ -271,6 +276,10 @@ def build_jump_store(load_data_csv: str, well_csv: str, label_map: Mapping[str, 
       beam_runner, beam_options: Beam runner (name or object) and PipelineOptions for
         `engine="beam"`; default the DirectRunner.
       progress_every_s: seconds between progress lines (sites done, sites/s, ETA).
+      check_headers: read every TIFF header before building (finds missing, truncated
+        and mis-sized files up front; needed for on_bad_site="skip"); False reads only
+        the first site's, for very large builds where that scan is too slow, and a bad
+        file then stops the build with a ValueError naming it when it is decoded.
 
     Returns:
       (source, table): `source[i]` -> {"image": uint8 [h, w, C], "row": i} and the
@@ -288,7 +297,8 @@ def build_jump_store(load_data_csv: str, well_csv: str, label_map: Mapping[str, 
         load_data_csv, well_csv, label_map, prep=prep, channels=channels,
         image_root=image_root, path_map=path_map, moa_map=moa_map,
         control_compounds=control_compounds, drop_unlabelled=drop_unlabelled,
-        plate_csv=plate_csv, illum=illum, on_bad_site=on_bad_site, num_workers=num_workers)
+        plate_csv=plate_csv, illum=illum, on_bad_site=on_bad_site, num_workers=num_workers,
+        check_headers=check_headers)
     illum_files = [] if plan.illum is None else sorted(set(plan.illum.ravel().tolist()))
     options = dict(prep, channels=list(plan.channels), label_map=dict(label_map),
                    moa_map=dict(moa_map or {}), control_compounds=list(control_compounds),

@@ -257,6 +257,24 @@ def test_missing_tiff(tmp_path, engine):
     _check_skipped(source, table, skipped, rows, root, [5])
 
 
+def test_without_header_scan_a_bad_file_fails_at_decode_naming_it(tmp_path):
+    root = _copy(tmp_path)
+    ld, rows = _ld("UMINI0101", root), _rows(_ld("UMINI0101", root))
+    cut = _file(rows[11], "Orig", "DNA", root)
+    with open(cut, "rb") as f:
+        data = f.read()
+    with open(cut, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"UMINI0101/B01/2: cannot decode .*"
+                                         f"{os.path.basename(cut)}"):
+        _build(ld, tmp_path / "r", root, check_headers=False)
+    os.remove(cut)
+    with pytest.raises(ValueError, match=f"input file .*{os.path.basename(cut)} cannot be read"):
+        _build(ld, tmp_path / "r", root, check_headers=False)
+    with pytest.raises(ValueError, match="on_bad_site='skip' needs check_headers=True"):
+        _build(ld, tmp_path / "r", root, check_headers=False, on_bad_site="skip")
+
+
 def test_truncated_tiff(tmp_path):
     root = _copy(tmp_path)
     ld, rows = _ld("UMINI0101", root), _rows(_ld("UMINI0101", root))
