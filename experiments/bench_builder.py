@@ -88,8 +88,9 @@ def main() -> None:
         for engine in args.engines.split(","):
             beam_options = None
             if engine == "beam" and args.beam_args:
-                from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
-                beam_options = PipelineOptions(args.beam_args.split())
+                # pylint: disable-next=g-import-not-at-top
+                from apache_beam.options import pipeline_options
+                beam_options = pipeline_options.PipelineOptions(args.beam_args.split())
             t0 = time.perf_counter()
             source, _ = jump_images.build_jump_store(
                 ld, wells, {CLASS: 0}, os.path.join(tmp, f"store_{engine}"), engine=engine,

@@ -102,8 +102,9 @@ def build_beam(plan: jump_build.BuildPlan, root: str, *, key: str, beam_runner: 
             beam.options.pipeline_options.StandardOptions).runner):
         # The DirectRunner's own in-process batch engine. Beam 2.77's "DirectRunner" first
         # tries to download the Prism runner binary, which fails (slowly) offline.
-        from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # pylint: disable=g-import-not-at-top
-        beam_runner = FnApiRunner()
+        # pylint: disable-next=g-import-not-at-top
+        from apache_beam.runners.portability import fn_api_runner
+        beam_runner = fn_api_runner.FnApiRunner()
     tmp = f"{root}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)
     t0 = time.monotonic()

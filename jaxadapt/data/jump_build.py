@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from jaxadapt.data import jump_checks, jump_images, jump_load_data, schema, store
+from jaxadapt.data import jump_checks, jump_images, jump_load_data, schema
 
 log = logging.getLogger(__name__)
 

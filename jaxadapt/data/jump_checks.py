@@ -24,6 +24,12 @@ from jaxadapt.data import jump_load_data as jld
 
 SiteKey = tuple[str, str, str, str, int]  # source, batch, plate, well, site
 
+# jump_load_data's table helpers, so every JUMP table is read and resolved one way.
+# pylint: disable=protected-access
+_read_csv, _require_columns, _resolve = jld._read_csv, jld._require_columns, jld._resolve
+_site_index, _META, _WELL_COLS = jld._site_index, jld._META, jld._WELL_COLS
+# pylint: enable=protected-access
+
 
 class BadSite(NamedTuple):
     """One site a build cannot use: its key, why, and the file or column at fault."""
@@ -40,7 +46,7 @@ class BadSite(NamedTuple):
 
 def _row_key(row: Mapping[str, str], line: int, path: str) -> SiteKey:
     return (row["Metadata_Source"], row["Metadata_Batch"], row["Metadata_Plate"],
-            row["Metadata_Well"], jld._site_index(row, line, path))  # pylint: disable=protected-access
+            row["Metadata_Well"], _site_index(row, line, path))
 
 
 def table_problems(load_data_csv: str, well_csv: str, channels: Sequence[str], *,
@@ -60,21 +66,21 @@ def table_problems(load_data_csv: str, well_csv: str, channels: Sequence[str], *
     Raises:
       ValueError: a required column is absent (naming it and the file).
     """
-    header, rows = jld._read_csv(load_data_csv)  # pylint: disable=protected-access
+    header, rows = _read_csv(load_data_csv)
     cols = [f"{k}_Orig{ch}" for ch in channels for k in ("FileName", "PathName")]
-    jld._require_columns(header, jld._META + tuple(cols), load_data_csv,  # pylint: disable=protected-access
-                         f"a JUMP load_data.csv has these; channels {list(channels)} each need "
-                         "FileName_Orig<ch> and PathName_Orig<ch> (or pass channels= to load fewer)")
-    well_header, well_rows = jld._read_csv(well_csv)  # pylint: disable=protected-access
-    jld._require_columns(well_header, jld._WELL_COLS, well_csv,  # pylint: disable=protected-access
-                         "use JUMP's well.csv.gz columns")
+    _require_columns(header, _META + tuple(cols), load_data_csv,
+                     f"a JUMP load_data.csv has these; channels {list(channels)} each need "
+                     "FileName_Orig<ch> and PathName_Orig<ch> (or pass channels= to load fewer)")
+    well_header, well_rows = _read_csv(well_csv)
+    _require_columns(well_header, _WELL_COLS, well_csv,
+                     "use JUMP's well.csv.gz columns")
     well_plates = {(r["Metadata_Source"], r["Metadata_Plate"]) for r in well_rows}
     plates = None
     if plate_csv is not None:
-        plate_header, plate_rows = jld._read_csv(plate_csv)  # pylint: disable=protected-access
+        plate_header, plate_rows = _read_csv(plate_csv)
         need = ("Metadata_Source", "Metadata_Batch", "Metadata_Plate")
-        jld._require_columns(plate_header, need, plate_csv,  # pylint: disable=protected-access
-                             "use JUMP's plate.csv.gz columns")
+        _require_columns(plate_header, need, plate_csv,
+                         "use JUMP's plate.csv.gz columns")
         plates = {tuple(r[c] for c in need) for r in plate_rows}
     bad = []
     for i, row in enumerate(rows):
@@ -191,12 +197,12 @@ def illum_paths(load_data_csv: str, keys: Sequence[SiteKey], channels: Sequence[
     """
     if use is False:
         return None
-    header, rows = jld._read_csv(load_data_csv)  # pylint: disable=protected-access
+    header, rows = _read_csv(load_data_csv)
     cols = [f"{k}_Illum{ch}" for ch in channels for k in ("FileName", "PathName")]
     if use is None and not all(c in header for c in cols):
         return None
-    jld._require_columns(header, cols, load_data_csv,  # pylint: disable=protected-access
-                         "use JUMP's load_data_with_illum table, or pass illum=False")
+    _require_columns(header, cols, load_data_csv,
+                     "use JUMP's load_data_with_illum table, or pass illum=False")
     root = image_root if image_root is not None else os.path.dirname(os.path.abspath(load_data_csv))
     by_key = {_row_key(r, i + 2, load_data_csv): (i, r) for i, r in enumerate(rows)}
     out = np.empty((len(keys), len(channels)), dtype=object)
@@ -207,5 +213,5 @@ def illum_paths(load_data_csv: str, keys: Sequence[SiteKey], channels: Sequence[
             if not name.strip() or not where.strip():
                 raise ValueError(f"{load_data_csv} line {i + 2}: empty FileName_Illum{ch} or "
                                  f"PathName_Illum{ch}; fill it or pass illum=False")
-            out[n, c] = jld._resolve(where, name, root, dict(path_map or {}))  # pylint: disable=protected-access
+            out[n, c] = _resolve(where, name, root, dict(path_map or {}))
     return out.astype(str)
