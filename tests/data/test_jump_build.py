@@ -357,3 +357,34 @@ def test_images_of_inconsistent_sizes(tmp_path):
     tifffile.imwrite(path, tifffile.imread(path)[:60])
     with pytest.raises(ValueError, match=r"channels differ in shape.*'ER': \(60, 64\)"):
         _build(ld, tmp_path / "g", root, image_size=32)
+
+
+# ----------------------------------------------------------------------------- script
+
+
+def _script():
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location(
+        "build_jump_store", os.path.join(repo, "experiments", "build_jump_store.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_build_script_builds_every_plate_of_a_glob(tmp_path):
+    script = _script()
+    meta = os.path.join(MINI, "metadata")
+    args = ["--load_data", os.path.join(MINI, "cpg0016-jump/*/workspace/load_data_csv/*/*/"
+                                              "load_data.csv.gz"),
+            "--well_csv", os.path.join(meta, "well.csv.gz"),
+            "--plate_csv", os.path.join(meta, "plate.csv.gz"),
+            "--labels", os.path.join(meta, "labels.csv"), "--data_dir", str(tmp_path),
+            "--path_map", f"{S3}={MINI}/", "--workers", "1"]
+    lines = script.main(args)
+    assert len(lines) == 4 and all(": 16 sites, plates" in line for line in lines)
+    assert len([d for d in os.listdir(tmp_path) if d.startswith("jump_")]) == 4
+    with pytest.raises(ValueError, match="Beam options need --engine beam"):
+        script.main(args + ["--runner=FlinkRunner"])
+    with pytest.raises(ValueError, match="lacks column.*'label'"):
+        script.read_labels(_write(str(tmp_path / "l.csv"), [{"Metadata_JCP2022": "x"}]))
