@@ -8,7 +8,7 @@
 Study 1 (`configs/domain_gap.py`) with `data.source="jump_profiles"`: well-level JUMP
 profiles (Metadata_* + Cells_/Cytoplasm_/Nuclei_ features; source and batch from JUMP's
 plate.csv.gz via data.profiles.plate_table if the tables lack them) normalized per plate
-against DMSO (pycytominer mad_robustize), fed to a BatchNorm MLP (`model.name="mlp"`) as
+against DMSO (mad_robustize, pycytominer's formula), fed to a BatchNorm MLP (`model.name="mlp"`) as
 1 x 1 records with `in_channels` features; every BN-family method runs on it unchanged.
 
 Without overrides it runs on the miniature test set shipped in tests/data/profiles/mini

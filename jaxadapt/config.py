@@ -72,7 +72,7 @@ def _profiles() -> ml_collections.ConfigDict:
         "well": "Metadata_Well", "compound": "Metadata_JCP2022"})
     p.feature_prefixes = ("Cells_", "Cytoplasm_", "Nuclei_")
     p.control_compounds = ("JCP2022_033924",)  # DMSO
-    p.normalization = "mad_robustize"  # per plate against its controls (pycytominer); "standardize"; "none"
+    p.normalization = "mad_robustize"  # per plate against its controls (data.profile_norm); "standardize"; "none"
     p.on_nonfinite = "raise"  # NaN/inf features: "drop_features" / "drop_wells", listed in a report
     p.on_unlabelled = "raise"  # compounds neither labelled nor controls: "drop", listed in the report
     p.report_dir = ""  # "" = beside the first profile table

@@ -1,15 +1,18 @@
 """Per-plate normalization of well-level profiles against the plate's negative controls.
 
-Done by **pycytominer** (`pycytominer.normalize` with ``samples`` = the plate's DMSO
-wells), called once per plate: it is the JUMP community's reference implementation, and
-at about 0.1 s per 384-well plate of 454 features (measured on one CPU core) a whole
-gallery of 2,500 plates costs minutes, which is not worth a second implementation.
-The formulas, restated in the tests with NumPy:
+Our own vectorized NumPy code, not pycytominer's: `pycytominer.normalize` computes the
+same thing (the tests check equality with it on the real LINCS plate), but through a
+pandas DataFrame per call, which costs more. Measured on this project's shared 2-core
+machine, one 384-well plate: 454 features 0.24 s (pycytominer mad_robustize) vs
+0.002 s (NumPy); the 5,790 raw JUMP features 3.6 s vs 0.05 s, i.e. about 2.5 hours
+against 2 minutes for the gallery's 2,500 plates. The formulas, per plate and feature,
+over the plate's control wells ``c``:
 
-- ``"mad_robustize"``: ``(x - median_c) / (1.4826 * MAD_c + 1e-18)``, median and MAD
-  (median absolute deviation) over the plate's controls ``c``, per feature;
-- ``"standardize"``: ``(x - mean_c) / std_c`` (population std, ddof 0; a feature
-  constant over the controls keeps scale 1, sklearn's convention);
+- ``"mad_robustize"``: ``(x - median_c) / (1.4826 * MAD_c + 1e-18)``, MAD the median
+  absolute deviation (pycytominer's ``RobustMAD`` with its default epsilon);
+- ``"standardize"``: ``(x - mean_c) / std_c`` with the population std (ddof 0), and
+  scale 1 for a feature constant over the controls (sklearn's ``StandardScaler``, which
+  pycytominer uses; sklearn also treats a std within rounding error of 0 as constant);
 - ``"none"``: unchanged (tables normalized upstream, e.g. JUMP's ``*_normalized``).
 """
 
@@ -20,6 +23,29 @@ import numpy as np
 METHODS: tuple[str, ...] = ("mad_robustize", "standardize", "none")
 #: Fewer controls than this cannot give a spread (a MAD or std of one well is 0).
 MIN_CONTROLS = 2
+#: 1.4826 * MAD estimates the std of a normal distribution (pycytominer's scale).
+MAD_SCALE = 1.4826
+#: pycytominer's `mad_robustize_epsilon` default.
+MAD_EPSILON = 1e-18
+
+
+def control_stats(xc: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """Centre and scale per feature of one plate's control rows.
+
+    Args:
+      xc: float64 [n_controls, D].
+      method: "mad_robustize" or "standardize".
+
+    Returns:
+      (centre [D], scale [D]); normalized = (x - centre) / scale.
+    """
+    if method == "mad_robustize":
+        centre = np.median(xc, axis=0)
+        mad = np.median(np.abs(xc - centre), axis=0)
+        return centre, MAD_SCALE * mad + MAD_EPSILON
+    centre = xc.mean(axis=0)
+    std = np.sqrt(((xc - centre) ** 2).mean(axis=0))
+    return centre, np.where(std == 0.0, 1.0, std)
 
 
 def normalize_per_plate(x: np.ndarray, plate: np.ndarray, is_control: np.ndarray,
@@ -45,23 +71,17 @@ def normalize_per_plate(x: np.ndarray, plate: np.ndarray, is_control: np.ndarray
     x = np.asarray(x, np.float64)
     if method == "none":
         return x
-    import pandas as pd  # pylint: disable=g-import-not-at-top
-    from pycytominer import normalize  # pylint: disable=g-import-not-at-top
-
-    names = [f"Cells_f{j}" for j in range(x.shape[1])]  # unique, pycytominer-style names
-    out = np.empty_like(x)
+    plate = np.asarray(plate)
     is_control = np.asarray(is_control, bool)
+    out = np.empty_like(x)
     for p in np.unique(plate):
-        rows = np.flatnonzero(plate == p)
-        n_ctrl = int(is_control[rows].sum())
+        rows = plate == p
+        n_ctrl = int((rows & is_control).sum())
         if n_ctrl < MIN_CONTROLS:
             raise ValueError(f"plate {p} has {n_ctrl} control well(s); normalization "
                              f"{method!r} needs at least {MIN_CONTROLS} per plate: add the "
                              "plate's DMSO wells, drop the plate, or set "
                              "config.data.profiles.normalization='none'")
-        df = pd.DataFrame(x[rows], columns=names)
-        df["Metadata_is_control"] = is_control[rows]
-        done = normalize(df, features=names, meta_features=["Metadata_is_control"],
-                         samples="Metadata_is_control == True", method=method)
-        out[rows] = done[names].to_numpy(np.float64)
+        centre, scale = control_stats(x[rows & is_control], method)
+        out[rows] = (x[rows] - centre) / scale
     return out

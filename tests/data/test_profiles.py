@@ -147,6 +147,23 @@ def test_per_plate_normalization_equals_numpy_restatement(tmp_path, method):
     np.testing.assert_allclose(done.features, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["mad_robustize", "standardize"])
+def test_normalization_equals_pycytominer_on_the_real_plate(tmp_path, method):
+    """Our NumPy code computes what pycytominer.normalize computes (the JUMP reference)."""
+    from pycytominer import normalize
+
+    raw = profiles.load_profiles(_lincs_spec(tmp_path, [LINCS_GZ], normalization="none",
+                                             on_unlabelled="drop"))
+    ctrl = raw.table["is_control"]
+    df = pd.DataFrame(raw.features.astype(np.float64), columns=list(raw.feature_names))
+    df["Metadata_is_control"] = ctrl
+    want = normalize(df, features=list(raw.feature_names), meta_features=["Metadata_is_control"],
+                     samples="Metadata_is_control == True", method=method)
+    got = profile_norm.normalize_per_plate(raw.features, raw.table["plate"], ctrl, method)
+    np.testing.assert_allclose(got, want[list(raw.feature_names)].to_numpy(), rtol=1e-9,
+                               atol=1e-9)
+
+
 def test_too_few_controls_and_unknown_method_are_named():
     x = np.ones((3, 2))
     with pytest.raises(ValueError, match="plate P1 has 1 control"):
