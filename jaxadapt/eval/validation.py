@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Any, Callable, Mapping
 
 import ml_collections
@@ -28,7 +27,8 @@ import numpy as np
 
 from jaxadapt import config as defaults
 from jaxadapt.adapt import registry
-from jaxadapt.data import design, profile_norm, profiles, schema, splits, subsets, views
+from jaxadapt.data import (design, profile_norm, profiles, profiles_config, schema, splits,
+                           subsets, views)
 from jaxadapt.models import VIT_SIZES, build_model
 from jaxadapt.models.mae import MAE_SIZES
 from jaxadapt.models.resnet import STEMS
@@ -128,10 +128,6 @@ _CHOICES = {
     "mae.size": tuple(MAE_SIZES),
 }
 _STRINGS = ("study", "checkpoint_dir", "data.cache_dir")
-# Paths that may be "" (unused) whatever the data source.
-_PROFILE_PATHS = ("data.profiles.label_table", "data.profiles.plate_table",
-                  "data.profiles.well_table", "data.profiles.report_dir")
-_PROFILE_NAMES = ("data.profiles.feature_prefixes", "data.profiles.control_compounds")
 # Episodes per step each episodic trainer splits over processes x local devices (whole
 # episodes per process; on one host they fall back to fewer devices).
 _EPISODE_SPLIT = {"arm_bn": "arm.episodes_per_step", "cs_arm_bn": "arm.episodes_per_step",
@@ -311,7 +307,7 @@ def _data_problems(cfg: Any) -> list[str]:
     out = [m if not m.startswith("sim ") else "config.data.sim." + m[4:]  # "sim <field>=..."
            for m in _guarded(design.check_config, sim)]
     if _profiles(cfg):
-        return out + _profile_problems(cfg) + _guarded(splits.in_domain_fraction, cfg.splits)
+        return out + _guarded(splits.in_domain_fraction, cfg.splits)
     if get(cfg, "model.name") == "mlp":
         out.append("config.model.name='mlp' takes CellProfiler profiles, not images; set "
                    "--config.data.source=jump_profiles (and data.profiles), or use a resnet/vit")
@@ -341,56 +337,14 @@ def _profiles(cfg: Any) -> bool:
     return get(cfg, "data.source") == "jump_profiles"
 
 
-def _profile_section_problems(cfg: Any) -> list[str]:
-    """Types of `data.profiles` (checked whatever the source, as every other section)."""
-    out = []
-    for key in _PROFILE_PATHS:
-        v = get(cfg, key)
-        if v is MISSING:
-            out.append(_lacks(key))
-        elif not isinstance(v, str):
-            out.append(_bad(key, v, "must be a string (a path, or '' for none)"))
-    v = get(cfg, "data.profiles.paths")
-    if v is MISSING:
-        out.append(_lacks("data.profiles.paths"))
-    elif not (isinstance(v, (tuple, list)) and all(isinstance(x, str) and x for x in v)):
-        out.append(f"config.data.profiles.paths={v!r}: must be a tuple of file paths, e.g. "
-                   "--config.data.profiles.paths=\"('a.parquet', 'b.csv.gz')\"")
-    out += [p for key in _PROFILE_NAMES for p in _names(
-        cfg, key, lambda x: isinstance(x, str) and bool(x), "name", "use non-empty strings")]
-    columns = get(cfg, "data.profiles.columns")
-    if columns is MISSING:
-        out.append(_lacks("data.profiles.columns"))
-    else:
-        for field in profiles.DEFAULT_COLUMNS:
-            c = get(columns, field)
-            if not (isinstance(c, str) and c):
-                out.append(_bad(f"data.profiles.columns.{field}", None if c is MISSING else c,
-                                "must name the table's column"))
-        extra = sorted(set(columns.keys()) - set(profiles.DEFAULT_COLUMNS))
-        if extra:
-            out.append(f"config.data.profiles.columns has unknown field(s) {extra}; use "
-                       f"{list(profiles.DEFAULT_COLUMNS)}")
-    return out
-
-
 def _profile_problems(cfg: Any) -> list[str]:
-    """What `data.source="jump_profiles"` needs: tables, labels, the MLP on 1 x 1 inputs."""
-    out = []
-    paths = get(cfg, "data.profiles.paths")
-    if isinstance(paths, (tuple, list)) and not paths:
-        out.append("config.data.source='jump_profiles' needs profile tables; set "
-                   "--config.data.profiles.paths=\"('plate1.parquet',)\"")
-    for key in ("data.profiles.paths", "data.profiles.label_table", "data.profiles.plate_table",
-                "data.profiles.well_table"):
-        v = get(cfg, key)
-        files = v if isinstance(v, (tuple, list)) else [v] if isinstance(v, str) and v else []
-        missing = [f for f in files if isinstance(f, str) and not os.path.isfile(f)]
-        if missing:
-            out.append(f"config.{key}: file(s) {missing} do not exist; fix the path(s)")
-    if get(cfg, "data.profiles.label_table") == "":
-        out.append("config.data.source='jump_profiles' needs a label table; set "
-                   "--config.data.profiles.label_table=labels.csv (columns compound,label[,moa])")
+    """The `data.profiles` section (`profiles_config`), and the MLP on 1 x 1 inputs it needs."""
+    section = get(cfg, "data.profiles")
+    if section is MISSING:
+        return [_lacks("data.profiles")]
+    out = profiles_config.section_problems(section, reads_profiles=_profiles(cfg))
+    if not _profiles(cfg):
+        return out
     if get(cfg, "model.name") != "mlp":
         out.append(f"config.model.name={get(cfg, 'model.name')!r}: profiles are feature "
                    "vectors; set --config.model.name=mlp")
@@ -541,7 +495,7 @@ def sweep_problems(sweep: Any) -> list[str]:
     return out
 
 
-_CHECKS = (_scalar_problems, _study_problems, _data_problems, _profile_section_problems,
+_CHECKS = (_scalar_problems, _study_problems, _data_problems, _profile_problems,
            _train_problems, _dino_problems,
            lambda cfg: _guarded(build_model, cfg.model),
            lambda cfg: sweep_problems(get(cfg, "sweep")))
