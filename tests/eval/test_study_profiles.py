@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from jaxadapt.data import profiles
+from jaxadapt.data import profiles, profiles_config
 from jaxadapt.eval import cli, study, validation
 
 CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "domain_gap_profiles.py"
@@ -62,6 +62,12 @@ def test_profile_config_is_validated_before_anything_runs(tmp_path):
     assert "config.data.profiles.on_nonfinite='ignore'" in found
     found = _problems(_config(tmp_path, **{"data.profiles.columns.well": ""}))
     assert "config.data.profiles.columns.well=''" in found
+    section = {**_config(tmp_path).data.profiles.to_dict(), "paths": "a.parquet",
+               "feature_prefixes": (), "report_dir": None}
+    found = "\n".join(profiles_config.section_problems(section, reads_profiles=True))
+    assert "config.data.profiles.report_dir=None: must be a string" in found
+    assert "config.data.profiles.paths='a.parquet': must be a tuple of file paths" in found
+    assert "config.data.profiles.feature_prefixes=(): must be a non-empty tuple" in found
     sim_mlp = _config(tmp_path, **{"data.source": "sim", "data.crop_size": 48})
     assert "takes CellProfiler profiles, not images" in _problems(sim_mlp)
 
