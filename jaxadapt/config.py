@@ -52,7 +52,31 @@ def _data() -> ml_collections.ConfigDict:
     # each crop standardized by its own per-channel mean and unbiased std (CODA, ViTs).
     d.normalization = "dataset"
     d.num_threads = 2  # grain reader threads (no worker processes: cheap on 2 cores)
+    # "sim": the simulator (data.sim); "jump_profiles": well-level CellProfiler profiles
+    # (data.profiles) fed to model.name="mlp" as 1 x 1 images with in_channels features
+    # (set data.crop_size=1 and model.in_channels to the feature count).
+    d.source = "sim"
+    d.profiles = _profiles()
     return d
+
+
+def _profiles() -> ml_collections.ConfigDict:
+    """Well-level JUMP profiles (`jaxadapt.data.profiles.ProfileSpec`)."""
+    p = ml_collections.ConfigDict()
+    p.paths = ()  # .parquet / .csv / .csv.gz tables, Metadata_* + feature columns
+    p.label_table = ""  # CSV compound,label[,moa]; controls are not listed
+    p.plate_table = ""  # JUMP plate.csv.gz: source and batch per plate, if the tables lack them
+    p.well_table = ""  # JUMP well.csv.gz: compound per well, if the tables lack it
+    p.columns = ml_collections.ConfigDict({
+        "source": "Metadata_Source", "batch": "Metadata_Batch", "plate": "Metadata_Plate",
+        "well": "Metadata_Well", "compound": "Metadata_JCP2022"})
+    p.feature_prefixes = ("Cells_", "Cytoplasm_", "Nuclei_")
+    p.control_compounds = ("JCP2022_033924",)  # DMSO
+    p.normalization = "mad_robustize"  # per plate against its controls (data.profile_norm); "standardize"; "none"
+    p.on_nonfinite = "raise"  # NaN/inf features: "drop_features" / "drop_wells", listed in a report
+    p.on_unlabelled = "raise"  # compounds neither labelled nor controls: "drop", listed in the report
+    p.report_dir = ""  # "" = beside the first profile table
+    return p
 
 
 def _splits() -> ml_collections.ConfigDict:
@@ -70,7 +94,8 @@ def _model() -> ml_collections.ConfigDict:
     m.width = 16
     m.stem = "small"  # 3x3/2 conv, no pool: for 32-64 px inputs
     m.num_classes = 8  # the 8 JUMP positive controls
-    m.in_channels = 5  # DNA, ER, RNA, AGP, Mito
+    m.in_channels = 5  # DNA, ER, RNA, AGP, Mito (profiles: the number of features)
+    m.mlp_hidden_layers = 2  # model.name="mlp": Dense-BN-ReLU blocks of `width` units
     return m
 
 

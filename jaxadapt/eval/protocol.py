@@ -67,7 +67,7 @@ def training_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
     recipe = trainer_registry.get(trainer)
     spec = {k: _plain(cfg[k]) for k in trainer_registry.COMMON_SECTIONS + recipe.sections
             if k in cfg}
-    for path in trainer_registry.NOT_TRAINING + recipe.ignored:
+    for path in trainer_registry.NOT_TRAINING + recipe.ignored + unused_data_keys(cfg):
         *parents, leaf = path.split(".")
         node = spec
         for key in parents:
@@ -76,6 +76,27 @@ def training_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
             node.pop(leaf, None)
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
     return f"{trainer}-{digest[:12]}"
+
+
+def unused_data_keys(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Keys the study's data source and model never read, left out of its training keys.
+
+    A simulator study's weights do not depend on the profile settings (nor a ResNet's on
+    the MLP's depth); leaving them out also keeps the training keys, hence the
+    checkpoints, that such studies had before profiles existed.
+
+    Args:
+      cfg: the study config.
+
+    Returns:
+      Dotted keys.
+    """
+    out: tuple[str, ...] = ()
+    if cfg.get("data", {}).get("source", "sim") == "sim":
+        out += ("data.source", "data.profiles")
+    if cfg.get("model", {}).get("name") != "mlp":
+        out += ("model.mlp_hidden_layers",)
+    return out
 
 
 def _plain(value: Any) -> Any:

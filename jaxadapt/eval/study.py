@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from jaxadapt.adapt import registry
-from jaxadapt.data import pipeline, splits as splits_lib, tfds_sim, transforms
+from jaxadapt.data import pipeline, profiles, splits as splits_lib, tfds_sim, transforms
 from jaxadapt.data.schema import SiteTable
 from jaxadapt.eval import protocol, reports, validation
 from jaxadapt.eval.units import DataView
@@ -35,6 +35,13 @@ def make_view(source, table: SiteTable, train_rows, data_cfg: ml_collections.Con
     Returns:
       The DataView.
     """
+    if data_cfg.get("source") == "jump_profiles":
+        # Profiles are normalized per plate when loaded; a 1 x 1 crop is the identity.
+        identity = transforms.Transform(1, None)
+        dim = int(np.asarray(source[0]["image"]).shape[-1])
+        return DataView(source=source, table=table, eval_transform=identity,
+                        train_transform=transforms.Transform(1, None, train=True),
+                        num_threads=data_cfg.num_threads, channels=dim)
     if data_cfg.normalization == "per_image":
         evaluate = transforms.per_image_eval_transform(data_cfg.crop_size)
         train = transforms.Transform(data_cfg.crop_size, None, train=True, per_image=True)
@@ -44,6 +51,30 @@ def make_view(source, table: SiteTable, train_rows, data_cfg: ml_collections.Con
         train = transforms.train_transform(data_cfg.crop_size, stats)
     return DataView(source=source, table=table, eval_transform=evaluate, train_transform=train,
                     num_threads=data_cfg.num_threads)
+
+
+def load_world(cfg: ml_collections.ConfigDict) -> tuple[object, SiteTable]:
+    """The study's records and table: the simulator, or profiles (`config.data.source`).
+
+    Args:
+      cfg: the study config.
+
+    Returns:
+      (random-access source, SiteTable).
+
+    Raises:
+      ValueError: a training source the data do not hold (profiles; the simulator's are
+        checked by the validator).
+    """
+    if cfg.data.get("source", "sim") != "jump_profiles":
+        return tfds_sim.load_simulated(cfg.data.sim, cfg.data.cache_dir)
+    source, table = profiles.load_profile_world(cfg)
+    held = set(table.unique("source").tolist())
+    absent = [s for s in cfg.train_sources if s not in held]
+    if absent:
+        raise ValueError(f"config.train_sources lists {absent}, which the profiles do not hold; "
+                         f"their sources are {sorted(held)}")
+    return source, table
 
 
 def train_stats(source, train_rows) -> transforms.ChannelStats:
@@ -127,7 +158,7 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> list[reports.Row]
     # One per (recipe, training overrides), e.g. a CS-ARM-BN per swept control count.
     trainers = protocol.build_trainers(methods, cfg,
                                        lambda c, names: make_trainers(model, c, names))
-    source, table = tfds_sim.load_simulated(cfg.data.sim, cfg.data.cache_dir)
+    source, table = load_world(cfg)
     scores = []
     for rep in protocol.replicates(cfg):
         rows = splits_lib.make_splits(table, train_source=rep.train_source, cfg=cfg.splits)
@@ -165,7 +196,7 @@ def load_replicate(cfg: ml_collections.ConfigDict, trainer: str, rep: protocol.R
     model = build_model(cfg.model)
     train_cfg = protocol.training_config(cfg, protocol.TrainerSpec(trainer, tuple(overrides)))
     train = make_trainers(model, train_cfg, {trainer})[trainer]
-    source, table = tfds_sim.load_simulated(cfg.data.sim, cfg.data.cache_dir)
+    source, table = load_world(cfg)
     rows = splits_lib.make_splits(table, train_source=rep.train_source, cfg=cfg.splits)
     view = make_view(source, table, rows["train"], cfg.data)
     variables = train(view, rows, protocol.checkpoint_path(train_cfg, rep, trainer, workdir), rep.seed)

@@ -27,7 +27,8 @@ import numpy as np
 
 from jaxadapt import config as defaults
 from jaxadapt.adapt import registry
-from jaxadapt.data import design, schema, splits, subsets, views
+from jaxadapt.data import (design, profile_norm, profiles, profiles_config, schema, splits,
+                           subsets, views)
 from jaxadapt.models import VIT_SIZES, build_model
 from jaxadapt.models.mae import MAE_SIZES
 from jaxadapt.models.resnet import STEMS
@@ -77,6 +78,7 @@ _INTEGERS = {
     "data.crop_size": 1, "data.num_threads": 1, "data.sim.seed": 0,
     "splits.seed": 0, "eval.batch_size": 1, "eval.seed": 0,
     "model.width": 1, "model.num_classes": 1, "model.in_channels": 1,
+    "model.mlp_hidden_layers": 1,
     "train.batch_size": 1, "train.eval_batch_size": 1,
     "arm.episodes_per_step": 1, "arm.n_perturbed": 1, "arm.n_controls": 0,
     "arm.steps_per_epoch": 0, "arm.val_episodes": 1,
@@ -118,6 +120,10 @@ _CHOICES = {
     "adapt.on_short_controls": ("raise", "resample"),
     "dino.pair_level": ("plate", "batch"),
     "data.normalization": ("dataset", "per_image"),
+    "data.source": ("sim", "jump_profiles"),
+    "data.profiles.normalization": profile_norm.METHODS,
+    "data.profiles.on_nonfinite": profiles.NONFINITE_POLICIES,
+    "data.profiles.on_unlabelled": profiles.UNLABELLED_POLICIES,
     "eval.matrix_diagonal": splits.DIAGONALS,
     "mae.size": tuple(MAE_SIZES),
 }
@@ -236,6 +242,14 @@ def _names(cfg: Any, key: str, allowed: Any, what: str, rule: str = "",
 
 def _study_problems(cfg: Any) -> list[str]:
     """seeds, methods, train_sources, eval_splits and how they fit the simulated design."""
+    if _profiles(cfg):  # the sources are known once the tables are read (study.load_world)
+        out = _names(cfg, "seeds", lambda s: _is_int(s) and s >= 0, "seed", "use integers >= 0")
+        out += _names(cfg, "methods", registry.available(), "method")
+        out += _names(cfg, "train_sources", lambda s: isinstance(s, str) and bool(s), "source",
+                      "use the profiles' Metadata_Source names")
+        return out + _names(cfg, "eval_splits", _is_split, "split",
+                            f"use some of {splits.SPLITS} or source pairs 'source:<a>-><b>'",
+                            "unknown")
     sources = get(cfg, "data.sim.sources")
     sources = tuple(sources) if isinstance(sources, (tuple, list)) else ()
     out = _names(cfg, "seeds", lambda s: _is_int(s) and s >= 0, "seed", "use integers >= 0")
@@ -292,6 +306,11 @@ def _data_problems(cfg: Any) -> list[str]:
         return [_lacks("data.sim")]
     out = [m if not m.startswith("sim ") else "config.data.sim." + m[4:]  # "sim <field>=..."
            for m in _guarded(design.check_config, sim)]
+    if _profiles(cfg):
+        return out + _guarded(splits.in_domain_fraction, cfg.splits)
+    if get(cfg, "model.name") == "mlp":
+        out.append("config.model.name='mlp' takes CellProfiler profiles, not images; set "
+                   "--config.data.source=jump_profiles (and data.profiles), or use a resnet/vit")
     crop, size = get(cfg, "data.crop_size"), get(sim, "image_size")
     if _is_int(crop) and _is_int(size) and crop > size:
         out.append(f"config.data.crop_size={crop} exceeds config.data.sim.image_size={size}; "
@@ -311,6 +330,27 @@ def _data_problems(cfg: Any) -> list[str]:
     for src in trains if isinstance(trains, (tuple, list)) and _is_int(n_batches) else ():
         out += _guarded(splits.batch_counts, cfg.splits, n_batches, src)
     out += _guarded(splits.in_domain_fraction, cfg.splits)
+    return out
+
+
+def _profiles(cfg: Any) -> bool:
+    return get(cfg, "data.source") == "jump_profiles"
+
+
+def _profile_problems(cfg: Any) -> list[str]:
+    """The `data.profiles` section (`profiles_config`), and the MLP on 1 x 1 inputs it needs."""
+    section = get(cfg, "data.profiles")
+    if section is MISSING:
+        return [_lacks("data.profiles")]
+    out = profiles_config.section_problems(section, reads_profiles=_profiles(cfg))
+    if not _profiles(cfg):
+        return out
+    if get(cfg, "model.name") != "mlp":
+        out.append(f"config.model.name={get(cfg, 'model.name')!r}: profiles are feature "
+                   "vectors; set --config.model.name=mlp")
+    if get(cfg, "data.crop_size") != 1:
+        out.append(f"config.data.crop_size={get(cfg, 'data.crop_size')!r}: a profile is a "
+                   "1 x 1 record; set --config.data.crop_size=1")
     return out
 
 
@@ -455,7 +495,8 @@ def sweep_problems(sweep: Any) -> list[str]:
     return out
 
 
-_CHECKS = (_scalar_problems, _study_problems, _data_problems, _train_problems, _dino_problems,
+_CHECKS = (_scalar_problems, _study_problems, _data_problems, _profile_problems,
+           _train_problems, _dino_problems,
            lambda cfg: _guarded(build_model, cfg.model),
            lambda cfg: sweep_problems(get(cfg, "sweep")))
 

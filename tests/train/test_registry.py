@@ -47,9 +47,27 @@ def test_bn_family_is_registered():
 @pytest.mark.parametrize("trainer", ["erm", "arm_bn", "cs_arm_bn", "ben"])
 def test_existing_checkpoint_keys_are_unchanged(trainer):
     a = defaults.get_defaults()
-    assert protocol.training_key(a, trainer) == _old_training_key(a, trainer)
+    assert protocol.training_key(a, trainer) == _old_training_key(_before_profiles(a), trainer)
     a.arm.n_controls, a.model.width, a.data.num_threads = 128, 8, 5
-    assert protocol.training_key(a, trainer) == _old_training_key(a, trainer)
+    assert protocol.training_key(a, trainer) == _old_training_key(_before_profiles(a), trainer)
+
+
+def _before_profiles(cfg):
+    """The config as it was before data.source / data.profiles / model.mlp_hidden_layers."""
+    plain = cfg.to_dict()
+    plain["data"] = {k: v for k, v in plain["data"].items() if k not in ("source", "profiles")}
+    plain["model"] = {k: v for k, v in plain["model"].items() if k != "mlp_hidden_layers"}
+    return ml_collections.ConfigDict(plain)
+
+
+def test_profile_keys_enter_only_profile_studies_training_keys():
+    """Simulator studies keep the checkpoint keys they had before data.source/profiles existed."""
+    a, b = defaults.get_defaults(), defaults.get_defaults()
+    b.data.profiles.normalization = "standardize"
+    assert protocol.training_key(b, "erm") == protocol.training_key(a, "erm")
+    a.data.source = b.data.source = "jump_profiles"
+    a.model.name = b.model.name = "mlp"
+    assert protocol.training_key(b, "erm") != protocol.training_key(a, "erm")
 
 
 def test_unknown_trainer_names_the_known_ones():
