@@ -151,13 +151,16 @@ def fit_linear_head(x: np.ndarray, labels: np.ndarray, num_classes: int, *, step
 
     def loss(p):
         ce = optax.softmax_cross_entropy_with_integer_labels(xs @ p["w"] + p["b"], ys).mean()
-        return ce + 0.5 * weight_decay * jnp.sum(p["w"] ** 2)
+        return ce + 0.5 * weight_decay * jnp.sum(jnp.square(p["w"]))
 
     @jax.jit
     def run(params):
         def step(carry, _):
             p, s = carry
-            updates, s = tx.update(jax.grad(loss)(p), s, p)
+            # optax's bias correction (float ** int32 step) needs standard promotion,
+            # also when a caller (our tests) turns on strict mode.
+            with jax.numpy_dtype_promotion("standard"):
+                updates, s = tx.update(jax.grad(loss)(p), s, p)
             return (optax.apply_updates(p, updates), s), None
 
         (p, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
