@@ -3,6 +3,8 @@
 import json
 import os
 
+import numpy as np
+
 from jaxadapt.eval import protocol, study
 from tests.eval.tiny import tiny_config
 
@@ -45,3 +47,34 @@ def test_tvn_row_with_map_beside_accuracy(tmp_path, sim_cache, capsys):
     assert _mtimes(ckpt) == before
     again = _rows(str(tmp_path / "plain"))
     assert again == {k: v for k, v in rows.items() if not k[2].startswith("map_")}
+
+
+def test_tvn_on_a_user_embedding_file(tmp_path, sim_cache):
+    """Embeddings from a file: class signal plus a strong per-plate shift and scale."""
+    from jaxadapt.data import tfds_sim
+
+    cfg = tiny_config(sim_cache, **{"methods": ("tvn",), "eval.retrieval": True,
+                                    "tvn.extractor": "file", "tvn.head_steps": 200,
+                                    "checkpoint_dir": str(tmp_path / "ckpt")})
+    _, table = tfds_sim.load_simulated(cfg.data.sim, cfg.data.cache_dir)
+    rng = np.random.default_rng(0)
+    d = 12
+    plates = {p: (10 * rng.normal(size=d), rng.uniform(0.3, 3.0, size=d))
+              for p in table.unique("plate")}
+    signal = np.where(table["label"][:, None] >= 0,
+                      2.0 * np.eye(d)[np.maximum(table["label"], 0)], 0.0)
+    emb = np.stack([(signal[i] + 0.3 * rng.normal(size=d)) * plates[p][1] + plates[p][0]
+                    for i, p in enumerate(table["plate"])])
+    path = str(tmp_path / "emb.npy")
+    np.save(path, emb)
+    cfg.tvn.embeddings_file = path
+    study.run_study(cfg, str(tmp_path / "run"))
+    rows = _rows(str(tmp_path / "run"))
+    # Each plate aligned on its own DMSO wells: the plate effects are gone.
+    assert rows[("tvn", "new_source", "accuracy")] > 0.95
+    assert rows[("tvn", "new_source", "map_replicate")] > 0.9
+    assert rows[("tvn", "new_source", "map_moa")] > 0.9
+    # Without the per-plate alignment, the frozen training TVN does not remove them.
+    cfg.tvn.per_unit = False
+    study.run_study(cfg, str(tmp_path / "global"))
+    assert _rows(str(tmp_path / "global"))[("tvn", "new_source", "accuracy")] < 0.7
