@@ -188,7 +188,8 @@ def fit_head_pipeline(embeddings: np.ndarray, is_control: np.ndarray, units: np.
     Returns:
       The TVNHead.
     """
-    x, ctrl, units = np.asarray(embeddings, np.float64), np.asarray(is_control, bool), np.asarray(units)
+    x, ctrl = np.asarray(embeddings, np.float64), np.asarray(is_control, bool)
+    units = np.asarray(units)
     names = np.unique(units)
     z = x.copy()
     if cfg.per_unit:

@@ -114,7 +114,8 @@ def moa_map(meta: pd.DataFrame, feats: np.ndarray) -> float | None:
                                   neg_diffby=["label"], group_by="label")
 
 
-def retrieval_scores(embeddings: np.ndarray, rows: np.ndarray, table: SiteTable) -> dict[str, float]:
+def retrieval_scores(embeddings: np.ndarray, rows: np.ndarray,
+                     table: SiteTable) -> dict[str, float]:
     """Both retrieval metrics of one split's site embeddings (samples and controls).
 
     Args:

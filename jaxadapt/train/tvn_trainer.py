@@ -99,8 +99,8 @@ def make_tvn_trainer(model, config: ml_collections.ConfigDict):
     def _fit(view, train_rows: np.ndarray, extractor: Variables) -> Variables:
         table = view.table
         if from_file:
-            emb = np.asarray(tvn_head.load_embedding_file(t.embeddings_file, len(table))[train_rows],
-                             np.float64)
+            arr = tvn_head.load_embedding_file(t.embeddings_file, len(table))
+            emb = np.asarray(arr[train_rows], np.float64)
         else:
             emb = embed_rows(embed, extractor, view, train_rows, config.train.eval_batch_size)
         head = tvn_head.fit_head_pipeline(

@@ -8,7 +8,8 @@ import pytest
 
 from jaxadapt.adapt import tvn_head
 from jaxadapt.adapt.tvn import apply_tvn, coral, fit_tvn
-from jaxadapt.adapt.tvn_head import TransformConfig, fit_head_pipeline, fit_linear_head, transform_unit
+from jaxadapt.adapt.tvn_head import (TransformConfig, fit_head_pipeline, fit_linear_head,
+                                     transform_unit)
 
 
 def _plates(n_plates=3, n_ctrl=40, n_pert=60, d=8, classes=3, seed=0):
@@ -106,7 +107,8 @@ def test_linear_head_matches_sklearn_logistic_regression():
     # sklearn: 1/2 ||W||^2 + C * sum CE  ==  n C (mean CE + 1/(2 n C) ||W||^2): C = 1/(n wd).
     ref = LogisticRegression(C=1 / (len(x) * wd), tol=1e-10, max_iter=10000).fit(x, labels)
     # Both parametrizations are defined up to a constant per row of logits: compare centred.
-    np.testing.assert_allclose(w - w.mean(1, keepdims=True), ref.coef_.T - ref.coef_.T.mean(1, keepdims=True),
+    ref_w = ref.coef_.T
+    np.testing.assert_allclose(w - w.mean(1, keepdims=True), ref_w - ref_w.mean(1, keepdims=True),
                                atol=5e-3)
     np.testing.assert_allclose(b - b.mean(), ref.intercept_ - ref.intercept_.mean(), atol=5e-3)
 
