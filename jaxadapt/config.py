@@ -40,6 +40,7 @@ def get_defaults() -> ml_collections.ConfigDict:
     c.dino = _dino()
     c.coda = _coda()
     c.mae = _mae()
+    c.tvn = _tvn()
     return c
 
 
@@ -122,6 +123,9 @@ def _eval() -> ml_collections.ConfigDict:
     # What the diagonal `source:<a>-><a>` of a source matrix scores: "in_domain" (held-out
     # wells of the training plates) or "new_batch" (held-out batches of source a).
     e.matrix_diagonal = "in_domain"
+    # Also score replicate and MoA retrieval (copairs mAP, rows map_replicate and map_moa)
+    # on the embeddings of methods that expose them (erm, tvn; `Method.embed_unit`).
+    e.retrieval = False
     return e
 
 
@@ -272,6 +276,24 @@ def _mae() -> ml_collections.ConfigDict:
     m.ttt_chunk = 16  # images adapted per compiled call (memory: chunk x copies activations)
     m.ttt_seed = 0
     return m
+
+
+def _tvn() -> ml_collections.ConfigDict:
+    """Method `tvn`: frozen embeddings -> TVN (EFAAR) -> linear head (`jaxadapt.adapt.tvn_head`)."""
+    t = ml_collections.ConfigDict()
+    # "erm": the erm recipe's ResNet, pooled penultimate features (ImageNet-free, trained on
+    # the training source); "dino": the dino recipe's ViT CLS token (a vit_* model config);
+    # "file": the .npy array at embeddings_file, one row per site of the table.
+    t.extractor = "erm"
+    t.embeddings_file = ""
+    t.per_unit = True  # align each unit (training plate / scored unit) on its own controls
+    t.coral = False  # per-unit CORAL after TVN
+    t.coral_lam = 0.5  # CORAL ridge (EFAAR: 0.5)
+    t.min_variance = 1e-6  # TVN keeps directions with variance > this x the largest
+    t.head_steps = 500  # full-batch Adam steps of the logistic-regression head
+    t.head_lr = 0.05
+    t.head_weight_decay = 1e-4  # L2 on the head's weights
+    return t
 
 
 def gpu_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Any, Callable, Mapping
 
 import ml_collections
 import numpy as np
 
 from jaxadapt import config as defaults
-from jaxadapt.adapt import registry
+from jaxadapt.adapt import registry, tvn_head
 from jaxadapt.data import (design, profile_norm, profiles, profiles_config, schema, splits,
                            subsets, views)
 from jaxadapt.models import VIT_SIZES, build_model
@@ -95,13 +96,14 @@ _INTEGERS = {
     "coda.adapt.seed": 0,
     "mae.epochs": 1, "mae.batch_size": 1, "mae.warmup_epochs": 0, "mae.log_every_steps": 1,
     "mae.ttt_steps": 1, "mae.ttt_copies": 1, "mae.ttt_chunk": 1, "mae.ttt_seed": 0,
+    "tvn.head_steps": 1,
 }
 _MAY_BE_NONE = ("adapt.plate_chunk_size",)  # None: the unit's own batch size
 _POSITIVE = ("train.learning_rate", "adapt.tent_lr", "dino.base_lr", "dino.min_lr",
              "dino.warmup_teacher_temp", "dino.teacher_temp", "dino.student_temp",
              "dino.knn_temperature", "coda.task.learning_rate", "coda.task.mlp_ratio",
              "coda.adapt.lr", "coda.adapt.min_lr", "coda.adapt.warmup_teacher_temp",
-             "coda.adapt.teacher_temp", "mae.blr")
+             "coda.adapt.teacher_temp", "mae.blr", "tvn.coral_lam", "tvn.head_lr")
 # Numbers in [0, 1] (momenta, weight decays) and >= 0 (clip threshold; 0 = off).
 _UNIT_INTERVAL = ("dino.momentum_teacher", "dino.centre_momentum", "dino.weight_decay",
                   "dino.weight_decay_end", "coda.task.weight_decay", "coda.adapt.weight_decay",
@@ -110,8 +112,11 @@ _UNIT_INTERVAL = ("dino.momentum_teacher", "dino.centre_momentum", "dino.weight_
 # Numbers strictly inside (0, 1).
 _OPEN_UNIT_INTERVAL = ("mae.mask_ratio",)
 _NON_NEGATIVE = ("dino.clip_grad", "coda.task.clip_grad", "coda.adapt.clip_grad", "mae.min_lr",
-                 "mae.ttt_lr")
-_BOOLS = ("dino.global_clip", "dino.norm_last_layer", "coda.adapt.global_clip", "mae.norm_pix")
+                 "mae.ttt_lr", "tvn.head_weight_decay")
+# Numbers in [0, 1).
+_HALF_OPEN_UNIT_INTERVAL = ("tvn.min_variance",)
+_BOOLS = ("dino.global_clip", "dino.norm_last_layer", "coda.adapt.global_clip", "mae.norm_pix",
+          "eval.retrieval", "tvn.per_unit", "tvn.coral")
 _CHOICES = {
     "eval.unit": UNITS,
     "model.stem": STEMS,
@@ -126,6 +131,7 @@ _CHOICES = {
     "data.profiles.on_unlabelled": profiles.UNLABELLED_POLICIES,
     "eval.matrix_diagonal": splits.DIAGONALS,
     "mae.size": tuple(MAE_SIZES),
+    "tvn.extractor": tvn_head.EXTRACTORS,
 }
 _STRINGS = ("study", "checkpoint_dir", "data.cache_dir")
 # Episodes per step each episodic trainer splits over processes x local devices (whole
@@ -189,6 +195,8 @@ def _scalar_problems(cfg: Any) -> list[str]:
     for key, ok, rule in ([(k, lambda v: 0 <= v <= 1, "a number in [0, 1]") for k in _UNIT_INTERVAL]
                           + [(k, lambda v: 0 < v < 1, "a number in (0, 1)")
                              for k in _OPEN_UNIT_INTERVAL]
+                          + [(k, lambda v: 0 <= v < 1, "a number in [0, 1)")
+                             for k in _HALF_OPEN_UNIT_INTERVAL]
                           + [(k, lambda v: v >= 0, "a number >= 0") for k in _NON_NEGATIVE]):
         v = get(cfg, key)
         if v is MISSING:
@@ -378,6 +386,28 @@ def _dino_problems(cfg: Any) -> list[str]:
     return out
 
 
+def _tvn_problems(cfg: Any) -> list[str]:
+    """The `tvn` method's extractor against the model and the embedding file (if it runs)."""
+    methods, extractor = get(cfg, "methods"), get(cfg, "tvn.extractor")
+    path, name = get(cfg, "tvn.embeddings_file"), get(cfg, "model.name")
+    out = [] if isinstance(path, str) else [_bad("tvn.embeddings_file", path,
+                                                 "must be a string (a .npy path, or '')")]
+    if not (isinstance(methods, (tuple, list)) and "tvn" in methods) or out:
+        return out
+    vit = isinstance(name, str) and name in VIT_SIZES
+    if extractor == "file" and not (path and os.path.isfile(path)):
+        out.append(f"config.tvn.extractor='file' reads config.tvn.embeddings_file={path!r}, "
+                   "which is not a file; pass a .npy array with one row per site "
+                   "(--config.tvn.embeddings_file=/path/emb.npy)")
+    elif extractor == "erm" and vit:
+        out.append(f"config.tvn.extractor='erm' embeds with the erm recipe's BatchNorm model, "
+                   f"but config.model.name={name!r} is a ViT; use --config.tvn.extractor=dino")
+    elif extractor == "dino" and not vit:
+        out.append(f"config.tvn.extractor='dino' needs a ViT model, but config.model.name="
+                   f"{name!r}; use --config.tvn.extractor=erm or a vit_* model")
+    return out
+
+
 def _guarded(check: Callable, *args, **kwargs) -> list[str]:
     try:
         check(*args, **kwargs)
@@ -496,7 +526,7 @@ def sweep_problems(sweep: Any) -> list[str]:
 
 
 _CHECKS = (_scalar_problems, _study_problems, _data_problems, _profile_problems,
-           _train_problems, _dino_problems,
+           _train_problems, _dino_problems, _tvn_problems,
            lambda cfg: _guarded(build_model, cfg.model),
            lambda cfg: sweep_problems(get(cfg, "sweep")))
 

@@ -270,3 +270,42 @@ def test_cross_batch_pairs_need_an_even_number_of_local_views():
     assert validation.problems(c) == []  # plain DINO: one image gives every view
     c = _dino_study(**{"dino.views.n_local": 5, "methods": ("dino_cb",)})
     assert any("n_local=5 is odd" in p for p in validation.problems(c))
+
+
+@pytest.mark.parametrize("key,value,fix", [
+    ("tvn.extractor", "clip", "'erm', 'dino', 'file'"),
+    ("tvn.embeddings_file", 3, "must be a string"),
+    ("tvn.per_unit", 1, "True or False"),
+    ("tvn.coral", "yes", "True or False"),
+    ("tvn.coral_lam", 0.0, "number > 0"),
+    ("tvn.min_variance", 1.0, "number in [0, 1)"),
+    ("tvn.head_steps", 0, "integer >= 1"),
+    ("tvn.head_lr", -0.1, "number > 0"),
+    ("tvn.head_weight_decay", -1e-4, "number >= 0"),
+    ("eval.retrieval", "on", "True or False"),
+])
+def test_tvn_and_retrieval_fields_are_validated(key, value, fix):
+    cfg = _cfg()
+    *parents, leaf = key.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    with node.ignore_type():  # a config file may hold any type; the validator must catch it
+        node[leaf] = value
+    found = validation.problems(cfg)
+    assert len(found) == 1 and f"config.{key}={value!r}" in found[0] and fix in found[0], found
+
+
+def test_tvn_extractor_must_fit_the_model_and_the_file_must_exist(tmp_path):
+    found = _problems(**{"methods": ("tvn",), "tvn.extractor": "file"})
+    assert len(found) == 1 and "config.tvn.embeddings_file=''" in found[0], found
+    emb = tmp_path / "emb.npy"
+    emb.write_bytes(b"")
+    assert _problems(**{"methods": ("tvn",), "tvn.extractor": "file",
+                        "tvn.embeddings_file": str(emb)}) == []
+    found = _problems(**{"methods": ("tvn",), "tvn.extractor": "dino"})
+    assert len(found) == 1 and "needs a ViT model" in found[0], found
+    found = _problems(**{"methods": ("tvn",), "model.name": "vit_cpu"})
+    assert any("--config.tvn.extractor=dino" in f for f in found), found
+    # Not checked when tvn is not run.
+    assert _problems(**{"tvn.extractor": "dino"}) == []
