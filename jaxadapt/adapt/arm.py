@@ -30,7 +30,9 @@ import numpy as np
 from jaxadapt.adapt import shares
 from jaxadapt.adapt.arm_episodes import (episode_forward, episode_loss, make_episodic_eval_step,
                                          make_episodic_train_step)
-from jaxadapt.adapt.base import Method, Unit, Variables
+from jaxadapt.adapt.base import (Method, Unit, UnitEmbeddings, Variables, collect_controls,
+                                 collect_logits)
+from jaxadapt.adapt.bn import apply_with_stats, features_with_stats
 
 __all__ = [
     "DEFAULT_N_CONTROLS", "arm_bn", "chunk_seed", "context_predictor", "cs_arm_bn",
@@ -243,9 +245,18 @@ def cs_arm_bn_plate(model: nn.Module, cfg: Any = None,
     """
     on_missing = shares.adapt_field(cfg, "on_missing_controls", "raise")
     shares.check_control_modes(on_missing, "raise")
-    predict_unit = functools.partial(
-        shares.plate_predict_unit, model, chunk_size=shares.adapt_field(cfg, "plate_chunk_size", None),
+    unit_stats = functools.partial(
+        shares.plate_unit_stats, model, chunk_size=shares.adapt_field(cfg, "plate_chunk_size", None),
         on_missing_controls=on_missing)
+
+    def predict_unit(variables: Variables, unit: Unit) -> np.ndarray:
+        stats = unit_stats(variables, unit)
+        return collect_logits(functools.partial(apply_with_stats, model, variables, stats), unit)
+
+    def embed_unit(variables: Variables, unit: Unit) -> UnitEmbeddings:
+        # The penultimate features under the same share-weighted statistics (retrieval).
+        fn = functools.partial(features_with_stats, model, variables, unit_stats(variables, unit))
+        return UnitEmbeddings(collect_logits(fn, unit), collect_controls(fn, unit))
 
     def check(variables: Variables) -> Mapping[str, Any]:
         shares.episode_shape(variables, method="cs_arm_bn_plate")
@@ -254,4 +265,5 @@ def cs_arm_bn_plate(model: nn.Module, cfg: Any = None,
     counts = ("units_without_controls",) if on_missing == "perturbed_only" else ()
     # Whole-unit statistics: the test batch size cannot change a prediction.
     return Method(name="cs_arm_bn_plate", trainer="cs_arm_bn", predict_unit=predict_unit,
-                  ignores=("L",), check=check, counts=counts, adapts_on_subset=True)
+                  ignores=("L",), check=check, counts=counts, adapts_on_subset=True,
+                  embed_unit=embed_unit)

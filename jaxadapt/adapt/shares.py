@@ -213,12 +213,26 @@ def plate_predict_unit(model: nn.Module, variables: Variables, unit: Unit, *,
     Returns:
       float32 ``[n, K]`` logits of the unit's samples in batch order.
     """
+    stats = plate_unit_stats(model, variables, unit, chunk_size=chunk_size,
+                             on_missing_controls=on_missing_controls, method=method)
+    return collect_logits(functools.partial(apply_with_stats, model, variables, stats), unit)
+
+
+def plate_unit_stats(model: nn.Module, variables: Variables, unit: Unit, *,
+                     chunk_size: int | None, on_missing_controls: str = "raise",
+                     method: str = "cs_arm_bn_plate"):
+    """The share-weighted whole-unit BN statistics `plate_predict_unit` normalizes with.
+
+    Args: as `plate_predict_unit`.
+
+    Returns:
+      The exact statistics of every BN layer (`plate_stats`), of `adaptation_unit(unit)`.
+    """
     trained = episode_shape(variables, method=method)
     # Statistics of the adaptation subset (the unit itself unless the runner sets one).
     context = share_weighted_context(adaptation_unit(unit), trained,
                                      on_missing_controls=on_missing_controls, method=method)
-    stats = plate_stats(model, variables, context, chunk_size=chunk_size)
-    return collect_logits(functools.partial(apply_with_stats, model, variables, stats), unit)
+    return plate_stats(model, variables, context, chunk_size=chunk_size)
 
 
 def known_control_count(unit: Unit) -> int | None:

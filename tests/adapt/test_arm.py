@@ -324,3 +324,19 @@ def test_cs_arm_bn_plate_gives_controls_the_training_share(two_layer):
     with pytest.raises(ValueError, match="plate_a"):  # no controls, model trained with them
         arm.cs_arm_bn_plate(model, _cfg()).predict_unit(
             shares.with_episode_shape(v, 2, 6), FakeUnit(pert, 3, ctrl[:0]))
+
+
+def test_cs_arm_bn_plate_embeds_under_its_share_weighted_statistics(two_layer):
+    # Retrieval embeddings of cs_arm_bn_plate: features of samples *and* controls under the
+    # statistics its predictions use (TwoLayer's logits are its features' spatial mean).
+    from tests.adapt.conftest import two_layer_numpy
+    model, v = two_layer
+    rng = np.random.default_rng(5)
+    pert = rng.normal(0.0, 1.0, size=(7, 2, 2, 2)).astype(np.float32)
+    ctrl = rng.normal(2.0, 1.5, size=(20, 2, 2, 2)).astype(np.float32)
+    v = shares.with_episode_shape(v, 2, 6)
+    emb = arm.cs_arm_bn_plate(model, _cfg(plate_chunk_size=4)).embed_unit(v, FakeUnit(pert, 3, ctrl))
+    w = np.r_[np.full(7, 2 / 8 / 7), np.full(20, 6 / 8 / 20)]
+    _, want = two_layer_numpy(v, np.concatenate([pert, ctrl]), w)
+    np.testing.assert_allclose(emb.samples.mean((1, 2)), want[:7], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(emb.controls.mean((1, 2)), want[7:], rtol=1e-4, atol=1e-4)
