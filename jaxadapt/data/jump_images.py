@@ -15,8 +15,10 @@ Three steps, each usable alone:
    hashes the inputs (table files, every image file's path/size/mtime, all options),
    so a re-run reuses the store and any change builds a new one.
 
-Only local files are read: download the images first (e.g. from the Cell Painting
-Gallery) and map the `s3://` prefixes of `PathName_*` with `path_map`.
+Tables and images are local files, or URLs read through fsspec (`jaxadapt.data.fileio`):
+download the images (e.g. from the Cell Painting Gallery) and map the `s3://` prefixes of
+`PathName_*` to the local copy with `path_map`, or read `s3://cellpainting-gallery/...`
+directly where fsspec has access.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import tifffile
 
-from jaxadapt.data import schema, store
-from jaxadapt.data.jump_load_data import JumpSites, read_load_data
+from jaxadapt.data import fileio, schema, store
+from jaxadapt.data.jump_load_data import JumpSites, Subset, read_load_data
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +140,7 @@ def preprocess(stack: np.ndarray, *, channel_axis: int = 0, downsample: int = 2,
 
 def _read_planes(path: str) -> np.ndarray:
     """Reads a TIFF as [P, H, W]: every axis except Y and X (C, Z, T, S...) becomes planes."""
-    with tifffile.TiffFile(path) as tif:
+    with fileio.open_binary(path) as f, tifffile.TiffFile(f) as tif:
         series = tif.series[0]
         data, axes = series.asarray(), series.axes
     if "Y" not in axes or "X" not in axes:
@@ -187,9 +189,13 @@ def read_site(paths: Sequence[str], frames: Sequence[int], *, name: str = "site"
 # --------------------------------------------------------------------------- store
 
 
-def _file_stamp(path: str) -> list:
-    st = os.stat(path)
-    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+def _file_stamps(paths) -> list[list]:
+    """[path, size, version] of each file (local: absolute path, size, mtime in ns)."""
+    found = fileio.stamps(paths)
+    missing = [p for p, st in found.items() if st is None]
+    if missing:
+        raise ValueError(f"{len(missing)} input file(s) are missing, e.g. {missing[:5]}")
+    return [found[p] for p in paths]
 
 
 def store_key(sites: JumpSites, inputs: Sequence[str], options: Mapping) -> str:
@@ -204,9 +210,9 @@ def store_key(sites: JumpSites, inputs: Sequence[str], options: Mapping) -> str:
       A stable string; any changed file or option gives a different key.
     """
     files = hashlib.sha256()
-    for path in sorted(set(sites.paths.ravel().tolist())):
-        files.update(json.dumps(_file_stamp(path)).encode())
-    content = {"format": store.FORMAT_VERSION, "inputs": [_file_stamp(p) for p in inputs],
+    for stamp in _file_stamps(sorted(set(sites.paths.ravel().tolist()))):
+        files.update(json.dumps(stamp).encode())
+    content = {"format": store.FORMAT_VERSION, "inputs": _file_stamps(list(inputs)),
                "images": files.hexdigest(), "frames": sites.frames.tolist(),
                "options": options}
     text = json.dumps(content, sort_keys=True, default=repr)
@@ -223,7 +229,7 @@ def _record_shape(path: str, prep: Mapping, n_channels: int) -> tuple[int, int, 
     so that reopening a cached store reads no pixels."""
     if prep["image_size"] is not None:
         return (*prep["image_size"], n_channels)
-    with tifffile.TiffFile(path) as tif:
+    with fileio.open_binary(path) as f, tifffile.TiffFile(f) as tif:
         series = tif.series[0]
         h, w = series.shape[series.axes.index("Y")], series.shape[series.axes.index("X")]
     d = prep["downsample"]
@@ -249,7 +255,7 @@ def _chunks(sites: JumpSites, prep: Mapping, shape: tuple[int, int, int], chunk_
             yield rows, np.stack(list(pool.map(one, rows)))
 
 
-def build_jump_store(load_data_csv: str, well_csv: str, label_map: Mapping[str, int],
+def build_jump_store(load_data_csv: str | Sequence[str], well_csv: str, label_map: Mapping[str, int],
                      data_dir: str, *, channels: Sequence[str] = schema.CHANNELS,
                      image_size: int | Sequence[int] | None = None, downsample: int = 2,
                      upper_percentile: float = 99.99, lower_percentile: float = 0.0,
@@ -257,7 +263,7 @@ def build_jump_store(load_data_csv: str, well_csv: str, label_map: Mapping[str, 
                      moa_map: Mapping[str, str] | None = None,
                      control_compounds: Sequence[str] = (schema.DMSO,),
                      drop_unlabelled: bool = False, chunk_sites: int = 64,
-                     num_workers: int = 4):
+                     num_workers: int = 4, subset: Subset | None = None):
     """Builds (or reuses) the uint8 image store of the sites of a load_data table.
 
     The store lives in `<data_dir>/jump_<key>`; the key hashes the load_data and well
@@ -266,7 +272,8 @@ def build_jump_store(load_data_csv: str, well_csv: str, label_map: Mapping[str, 
 
     Args:
       load_data_csv, well_csv, label_map, channels, image_root, path_map, moa_map,
-        control_compounds, drop_unlabelled: see `read_load_data`.
+        control_compounds, drop_unlabelled, subset: see `read_load_data` (tables and
+        images may be local paths or fsspec URLs).
       data_dir: parent directory of the cache.
       image_size, downsample, upper_percentile, lower_percentile: see `preprocess`;
         with `image_size=None` every site must preprocess to the same size.
@@ -280,13 +287,15 @@ def build_jump_store(load_data_csv: str, well_csv: str, label_map: Mapping[str, 
     sites = read_load_data(load_data_csv, well_csv, label_map, channels=channels,
                            image_root=image_root, path_map=path_map, moa_map=moa_map,
                            control_compounds=control_compounds,
-                           drop_unlabelled=drop_unlabelled)
+                           drop_unlabelled=drop_unlabelled, subset=subset)
     prep = {"downsample": int(downsample), "upper_percentile": float(upper_percentile),
             "lower_percentile": float(lower_percentile), "image_size": _size_pair(image_size)}
     options = dict(prep, channels=list(sites.channels), label_map=dict(label_map),
                    moa_map=dict(moa_map or {}), control_compounds=list(control_compounds),
-                   drop_unlabelled=bool(drop_unlabelled))
-    key = store_key(sites, [load_data_csv, well_csv], options)
+                   drop_unlabelled=bool(drop_unlabelled),
+                   subset={k: list(v) for k, v in (subset or Subset())._asdict().items()})
+    tables = [load_data_csv] if isinstance(load_data_csv, str) else list(load_data_csv)
+    key = store_key(sites, [*tables, well_csv], options)
     shape = _record_shape(sites.paths[0, 0], prep, len(sites.channels))
     source, table, built = store.ensure_store(
         os.path.join(data_dir, f"jump_{key}"), lambda: sites.table,

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from jaxadapt.adapt import registry
-from jaxadapt.data import pipeline, splits as splits_lib, tfds_sim, transforms
+from jaxadapt.data import pipeline, splits as splits_lib, transforms, worlds
 from jaxadapt.data.schema import SiteTable
 from jaxadapt.eval import protocol, reports, validation
 from jaxadapt.eval.units import DataView
@@ -22,7 +22,8 @@ from jaxadapt.train import registry as trainer_registry
 log = logging.getLogger(__name__)
 
 
-def make_view(source, table: SiteTable, train_rows, data_cfg: ml_collections.ConfigDict) -> DataView:
+def make_view(source, table: SiteTable, train_rows, data_cfg: ml_collections.ConfigDict,
+              stats_sample: int | None = None) -> DataView:
     """Data access for one replicate: normalization from that replicate's training images.
 
     Args:
@@ -39,14 +40,14 @@ def make_view(source, table: SiteTable, train_rows, data_cfg: ml_collections.Con
         evaluate = transforms.per_image_eval_transform(data_cfg.crop_size)
         train = transforms.Transform(data_cfg.crop_size, None, train=True, per_image=True)
     else:
-        stats = train_stats(source, train_rows)
+        stats = train_stats(source, train_rows, max_rows=stats_sample)
         evaluate = transforms.eval_transform(data_cfg.crop_size, stats)
         train = transforms.train_transform(data_cfg.crop_size, stats)
     return DataView(source=source, table=table, eval_transform=evaluate, train_transform=train,
                     num_threads=data_cfg.num_threads)
 
 
-def train_stats(source, train_rows) -> transforms.ChannelStats:
+def train_stats(source, train_rows, max_rows: int | None = None) -> transforms.ChannelStats:
     """Per-channel pixel mean/std of the training images, read once over all processes.
 
     Each process reads a contiguous share of the rows; the exact integer sums are totalled
@@ -55,12 +56,15 @@ def train_stats(source, train_rows) -> transforms.ChannelStats:
     Args:
       source: random-access records.
       train_rows: the rows whose pixels define the statistics.
+      max_rows: if set and below len(train_rows), a fixed random sample of that many rows
+        (seed 0, sorted: the same rows on every process) is read instead of all.
 
     Returns:
       ChannelStats (float64).
     """
     n = jax.process_count()
-    return pipeline.channel_stats(source, train_rows, share=(jax.process_index(), n),
+    return pipeline.channel_stats(source, train_rows, max_rows=max_rows, seed=0,
+                                  share=(jax.process_index(), n),
                                   combine=exact_sum_over_processes if n > 1 else None)
 
 
@@ -127,11 +131,11 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> list[reports.Row]
     # One per (recipe, training overrides), e.g. a CS-ARM-BN per swept control count.
     trainers = protocol.build_trainers(methods, cfg,
                                        lambda c, names: make_trainers(model, c, names))
-    source, table = tfds_sim.load_simulated(cfg.data.sim, cfg.data.cache_dir)
+    source, table = worlds.load_world(cfg)
     scores = []
     for rep in protocol.replicates(cfg):
         rows = splits_lib.make_splits(table, train_source=rep.train_source, cfg=cfg.splits)
-        view = make_view(source, table, rows["train"], cfg.data)
+        view = make_view(source, table, rows["train"], cfg.data, worlds.stats_sample(cfg))
         scores += protocol.run_replicate(rep, cfg, view, rows, methods, trainers, workdir)
     result_rows = reports.aggregate(scores)
     if jax.process_index() == 0:  # every process holds the same rows (summed over processes)
@@ -165,9 +169,9 @@ def load_replicate(cfg: ml_collections.ConfigDict, trainer: str, rep: protocol.R
     model = build_model(cfg.model)
     train_cfg = protocol.training_config(cfg, protocol.TrainerSpec(trainer, tuple(overrides)))
     train = make_trainers(model, train_cfg, {trainer})[trainer]
-    source, table = tfds_sim.load_simulated(cfg.data.sim, cfg.data.cache_dir)
+    source, table = worlds.load_world(cfg)
     rows = splits_lib.make_splits(table, train_source=rep.train_source, cfg=cfg.splits)
-    view = make_view(source, table, rows["train"], cfg.data)
+    view = make_view(source, table, rows["train"], cfg.data, worlds.stats_sample(cfg))
     variables = train(view, rows, protocol.checkpoint_path(train_cfg, rep, trainer, workdir), rep.seed)
     return model, view, rows, variables
 
