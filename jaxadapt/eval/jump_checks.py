@@ -74,9 +74,16 @@ def key_problems(cfg: Any) -> list[str]:
         out.append(f"config.data.jump.drop_unlabelled={j.drop_unlabelled!r}: must be True or "
                    "False")
     lo, hi = j.lower_percentile, j.upper_percentile
-    if not (v._is_number(lo) and v._is_number(hi) and 0 <= lo < hi <= 100):  # pylint: disable=protected-access
-        out.append(f"config.data.jump.lower_percentile={lo!r}, upper_percentile={hi!r}: need "
-                   "0 <= lower < upper <= 100 (the paper clips at upper_percentile=99.99)")
+    for name, value, ok, rule in (
+            ("upper_percentile", hi, lambda x: 0 < x <= 100, "a number in (0, 100] (the paper "
+             "clips at 99.99)"),
+            ("lower_percentile", lo, lambda x: 0 <= x < 100, "a number in [0, 100) (0: each "
+             "channel's minimum)")):
+        if not (v._is_number(value) and ok(value)):  # pylint: disable=protected-access
+            out.append(f"config.data.jump.{name}={value!r}: must be {rule}")
+    if not out and lo >= hi:
+        out.append(f"config.data.jump.lower_percentile={lo!r}: must be below "
+                   f"config.data.jump.upper_percentile={hi!r}")
     return out
 
 

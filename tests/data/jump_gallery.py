@@ -114,11 +114,11 @@ def write_gallery(fs_root: str, *, seed: int = 0) -> dict[str, str]:
             "labels": "metadata/labels.csv"}
 
 
-def jump_config(cfg, root: str, paths: dict[str, str], **changes):
+def jump_config(cfg, gallery_root: str, paths: dict[str, str], **changes):
     """Points study config `cfg` at a gallery written by `write_gallery`; returns `cfg`."""
     cfg.data.source = "jump"
     j = cfg.data.jump
-    j.root = root
+    j.root = gallery_root
     j.load_data = (paths["load_data"],)
     j.well_csv, j.plate_csv, j.labels = paths["well_csv"], paths["plate_csv"], paths["labels"]
     j.plate_types = ("COMPOUND",)

@@ -178,7 +178,7 @@ def nothing_may_run(monkeypatch):
     """Fails the test if data is loaded (rendered) or a trainer is built."""
     def forbidden(*args, **kwargs):
         raise AssertionError("rendering or training started before the config was validated")
-    monkeypatch.setattr(study.tfds_sim, "load_simulated", forbidden)
+    monkeypatch.setattr(study.worlds, "load_world", forbidden)
     monkeypatch.setattr(study.trainer_registry, "build_trainers", forbidden)
 
 
@@ -270,3 +270,87 @@ def test_cross_batch_pairs_need_an_even_number_of_local_views():
     assert validation.problems(c) == []  # plain DINO: one image gives every view
     c = _dino_study(**{"dino.views.n_local": 5, "methods": ("dino_cb",)})
     assert any("n_local=5 is odd" in p for p in validation.problems(c))
+
+
+# ----------------------------------------------------------------------------- real data
+
+BAD_JUMP_KEYS = [
+    ("data.source", "jumpcp", "use one of ('sim', 'jump')"),
+    ("data.jump.root", 3, "must be a string"),
+    ("data.jump.load_data", ("a.csv", "a.csv"), "distinct non-empty strings"),
+    ("data.jump.sources", ("source_3", ""), "distinct non-empty strings"),
+    ("data.jump.compounds", "JCP2022_033924", "tuple (empty: all)"),
+    ("data.jump.controls", (), "non-empty tuple"),
+    ("data.jump.channels", (), "non-empty tuple"),
+    ("data.jump.image_size", -1, "integer >= 0 (0 keeps"),
+    ("data.jump.downsample", 0, "integer >= 1"),
+    ("data.jump.stats_sample", -5, "integer >= 0 (0 reads every training image)"),
+    ("data.jump.num_workers", 0, "integer >= 1"),
+    ("data.jump.drop_unlabelled", "yes", "True or False"),
+    ("data.jump.upper_percentile", 101.0, "number in (0, 100]"),
+    ("data.jump.lower_percentile", 99.995, "below config.data.jump.upper_percentile=99.99"),
+]
+
+
+@pytest.mark.parametrize("key,value,fix", BAD_JUMP_KEYS)
+def test_each_bad_jump_key_is_named_even_for_the_simulator(key, value, fix):
+    cfg = _cfg()
+    # Bypass ConfigDict's type check, as a config file assigning a new value would not.
+    node = cfg
+    *path, leaf = key.split(".")
+    for p in path:
+        node = node[p]
+    with node.ignore_type():
+        node[leaf] = value
+    found = validation.problems(cfg)
+    assert len(found) == 1 and f"config.{key}={value!r}" in found[0] and fix in found[0], found
+
+
+def _gallery(tmp_path):
+    (tmp_path / "g" / "tables").mkdir(parents=True, exist_ok=True)
+    for name in ("load_data.csv", "well.csv.gz", "labels.csv", "plate.csv.gz"):
+        (tmp_path / "g" / "tables" / name).write_text("x")
+    return {"data.source": "jump", "data.jump.root": str(tmp_path / "g"),
+            "data.jump.load_data": ("tables/*.csv",), "data.jump.well_csv": "tables/well.csv.gz",
+            "data.jump.labels": "tables/labels.csv"}
+
+
+def test_a_jump_config_with_existing_tables_is_valid(tmp_path):
+    assert _problems(**_gallery(tmp_path)) == []
+    # Training sources are checked against the source subset, when one is given.
+    found = _problems(**_gallery(tmp_path), **{"data.jump.sources": ("source_8",)})
+    assert found == ["config.train_sources=('source_3',): unknown source 'source_3'; use some "
+                     "of config.data.jump.sources=('source_8',)"]
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"data.jump.root": ""}, "config.data.source='jump' needs config.data.jump.root: set "
+                             "--config.data.jump.root="),
+    ({"data.jump.root": "/nonexistent/gallery"}, "config.data.jump.root='/nonexistent/gallery' "
+                                                 "is not a directory"),
+    ({"data.jump.load_data": ()}, "config.data.jump.load_data=(): config.data.source='jump' "
+                                  "needs per-plate load_data tables"),
+    ({"data.jump.load_data": ("tables/*.parquet",)},
+     "config.data.jump.load_data='tables/*.parquet': no such file"),
+    ({"data.jump.well_csv": ""}, "config.data.jump.well_csv is empty; config.data.source='jump' "
+                                 "needs it (JUMP's well.csv.gz"),
+    ({"data.jump.labels": "tables/nope.csv"}, "config.data.jump.labels='tables/nope.csv': no "
+                                              "such file"),
+    ({"data.jump.plate_types": ("COMPOUND",)}, "config.data.jump.plate_csv is empty"),
+    ({"model.in_channels": 3}, "config.model.in_channels=3: config.data.jump.channels="),
+    ({"data.jump.image_size": 40}, "config.data.crop_size=48 exceeds config.data.jump.image_size=40"),
+])
+def test_jump_paths_and_sizes_are_checked_before_anything_is_read(tmp_path, changes, needle):
+    found = _problems(**{**_gallery(tmp_path), **changes})
+    assert len(found) == 1 and needle in found[0], found
+
+
+def test_jump_overrides_on_the_command_line_validate(tmp_path):
+    config = cli.load_config_file("configs/domain_gap.py")
+    argv = ["run.py", "--config=configs/domain_gap.py", "--config.data.source=jump",
+            f"--config.data.jump.root={tmp_path}", "--config.data.jump.load_data=('a/*.csv',)",
+            "--config.data.jump.plate_types=('COMPOUND',)", "--config.data.jump.stats_sample=64"]
+    cli.check_overrides(argv, config)
+    bad = ["run.py", "--config.data.jump.rooot=/x"]
+    with pytest.raises(ValueError, match="Did you mean data.jump.root"):
+        cli.check_overrides(bad, config)

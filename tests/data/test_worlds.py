@@ -1,0 +1,151 @@
+"""Real-data worlds by config: a generated gallery in the real layout, read locally, through
+fsspec's memory and local file systems, as parquet, by subset; and the errors of bad paths."""
+
+import os
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tifffile
+
+from jaxadapt import config
+from jaxadapt.data import fileio, jump_images, schema, worlds
+from tests.data import jump_gallery as gallery
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("gallery"))
+    return root, gallery.write_gallery(root)
+
+
+def _cfg(gallery_root, paths, cache, **changes):
+    cfg = gallery.jump_config(config.get_defaults(), gallery_root, paths, **changes)
+    cfg.data.cache_dir = str(cache)
+    return cfg
+
+
+def _site_pixels(root: str, table, i: int) -> np.ndarray:
+    """An independent read of site i: its five TIFFs, preprocessed as documented."""
+    rel = (f"cpg0016-jump/{table['source'][i]}/images/{table['batch'][i]}/images/"
+           f"{table['plate'][i]}")
+    stack = np.stack([tifffile.imread(os.path.join(
+        root, rel, f"{table['plate'][i]}_{table['well'][i]}_s1_{ch}.tiff"))
+        for ch in schema.CHANNELS])
+    return jump_images.preprocess(stack)
+
+
+def test_local_gallery_by_config_has_the_design_labels_and_pixels(local, tmp_path):
+    root, paths = local
+    source, table = worlds.load_world(_cfg(root, paths, tmp_path))
+    # 2 sources x 3 batches x 1 COMPOUND plate x 20 wells; the TARGET2 plate is left out.
+    assert len(table) == 120 and len(source) == 120
+    assert table.unique("source").tolist() == list(gallery.SOURCES)
+    assert len(table.unique("batch")) == 6 and len(table.unique("plate")) == 6
+    assert not any(p.startswith("T2") for p in table.unique("plate"))
+    assert table["is_control"].sum() == 24
+    np.testing.assert_array_equal(table["compound"][table["is_control"]], schema.DMSO)
+    for k, c in enumerate(gallery.POSCONS):
+        assert set(table["label"][table["compound"] == c].tolist()) == {k}
+        assert set(table["moa"][table["compound"] == c].tolist()) != {""}
+    for i in (0, 57, 119):
+        np.testing.assert_array_equal(source[i]["image"], _site_pixels(root, table, i))
+
+
+def test_memory_filesystem_reads_the_same_world_and_keeps_its_store(local, tmp_path):
+    root, paths = local
+    _, want = worlds.load_world(_cfg(root, paths, tmp_path / "a"))
+    mem = "memory://jaxadapt-test-gallery"
+    gallery.write_gallery(mem)  # same seed: the same bytes
+    try:
+        cfg = _cfg(mem, paths, tmp_path / "b")
+        source, table = worlds.load_world(cfg)
+        for key in ("plate", "well", "compound", "label", "is_control"):
+            np.testing.assert_array_equal(table[key], want[key])
+        np.testing.assert_array_equal(source[5]["image"], _site_pixels(root, table, 5))
+        stores = os.listdir(tmp_path / "b")
+        worlds.load_world(cfg)  # reopened: same key (URL stamps are stable), no new store
+        assert os.listdir(tmp_path / "b") == stores and len(stores) == 1
+        # A changed image file changes the key: a new store.
+        fs = fsspec.filesystem("memory")
+        name = fileio.expand(f"{mem}/cpg0016-jump/source_8/images/*/images/*/*_DNA.tiff")[0]
+        fs.pipe(name, fs.cat(name))
+        worlds.load_world(cfg)
+        assert len(os.listdir(tmp_path / "b")) == 2
+    finally:
+        fsspec.filesystem("memory").rm("/jaxadapt-test-gallery", recursive=True)
+
+
+def test_file_url_root_reads_through_fsspecs_local_filesystem(local, tmp_path):
+    root, paths = local
+    _, want = worlds.load_world(_cfg(root, paths, tmp_path / "a"))
+    # file:// root: tables and images read through fsspec's local file system.
+    _, table = worlds.load_world(_cfg(f"file://{root}", paths, tmp_path / "b"))
+    np.testing.assert_array_equal(table["well"], want["well"])
+
+
+def test_parquet_load_data_and_subsets(local, tmp_path):
+    root, paths = local
+    pq_dir = tmp_path / "pq"
+    pq_dir.mkdir()
+    for path in fileio.expand(os.path.join(root, paths["load_data"])):
+        header, rows = fileio.read_table(path)
+        plate = rows[0]["Metadata_Plate"]
+        cols = {c: [r[c] for r in rows] for c in header}
+        cols["Metadata_Site"] = [int(s) for s in cols["Metadata_Site"]]  # typed, as JUMP's
+        pq.write_table(pa.table(cols), pq_dir / f"{plate}.parquet")
+    keep = (gallery.POSCONS[0], gallery.POSCONS[3], schema.DMSO)
+    cfg = _cfg(root, paths, tmp_path / "c", load_data=(str(pq_dir / "*.parquet"),),
+               sources=("source_8",), batches=gallery.BATCHES["source_8"][:2], compounds=keep)
+    _, table = worlds.load_world(cfg)
+    assert table.unique("source").tolist() == ["source_8"]
+    assert len(table.unique("batch")) == 2
+    assert set(table["compound"].tolist()) == set(keep)
+    assert len(table) == 2 * (2 + 2 + 4)
+    np.testing.assert_array_equal(np.unique(table["label"]), [-1, 0, 3])
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"root": "/nonexistent/gallery"}, r"config.data.jump.root='/nonexistent/gallery' is not a "
+                                       "directory"),
+    ({"load_data": ("nope/*/load_data.csv",)}, r"config.data.jump.load_data: 'nope/\*/load_data"
+                                               r".csv' .* matches no file"),
+    ({"compounds": (gallery.POSCONS[0], "JCP2022_999999", schema.DMSO)},
+     r"config.data.jump.compounds lists 1 compound\(s\) absent from the label table "
+     r".*JCP2022_999999"),
+    ({"plate_types": ()}, r"2 compound\(s\) absent from label_map.*JCP2022_000001.*drop_unlabelled"),
+    ({"well_csv": "metadata/none.csv.gz"}, r"table .*none.csv.gz does not exist"),
+    ({"labels": "metadata/plate.csv.gz"}, r"label table .*plate.csv.gz has columns"),
+])
+def test_path_and_table_mistakes_are_named(local, tmp_path, change, match):
+    root, paths = local
+    with pytest.raises(ValueError, match=match):
+        worlds.load_world(_cfg(root, paths, tmp_path, **change))
+
+
+def test_too_few_model_classes_are_named(local, tmp_path):
+    root, paths = local
+    cfg = _cfg(root, paths, tmp_path)
+    cfg.model.num_classes = 4
+    with pytest.raises(ValueError, match=r"config.model.num_classes=4: .* set "
+                                         r"--config.model.num_classes=8"):
+        worlds.load_world(cfg)
+
+
+def test_drop_unlabelled_keeps_the_labelled_sites(local, tmp_path):
+    root, paths = local
+    _, table = worlds.load_world(_cfg(root, paths, tmp_path, plate_types=(),
+                                      drop_unlabelled=True))
+    assert len(table) == 120  # the TARGET2 plate's two sites were dropped
+
+
+def test_sim_source_is_the_simulator(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setitem(worlds.LOADERS, "sim", lambda cfg: calls.append(cfg) or ("s", "t"))
+    cfg = config.get_defaults()
+    assert worlds.load_world(cfg) == ("s", "t") and calls == [cfg]
+    assert worlds.stats_sample(cfg) is None
+    cfg.data.source = "jump"
+    assert worlds.stats_sample(cfg) == cfg.data.jump.stats_sample
