@@ -164,7 +164,8 @@ def _check_files(paths: np.ndarray) -> None:
     if missing:
         raise ValueError(f"{len(missing)} of {len(unique)} image files are missing, e.g. "
                          f"{missing[:_SHOW]}; download them, or fix image_root / path_map "
-                         "so that PathName_*/FileName_* point at local files")
+                         "(in a study: config.data.jump.root / remote_prefix) so that "
+                         "PathName_*/FileName_* point at local files")
 
 
 class Subset(NamedTuple):

@@ -179,6 +179,7 @@ def _load_jump(cfg: ml_collections.ConfigDict):
     if not fileio.is_url(root) and not os.path.isdir(root):
         raise ValueError(f"config.data.jump.root={jump.root!r} is not a directory; point it at "
                          "the local copy of the Cell Painting Gallery")
+    root = root if fileio.is_url(root) else os.path.abspath(root)
     tables = load_data_files(jump)
     labels, moa = read_labels(under_root(root, jump.labels), tuple(jump.controls))
     _check_classes(cfg, labels)
