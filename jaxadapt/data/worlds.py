@@ -217,6 +217,26 @@ STATS_SAMPLE: dict[str, Callable[[ml_collections.ConfigDict], int | None]] = {
 }
 
 
+#: Data source name -> config keys that do not change its images (left out of the keys of
+#: trained models): the other sources' settings, and speed-only settings.
+INERT_KEYS: dict[str, tuple[str, ...]] = {
+    "sim": ("data.source", "data.jump"),
+    "jump": ("data.sim", "data.jump.num_workers"),
+}
+
+
+def inert_keys(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Dotted config keys that change nothing a model is trained on, for this data source.
+
+    Args:
+      cfg: the study config (without `data.source`: the simulator).
+
+    Returns:
+      The keys, e.g. ("data.source", "data.jump") for a simulator study.
+    """
+    return INERT_KEYS.get(cfg.get("data", {}).get("source", "sim"), ())
+
+
 def load_world(cfg: ml_collections.ConfigDict) -> tuple[Any, schema.SiteTable]:
     """The study's images and their metadata, from the data source the config names.
 

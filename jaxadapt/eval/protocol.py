@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from jaxadapt.adapt.base import Method, Variables
-from jaxadapt.data import samplers, splits as splits_lib, subsets
+from jaxadapt.data import samplers, splits as splits_lib, subsets, worlds
 from jaxadapt.eval import metrics, validation
 from jaxadapt.eval.reports import Score
 from jaxadapt.eval.units import DataView, PipelineUnit
@@ -52,7 +52,8 @@ def training_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
     trains anew instead of silently reusing a model trained differently. What enters
     the hash is what the recipe declares (`jaxadapt.train.registry.Trainer`): the
     common sections (data, splits, model) and its own (e.g. train, arm), without the
-    fields it never reads.
+    fields it never reads, nor the settings of the data sources the study does not read
+    (`worlds.inert_keys`: a simulator study's keys are those it had before real data).
 
     Args:
       cfg: the study config.
@@ -67,7 +68,7 @@ def training_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
     recipe = trainer_registry.get(trainer)
     spec = {k: _plain(cfg[k]) for k in trainer_registry.COMMON_SECTIONS + recipe.sections
             if k in cfg}
-    for path in trainer_registry.NOT_TRAINING + recipe.ignored:
+    for path in trainer_registry.NOT_TRAINING + recipe.ignored + worlds.inert_keys(cfg):
         *parents, leaf = path.split(".")
         node = spec
         for key in parents:
