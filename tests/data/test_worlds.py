@@ -91,7 +91,7 @@ def test_parquet_load_data_and_subsets(local, tmp_path):
     pq_dir = tmp_path / "pq"
     pq_dir.mkdir()
     for path in fileio.expand(os.path.join(root, paths["load_data"])):
-        header, rows = fileio.read_table(path)
+        _, rows = fileio.read_table(path)
         plate = rows[0]["Metadata_Plate"]
         cols = {c: [r[c] for r in rows] for c in header}
         cols["Metadata_Site"] = [int(s) for s in cols["Metadata_Site"]]  # typed, as JUMP's
@@ -148,4 +148,39 @@ def test_sim_source_is_the_simulator(tmp_path, monkeypatch):
     assert worlds.load_world(cfg) == ("s", "t") and calls == [cfg]
     assert worlds.stats_sample(cfg) is None
     cfg.data.source = "jump"
+    assert worlds.stats_sample(cfg) == cfg.data.jump.stats_sample
+
+
+MINI = os.path.join(os.path.dirname(__file__), "jump_mini")
+MINI_PATHS = {"load_data": "cpg0016-jump/*/workspace/load_data_csv/*/*/load_data.csv.gz",
+              "well_csv": "metadata/well.csv.gz", "plate_csv": "metadata/plate.csv.gz",
+              "labels": "metadata/labels.csv"}
+
+
+def test_miniature_real_gallery_loads_pixel_exact_and_splits_by_its_real_batches(tmp_path):
+    from jaxadapt.data import splits
+
+    cfg = _cfg(MINI, MINI_PATHS, tmp_path)
+    source, table = worlds.load_world(cfg)
+    assert len(table) == 64 and table.unique("source").tolist() == ["source_1", "source_2"]
+    assert table["is_control"].sum() == 16 and sorted(np.unique(table["label"])) == [-1, 0, 1, 2]
+    # An independent read: the load_data row of site 0 names its Phenix files (ch5 = DNA...).
+    _, rows = fileio.read_table(fileio.expand(os.path.join(MINI, MINI_PATHS["load_data"]))[0])
+    row = rows[0]
+    folder = row["PathName_OrigDNA"].replace("s3://cellpainting-gallery/", MINI + "/")
+    raw = np.stack([tifffile.imread(os.path.join(folder, row[f"FileName_Orig{ch}"]))
+                    for ch in schema.CHANNELS])
+    assert raw.dtype == np.uint16 and raw.shape == (5, 64, 64)
+    first = np.flatnonzero((table["plate"] == row["Metadata_Plate"])
+                           & (table["well"] == row["Metadata_Well"])
+                           & (table["site"] == int(row["Metadata_Site"])))[0]
+    np.testing.assert_array_equal(source[first]["image"], jump_images.preprocess(raw))
+    # Splits deal source_1's real batch names; source_2 is the new source.
+    rows_of = splits.make_splits(table, train_source="source_1", cfg=cfg.splits)
+    batches = {k: set(table["batch"][v].tolist()) for k, v in rows_of.items()}
+    assert len(batches["validation"]) == len(batches["new_batch"]) == 1
+    assert batches["train"] == batches["in_domain"] and len(batches["train"]) == 1
+    dealt = set().union(*[batches[k] for k in ("train", "validation", "new_batch")])
+    assert dealt == set(table["batch"][table["source"] == "source_1"].tolist()) and len(dealt) == 3
+    assert set(table["source"][rows_of["new_source"]].tolist()) == {"source_2"}
     assert worlds.stats_sample(cfg) == cfg.data.jump.stats_sample
