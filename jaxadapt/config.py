@@ -71,7 +71,9 @@ def _jump() -> ml_collections.ConfigDict:
     j.load_data = ()  # per-plate load_data tables: paths or globs
     j.well_csv = ""  # JUMP's well.csv.gz: Metadata_{Source,Plate,Well,JCP2022}
     j.plate_csv = ""  # JUMP's plate.csv.gz; needed for plate_types
-    j.labels = ""  # compound -> class: Metadata_JCP2022 + label (0..K-1) or moa
+    # compound -> class: a table of Metadata_JCP2022 + label (0..K-1) or moa, or a shipped
+    # one: "builtin:jump_poscon" (the 8 positive controls), "builtin:jump_target2" (MoAs).
+    j.labels = ""
     j.sources = ()  # subsets: Metadata_Source values, e.g. ("source_3", "source_8")
     j.batches = ()  # Metadata_Batch values
     j.plate_types = ()  # Metadata_PlateType values, e.g. ("COMPOUND",) or ("TARGET2",)

@@ -255,7 +255,8 @@ def _chunks(sites: JumpSites, prep: Mapping, shape: tuple[int, int, int], chunk_
             yield rows, np.stack(list(pool.map(one, rows)))
 
 
-def build_jump_store(load_data_csv: str | Sequence[str], well_csv: str, label_map: Mapping[str, int],
+def build_jump_store(load_data_csv: str | Sequence[str], well_csv: str,
+                     label_map: Mapping[str, int],
                      data_dir: str, *, channels: Sequence[str] = schema.CHANNELS,
                      image_size: int | Sequence[int] | None = None, downsample: int = 2,
                      upper_percentile: float = 99.99, lower_percentile: float = 0.0,

@@ -75,16 +75,41 @@ def load_data_files(jump: ml_collections.ConfigDict) -> list[str]:
     return files
 
 
+def _poscon_labels() -> tuple[dict[str, int], dict[str, str]]:
+    from jaxadapt.data import design  # pylint: disable=g-import-not-at-top
+
+    return ({c: k for k, c in enumerate(design.POSCONS)}, dict(design.POSCON_MOA))
+
+
+def _target2_labels() -> tuple[dict[str, int], dict[str, str]]:
+    from jaxadapt.data import target2  # pylint: disable=g-import-not-at-top
+
+    moa = {jcp: m for _, jcp, m in target2.layout() if jcp != schema.DMSO}
+    labels = {jcp: target2.compound_label(m) for jcp, m in moa.items()}
+    return {c: k for c, k in labels.items() if k != schema.NO_LABEL}, moa
+
+
+#: `config.data.jump.labels = "builtin:<name>"`: label tables shipped with jaxadapt, the
+#: same classes as the simulator's presets: the 8 JUMP positive controls (CS-ARM-BN's
+#: classes, in `design.POSCONS` order) and TARGET2's MoA classes (CODA's recipe, 58).
+BUILTIN_LABELS: dict[str, Callable[[], tuple[dict[str, int], dict[str, str]]]] = {
+    "jump_poscon": _poscon_labels,
+    "jump_target2": _target2_labels,
+}
+BUILTIN = "builtin:"
+
+
 def read_labels(path: str, controls) -> tuple[dict[str, int], dict[str, str]]:
     """A label table: compound -> class index, and compound -> MoA name.
 
+    `builtin:jump_poscon` / `builtin:jump_target2` name a shipped table (`BUILTIN_LABELS`).
     Columns: `Metadata_JCP2022` (or `compound`), and `label` (integer class 0..K-1) or,
     without it, `moa` (class names, numbered in sorted order); an optional `moa` column
     also fills each site's `moa`. Rows of control compounds are skipped (controls carry
     no class).
 
     Args:
-      path: CSV / .csv.gz / parquet, local or URL.
+      path: CSV / .csv.gz / parquet, local or URL, or "builtin:<name>".
       controls: the negative-control compounds.
 
     Returns:
@@ -94,6 +119,13 @@ def read_labels(path: str, controls) -> tuple[dict[str, int], dict[str, str]]:
       ValueError: naming a missing column, a non-integer label or a compound listed
         with two classes.
     """
+    if path.startswith(BUILTIN):
+        name = path[len(BUILTIN):]
+        if name not in BUILTIN_LABELS:
+            raise ValueError(f"config.data.jump.labels={path!r}: no such built-in label table; "
+                             f"use one of {[BUILTIN + n for n in BUILTIN_LABELS]} or a path")
+        labels, moa = BUILTIN_LABELS[name]()
+        return {c: k for c, k in labels.items() if c not in set(controls)}, moa
     if not fileio.exists(path):
         raise ValueError(f"config.data.jump.labels: label table {path} does not exist; give a "
                          "CSV of Metadata_JCP2022 and label (or moa), absolute or under root")
@@ -181,7 +213,8 @@ def _load_jump(cfg: ml_collections.ConfigDict):
                          "the local copy of the Cell Painting Gallery")
     root = root if fileio.is_url(root) else os.path.abspath(root)
     tables = load_data_files(jump)
-    labels, moa = read_labels(under_root(root, jump.labels), tuple(jump.controls))
+    labels_path = jump.labels if jump.labels.startswith(BUILTIN) else under_root(root, jump.labels)
+    labels, moa = read_labels(labels_path, tuple(jump.controls))
     _check_classes(cfg, labels)
     plates = (plates_of_types(under_root(root, jump.plate_csv), tuple(jump.plate_types),
                               tuple(jump.sources), tuple(jump.batches))

@@ -91,6 +91,11 @@ def _path_problem(key: str, root: str, path: str, required: bool) -> str | None:
     if not path:
         return (f"config.{key} is empty; config.data.source='jump' needs it ({_WHAT[key]})"
                 if required else None)
+    if key == "data.jump.labels" and path.startswith(worlds.BUILTIN):
+        if path[len(worlds.BUILTIN):] in worlds.BUILTIN_LABELS:
+            return None
+        return (f"config.{key}={path!r}: no such built-in label table; use one of "
+                f"{[worlds.BUILTIN + n for n in worlds.BUILTIN_LABELS]} or a path")
     full = worlds.under_root(root, path)
     if fileio.is_url(full):  # remote: the loader reads it (a network call per check)
         return None
@@ -103,7 +108,8 @@ def _path_problem(key: str, root: str, path: str, required: bool) -> str | None:
 _WHAT = {
     "data.jump.well_csv": "JUMP's well.csv.gz: Metadata_Source, Metadata_Plate, "
                           "Metadata_Well, Metadata_JCP2022",
-    "data.jump.labels": "a table of Metadata_JCP2022 and label (class 0..K-1) or moa",
+    "data.jump.labels": "a table of Metadata_JCP2022 and label (class 0..K-1) or moa, or "
+                        "builtin:jump_poscon / builtin:jump_target2",
     "data.jump.plate_csv": "JUMP's plate.csv.gz, read to select config.data.jump.plate_types",
     "data.jump.load_data": "per-plate load_data tables (.csv, .csv.gz, .parquet)",
 }

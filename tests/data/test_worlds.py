@@ -115,7 +115,8 @@ def test_parquet_load_data_and_subsets(local, tmp_path):
     ({"compounds": (gallery.POSCONS[0], "JCP2022_999999", schema.DMSO)},
      r"config.data.jump.compounds lists 1 compound\(s\) absent from the label table "
      r".*JCP2022_999999"),
-    ({"plate_types": ()}, r"2 compound\(s\) absent from label_map.*JCP2022_000001.*drop_unlabelled"),
+    ({"plate_types": ()},
+     r"2 compound\(s\) absent from label_map.*JCP2022_000001.*drop_unlabelled"),
     ({"well_csv": "metadata/none.csv.gz"}, r"table .*none.csv.gz does not exist"),
     ({"labels": "metadata/plate.csv.gz"}, r"label table .*plate.csv.gz has columns"),
 ])
@@ -184,3 +185,17 @@ def test_miniature_real_gallery_loads_pixel_exact_and_splits_by_its_real_batches
     assert dealt == set(table["batch"][table["source"] == "source_1"].tolist()) and len(dealt) == 3
     assert set(table["source"][rows_of["new_source"]].tolist()) == {"source_2"}
     assert worlds.stats_sample(cfg) == cfg.data.jump.stats_sample
+
+
+def test_builtin_label_tables_match_the_simulator_classes(local, tmp_path):
+    root, paths = local
+    _, from_file = worlds.load_world(_cfg(root, paths, tmp_path / "a"))
+    _, builtin = worlds.load_world(_cfg(root, paths, tmp_path / "b", labels="builtin:jump_poscon"))
+    for key in ("compound", "label", "moa"):
+        np.testing.assert_array_equal(builtin[key], from_file[key])
+    labels, moa = worlds.read_labels("builtin:jump_target2", (schema.DMSO,))
+    assert len(labels) == 145 and len(set(labels.values())) == 58 == max(labels.values()) + 1
+    assert schema.DMSO not in labels and len(moa) == 301
+    with pytest.raises(ValueError, match=r"no such built-in label table; use one of "
+                                         r"\['builtin:jump_poscon', 'builtin:jump_target2'\]"):
+        worlds.read_labels("builtin:poscons", (schema.DMSO,))

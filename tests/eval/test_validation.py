@@ -337,8 +337,10 @@ def test_a_jump_config_with_existing_tables_is_valid(tmp_path):
     ({"data.jump.labels": "tables/nope.csv"}, "config.data.jump.labels='tables/nope.csv': no "
                                               "such file"),
     ({"data.jump.plate_types": ("COMPOUND",)}, "config.data.jump.plate_csv is empty"),
+    ({"data.jump.labels": "builtin:poscon"}, "no such built-in label table; use one of"),
     ({"model.in_channels": 3}, "config.model.in_channels=3: config.data.jump.channels="),
-    ({"data.jump.image_size": 40}, "config.data.crop_size=48 exceeds config.data.jump.image_size=40"),
+    ({"data.jump.image_size": 40},
+     "config.data.crop_size=48 exceeds config.data.jump.image_size=40"),
 ])
 def test_jump_paths_and_sizes_are_checked_before_anything_is_read(tmp_path, changes, needle):
     found = _problems(**{**_gallery(tmp_path), **changes})
@@ -354,3 +356,8 @@ def test_jump_overrides_on_the_command_line_validate(tmp_path):
     bad = ["run.py", "--config.data.jump.rooot=/x"]
     with pytest.raises(ValueError, match="Did you mean data.jump.root"):
         cli.check_overrides(bad, config)
+
+
+def test_builtin_label_tables_need_no_file(tmp_path):
+    changes = {**_gallery(tmp_path), "data.jump.labels": "builtin:jump_target2"}
+    assert _problems(**changes) == []
