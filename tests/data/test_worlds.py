@@ -91,7 +91,7 @@ def test_parquet_load_data_and_subsets(local, tmp_path):
     pq_dir = tmp_path / "pq"
     pq_dir.mkdir()
     for path in fileio.expand(os.path.join(root, paths["load_data"])):
-        _, rows = fileio.read_table(path)
+        header, rows = fileio.read_table(path)
         plate = rows[0]["Metadata_Plate"]
         cols = {c: [r[c] for r in rows] for c in header}
         cols["Metadata_Site"] = [int(s) for s in cols["Metadata_Site"]]  # typed, as JUMP's
