@@ -60,18 +60,22 @@ def _flag(key: str, value) -> str:
     return f"--config.{key}={value!r}" if isinstance(value, tuple) else f"--config.{key}={value}"
 
 
-def _run(name: str, workdir, cache_dir: str, checkpoints: str, **changes):
-    """experiments/run.py on configs/<name>.py with the data and size flags; its config."""
-    values = {**DATA, **TINY, "data.cache_dir": cache_dir, "checkpoint_dir": checkpoints,
-              **changes}
+def _run_py(name: str, workdir, values: dict) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.getcwd(),
                # The gallery's training split holds 6 labelled images: a batch of 4 on 2
                # devices (the tests' usual 8 would need batches of 8).
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "experiments/run.py", f"--config=configs/{name}.py",
          f"--workdir={workdir}", *[_flag(k, v) for k, v in values.items()]],
         capture_output=True, text=True, timeout=600, env=env)
+
+
+def _run(name: str, workdir, cache_dir: str, checkpoints: str, **changes):
+    """experiments/run.py on configs/<name>.py with the data and size flags; its config."""
+    values = {**DATA, **TINY, "data.cache_dir": cache_dir, "checkpoint_dir": checkpoints,
+              **changes}
+    proc = _run_py(name, workdir, values)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert name in proc.stdout and "results in" in proc.stdout
     return set_keys(cli.load_config_file(f"configs/{name}.py"), values)
@@ -111,3 +115,22 @@ def test_study_3_context_size(tmp_path, cache_dir, checkpoints):
     accuracy = _check(tmp_path, cfg)
     settings = {(r["method"], r["setting"].get("L"), r["setting"].get("N")) for r in accuracy}
     assert {("cs_arm_bn", L, N) for L in (1, 4) for N in (0, 2)} <= settings
+
+
+@pytest.mark.parametrize("change, line", [
+    ({"data.jump.root": "/nonexistent/gallery"},
+     "error: config.data.jump.root='/nonexistent/gallery' is not a directory; point it at the "
+     "local copy of the Cell Painting Gallery"),
+    ({"data.jump.load_data": ("cpg0016-jump/source_9/*/load_data.csv.gz",)},
+     "error: config.data.jump.load_data='cpg0016-jump/source_9/*/load_data.csv.gz': no such file"),
+    ({"data.jump.compounds": ("JCP2022_025848", "JCP2022_012818", "JCP2022_033924")},
+     "error: config.data.jump.compounds lists 1 compound(s) absent from the label table "
+     "'metadata/labels.csv', e.g. ['JCP2022_012818']"),
+])
+def test_a_path_or_table_mistake_is_one_line_naming_the_key(tmp_path, change, line):
+    values = {**DATA, **TINY, "data.cache_dir": str(tmp_path / "cache"), **change}
+    proc = _run_py("domain_gap", tmp_path / "run", values)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(line), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "cache").exists()
