@@ -361,3 +361,12 @@ def test_jump_overrides_on_the_command_line_validate(tmp_path):
 def test_builtin_label_tables_need_no_file(tmp_path):
     changes = {**_gallery(tmp_path), "data.jump.labels": "builtin:jump_target2"}
     assert _problems(**changes) == []
+
+
+def test_every_data_jump_key_is_validated():
+    for key in defaults.get_defaults().data.jump.keys():
+        cfg = _cfg()
+        with cfg.data.jump.ignore_type():
+            cfg.data.jump[key] = {"not": "valid"}
+        found = validation.problems(cfg)
+        assert any(f"config.data.jump.{key}=" in p for p in found), (key, found)
