@@ -202,6 +202,16 @@ def _check_classes(cfg: ml_collections.ConfigDict, labels: dict[str, int]) -> No
                          f"--config.model.num_classes={k}")
 
 
+def _check_crop(cfg: ml_collections.ConfigDict, shape: tuple[int, ...]) -> None:
+    """The crops a study takes must fit the stored images (known once they are built)."""
+    crop, side = cfg.data.crop_size, min(shape[:2])
+    if crop > side:
+        raise ValueError(f"config.data.crop_size={crop} exceeds the stored JUMP images "
+                         f"{shape[0]}x{shape[1]} (after config.data.jump.downsample="
+                         f"{cfg.data.jump.downsample}); set --config.data.crop_size={side} or "
+                         "less, or downsample less")
+
+
 def _load_jump(cfg: ml_collections.ConfigDict):
     jump = cfg.data.jump
     root = os.path.expanduser(jump.root)
@@ -231,6 +241,7 @@ def _load_jump(cfg: ml_collections.ConfigDict):
         control_compounds=tuple(jump.controls), drop_unlabelled=jump.drop_unlabelled,
         num_workers=jump.num_workers,
         subset=Subset(tuple(jump.sources), tuple(jump.batches), plates, tuple(jump.compounds)))
+    _check_crop(cfg, tuple(source[0]["image"].shape))
     log.info("JUMP world: %d sites, sources %s, %d batches, %d plates, %d compounds",
              len(table), table.unique("source").tolist(), len(table.unique("batch")),
              len(table.unique("plate")), len(table.unique("compound")))

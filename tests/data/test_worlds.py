@@ -24,6 +24,7 @@ def local(tmp_path_factory):
 def _cfg(gallery_root, paths, cache, **changes):
     cfg = gallery.jump_config(config.get_defaults(), gallery_root, paths, **changes)
     cfg.data.cache_dir = str(cache)
+    cfg.data.crop_size = 32  # the generated sites are 36 px, the miniature gallery's 32
     return cfg
 
 
@@ -132,6 +133,15 @@ def test_too_few_model_classes_are_named(local, tmp_path):
     cfg.model.num_classes = 4
     with pytest.raises(ValueError, match=r"config.model.num_classes=4: .* set "
                                          r"--config.model.num_classes=8"):
+        worlds.load_world(cfg)
+
+
+def test_crops_larger_than_the_stored_images_are_named(local, tmp_path):
+    root, paths = local
+    cfg = _cfg(root, paths, tmp_path)
+    cfg.data.crop_size = 40
+    with pytest.raises(ValueError, match=r"config.data.crop_size=40 exceeds the stored JUMP "
+                                         r"images 36x36 .* set --config.data.crop_size=36"):
         worlds.load_world(cfg)
 
 
