@@ -41,6 +41,7 @@ def get_defaults() -> ml_collections.ConfigDict:
     c.dino = _dino()
     c.coda = _coda()
     c.mae = _mae()
+    c.tvn = _tvn()
     return c
 
 
@@ -53,8 +54,13 @@ def _data() -> ml_collections.ConfigDict:
     # each crop standardized by its own per-channel mean and unbiased std (CODA, ViTs).
     d.normalization = "dataset"
     d.num_threads = 2  # grain reader threads (no worker processes: cheap on 2 cores)
-    d.source = "sim"  # "sim": the simulator (data.sim); "jump": real images (data.jump)
+    # "sim": the simulator (data.sim); "jump": real Cell Painting images (data.jump);
+    # "jump_profiles": well-level CellProfiler profiles (data.profiles) fed to
+    # model.name="mlp" as 1 x 1 images with in_channels features (set data.crop_size=1 and
+    # model.in_channels to the feature count). `jaxadapt.data.worlds.LOADERS` reads each.
+    d.source = "sim"
     d.jump = _jump()
+    d.profiles = _profiles()
     return d
 
 
@@ -87,7 +93,41 @@ def _jump() -> ml_collections.ConfigDict:
     j.lower_percentile = 0.0  # ... and stretch from here
     j.stats_sample = 4096  # at most this many training images for channel statistics; 0: all
     j.num_workers = 4  # threads reading TIFFs while building the store
+    # The store builder (`jump_images.build_jump_store`): "local" (threads, resumable shards)
+    # or "beam" (Apache Beam through TFDS; pip install -e ".[beam]").
+    j.engine = "local"
+    j.beam_runner = ""  # engine "beam": "" = DirectRunner, or e.g. "DataflowRunner"
+    j.beam_options = ()  # engine "beam": Beam pipeline flags, e.g. ("--project=p",)
+    # Bad sites (missing/truncated TIFF, empty channel cell, plate absent from the tables,
+    # odd size): "raise" names them; "skip" leaves them out, listed in the store's
+    # build_report.json (its path is logged).
+    j.on_bad_site = "raise"
+    # Illumination correction from load_data's FileName_Illum*/PathName_Illum* columns:
+    # "auto" when present, "on" requires them, "off" never.
+    j.illum = "auto"
+    j.shard_sites = 256  # sites per shard: the unit a restarted build keeps
+    j.check_headers = True  # read every TIFF header first (needed for on_bad_site="skip")
+    j.progress_every_s = 30.0  # seconds between build progress lines (rate, ETA)
     return j
+
+
+def _profiles() -> ml_collections.ConfigDict:
+    """Well-level JUMP profiles (`jaxadapt.data.profiles.ProfileSpec`)."""
+    p = ml_collections.ConfigDict()
+    p.paths = ()  # .parquet / .csv / .csv.gz tables, Metadata_* + feature columns
+    p.label_table = ""  # CSV compound,label[,moa]; controls are not listed
+    p.plate_table = ""  # JUMP plate.csv.gz: source and batch per plate, if the tables lack them
+    p.well_table = ""  # JUMP well.csv.gz: compound per well, if the tables lack it
+    p.columns = ml_collections.ConfigDict({
+        "source": "Metadata_Source", "batch": "Metadata_Batch", "plate": "Metadata_Plate",
+        "well": "Metadata_Well", "compound": "Metadata_JCP2022"})
+    p.feature_prefixes = ("Cells_", "Cytoplasm_", "Nuclei_")
+    p.control_compounds = ("JCP2022_033924",)  # DMSO
+    p.normalization = "mad_robustize"  # per plate against its controls (data.profile_norm); "standardize"; "none"
+    p.on_nonfinite = "raise"  # NaN/inf features: "drop_features" / "drop_wells", listed in a report
+    p.on_unlabelled = "raise"  # compounds neither labelled nor controls: "drop", listed in the report
+    p.report_dir = ""  # "" = beside the first profile table
+    return p
 
 
 def _splits() -> ml_collections.ConfigDict:
@@ -105,7 +145,8 @@ def _model() -> ml_collections.ConfigDict:
     m.width = 16
     m.stem = "small"  # 3x3/2 conv, no pool: for 32-64 px inputs
     m.num_classes = 8  # the 8 JUMP positive controls
-    m.in_channels = 5  # DNA, ER, RNA, AGP, Mito
+    m.in_channels = 5  # DNA, ER, RNA, AGP, Mito (profiles: the number of features)
+    m.mlp_hidden_layers = 2  # model.name="mlp": Dense-BN-ReLU blocks of `width` units
     return m
 
 
@@ -132,6 +173,9 @@ def _eval() -> ml_collections.ConfigDict:
     # What the diagonal `source:<a>-><a>` of a source matrix scores: "in_domain" (held-out
     # wells of the training plates) or "new_batch" (held-out batches of source a).
     e.matrix_diagonal = "in_domain"
+    # Also score replicate and MoA retrieval (copairs mAP, rows map_replicate and map_moa)
+    # on the embeddings of methods that expose them (erm, tvn; `Method.embed_unit`).
+    e.retrieval = False
     return e
 
 
@@ -282,6 +326,24 @@ def _mae() -> ml_collections.ConfigDict:
     m.ttt_chunk = 16  # images adapted per compiled call (memory: chunk x copies activations)
     m.ttt_seed = 0
     return m
+
+
+def _tvn() -> ml_collections.ConfigDict:
+    """Method `tvn`: frozen embeddings -> TVN (EFAAR) -> linear head (`jaxadapt.adapt.tvn_head`)."""
+    t = ml_collections.ConfigDict()
+    # "erm": the erm recipe's ResNet, pooled penultimate features (ImageNet-free, trained on
+    # the training source); "dino": the dino recipe's ViT CLS token (a vit_* model config);
+    # "file": the .npy array at embeddings_file, one row per site of the table.
+    t.extractor = "erm"
+    t.embeddings_file = ""
+    t.per_unit = True  # align each unit (training plate / scored unit) on its own controls
+    t.coral = False  # per-unit CORAL after TVN
+    t.coral_lam = 0.5  # CORAL ridge (EFAAR: 0.5)
+    t.min_variance = 1e-6  # TVN keeps directions with variance > this x the largest
+    t.head_steps = 500  # full-batch Adam steps of the logistic-regression head
+    t.head_lr = 0.05
+    t.head_weight_decay = 1e-4  # L2 on the head's weights
+    return t
 
 
 def gpu_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

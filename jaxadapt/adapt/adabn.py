@@ -18,8 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxadapt.adapt.base import Method, Unit, Variables, adaptation_unit, collect_logits
-from jaxadapt.adapt.bn import Chunk, apply_with_stats, check_finite, plate_stats
+from jaxadapt.adapt.base import (Method, Unit, UnitEmbeddings, Variables, adaptation_unit,
+                                 collect_controls, collect_logits)
+from jaxadapt.adapt.bn import (Chunk, apply_with_stats, check_finite, features_with_stats,
+                               plate_stats)
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +90,8 @@ def plate_method(name: str, model: nn.Module, cfg: Any, *, images: bool,
     chunk = _adapt_field(cfg, "plate_chunk_size", None)
     on_missing = _adapt_field(cfg, "on_missing_controls", "raise")
 
-    def predict_unit(variables: Variables, unit: Unit) -> np.ndarray:
-        unit, scored = adaptation_unit(unit), unit  # statistics of the subset, scores of all
+    def unit_stats(variables: Variables, unit: Unit):
+        unit = adaptation_unit(unit)  # statistics of the subset, scores of all
         context = _unit_chunks(unit, images=images, controls=controls)
         if controls and not images and not context:
             if on_missing != "perturbed_only":
@@ -100,12 +102,20 @@ def plate_method(name: str, model: nn.Module, cfg: Any, *, images: bool,
             log.warning("unit %s has no controls: %s falls back to the unit's perturbed "
                         "images (adapt.on_missing_controls='perturbed_only')", unit.name, name)
             context = _unit_chunks(unit, images=True, controls=False)
-        stats = plate_stats(model, variables, context, chunk_size=chunk)
-        return collect_logits(functools.partial(apply_with_stats, model, variables, stats), scored)
+        return plate_stats(model, variables, context, chunk_size=chunk)
+
+    def predict_unit(variables: Variables, unit: Unit) -> np.ndarray:
+        stats = unit_stats(variables, unit)
+        return collect_logits(functools.partial(apply_with_stats, model, variables, stats), unit)
+
+    def embed_unit(variables: Variables, unit: Unit) -> UnitEmbeddings:
+        # The penultimate features under the same whole-unit statistics (for retrieval).
+        fn = functools.partial(features_with_stats, model, variables, unit_stats(variables, unit))
+        return UnitEmbeddings(collect_logits(fn, unit), collect_controls(fn, unit))
 
     # Whole-unit statistics: the test batch size cannot change a prediction.
     return Method(name=name, trainer=trainer, predict_unit=predict_unit, ignores=("L",),
-                  adapts_on_subset=True)
+                  adapts_on_subset=True, embed_unit=embed_unit)
 
 
 def adabn_plate(model: nn.Module, cfg: Any = None,

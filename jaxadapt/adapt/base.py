@@ -45,6 +45,20 @@ class Unit(Protocol):
         """Every negative-control image of the unit, in batches."""
 
 
+class UnitEmbeddings(NamedTuple):
+    """A unit's embeddings as a method sees them, for retrieval metrics (mAP).
+
+    Attributes:
+      samples: float [n, D], one row per scored sample, in the order of `unit.batches()`
+        (padding dropped), like `Method.predict_unit`'s logits.
+      controls: float [m, D], one row per negative-control image of the unit, in the
+        order of `unit.all_controls()`.
+    """
+
+    samples: np.ndarray
+    controls: np.ndarray
+
+
 class Method(NamedTuple):
     """A method as the protocol runner drives it.
 
@@ -80,6 +94,10 @@ class Method(NamedTuple):
         DINO adaptation, data-parallel over every device and host): on several
         processes the runner gives every unit to every process, in the same order,
         instead of dealing units out, and counts each unit once.
+      embed_unit: optional (variables, unit) -> `UnitEmbeddings`, the representation the
+        method classifies (e.g. ERM's penultimate features, TVN's normalized embeddings);
+        when set and `eval.retrieval` is on, the runner also scores replicate and MoA
+        retrieval (mean average precision, `jaxadapt.eval.retrieval`) on it.
     """
 
     name: str
@@ -93,6 +111,7 @@ class Method(NamedTuple):
     metric_prefix: str = ""
     adapts_on_subset: bool = False
     spans_processes: bool = False
+    embed_unit: Callable[[Variables, Unit], UnitEmbeddings] | None = None
 
 
 class UnlabelledImages(NamedTuple):
@@ -166,6 +185,20 @@ def count_event(unit: Unit, name: str) -> None:
     events = getattr(unit, "events", None)
     if events is not None:
         events[name] += 1
+
+
+def collect_controls(fn: Callable[[jax.Array], jax.Array], unit: Unit) -> np.ndarray:
+    """`fn` over every control image of a unit (`unit.all_controls()`), concatenated.
+
+    Args:
+      fn: image batch -> [B, D] array.
+      unit: the target unit.
+
+    Returns:
+      [m, D]; [0, 0] when the unit has no controls.
+    """
+    out = [np.asarray(fn(c)) for c in unit.all_controls() if len(c)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 def collect_logits(predict: Callable[[jax.Array], jax.Array], unit: Unit) -> np.ndarray:

@@ -112,6 +112,29 @@ def apply_with_stats(model: nn.Module, variables: Variables, norm_stats: NormSta
     return _apply_with_stats(model, variables, norm_stats, jnp.asarray(images))
 
 
+def features_with_stats(model: nn.Module, variables: Variables, norm_stats: NormStats,
+                        images: Any) -> jax.Array:
+    """Penultimate (pooled) features with fixed BN statistics, as `apply_with_stats` logits.
+
+    Args:
+      model, variables, norm_stats, images: as `apply_with_stats`.
+
+    Returns:
+      float ``[B, D]`` features; each row depends on that row only.
+
+    Raises:
+      ValueError: norm_stats missing a layer of the model.
+    """
+    check_covers(variables, norm_stats)
+    return _features_with_stats(model, variables, norm_stats, jnp.asarray(images))
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _features_with_stats(model, variables, norm_stats, images):
+    _, features = model.apply({**variables, "norm_stats": norm_stats}, images, norm_mode="given")
+    return features
+
+
 @functools.partial(jax.jit, static_argnames=("model",))
 def _apply_with_context(model, variables, images, context, context_mask):
     x = jnp.concatenate([context, images.astype(context.dtype)])

@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import ml_collections
 
-from jaxadapt.adapt import adabn, arm, ben, knn, tent
+from jaxadapt.adapt import adabn, arm, ben, knn, tent, tvn_head
 from jaxadapt.adapt import erm as erm_lib
 from jaxadapt.adapt.base import Method
 
@@ -27,6 +27,8 @@ _FACTORIES: dict[str, Factory] = {
     "dino": knn.knn_method("dino", "dino"),
     "dino_cb": knn.knn_method("dino_cb", "dino_cb"),
     "random_init": knn.knn_method("random_init", "random_init"),
+    # Frozen embeddings -> TVN (each unit aligned on its own controls) -> linear head.
+    "tvn": tvn_head.tvn,
 }
 
 

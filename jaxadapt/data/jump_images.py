@@ -1,4 +1,4 @@
-"""JUMP Cell Painting site images from local TIFFs into the cached TFDS image store.
+"""JUMP Cell Painting site images from TIFFs (local or fsspec URLs) into the cached image store.
 
 Three steps, each usable alone:
 
@@ -10,10 +10,13 @@ Three steps, each usable alone:
 2. `preprocess`: one site's raw stack -> uint8 [h, w, C] as in the CS-ARM-BN paper's
    data code: each channel downsampled 2x, then 16 -> 8 bit by clipping at its
    99.99th percentile, optionally centre-cropped/padded to a fixed size.
-3. `build_jump_store`: reads every site with tifffile, preprocesses it and writes the
-   store through `store.ensure_store` under `<data_dir>/jump_<key>`, where the key
-   hashes the inputs (table files, every image file's path/size/mtime, all options),
-   so a re-run reuses the store and any change builds a new one.
+3. `build_jump_store`: checks the tables and TIFF headers (`jump_checks`; bad sites
+   raise or are skipped and reported), then reads every site with tifffile, divides by
+   its illumination functions when load_data names them, preprocesses it and writes the
+   store under `<data_dir>/jump_<key>`, where the key hashes the inputs (table files,
+   every image file's path/size/mtime, all options), so a re-run reuses the store and
+   any change builds a new one. Engines: "local" (`jump_shards`: threads, resumable
+   shards) or "beam" (`jump_beam`: Apache Beam through TFDS, DirectRunner or a cluster).
 
 Tables and images are local files, or URLs read through fsspec (`jaxadapt.data.fileio`):
 download the images (e.g. from the Cell Painting Gallery) and map the `s3://` prefixes of
@@ -23,18 +26,19 @@ directly where fsspec has access.
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import shutil
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import tifffile
 
 from jaxadapt.data import fileio, schema, store
-from jaxadapt.data.jump_load_data import JumpSites, Subset, read_load_data
+from jaxadapt.data.jump_load_data import (JumpSites, Subset,  # noqa: F401 (re-exported)
+                                          read_load_data)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +94,8 @@ def _size_pair(image_size: int | Sequence[int] | None) -> tuple[int, int] | None
 
 def preprocess(stack: np.ndarray, *, channel_axis: int = 0, downsample: int = 2,
                upper_percentile: float = 99.99, lower_percentile: float = 0.0,
-               image_size: int | Sequence[int] | None = None) -> np.ndarray:
+               image_size: int | Sequence[int] | None = None,
+               illum: np.ndarray | None = None) -> np.ndarray:
     """Turns one site's raw channels into the uint8 image stored on disk.
 
     Follows the CS-ARM-BN data code: each channel is downsampled `downsample`x (mean
@@ -100,6 +105,10 @@ def preprocess(stack: np.ndarray, *, channel_axis: int = 0, downsample: int = 2,
     to its own range (this also removes per-image brightness differences). The values
     are stretched from the `lower_percentile` percentile (default 0 = the channel's
     minimum) to 255 and rounded half up; a constant channel maps to all 0 (no NaN).
+    With `illum`, each raw channel is first divided by its illumination function at
+    full resolution, as CellProfiler's CorrectIlluminationApply ("Divide") does (it
+    divides the image scaled to [0, 1]; the per-image percentile stretch makes that
+    scale irrelevant, so the raw values are divided in float64).
 
     Args:
       stack: integer (e.g. uint16, uint8) or finite float array, [C, H, W] with
@@ -110,6 +119,8 @@ def preprocess(stack: np.ndarray, *, channel_axis: int = 0, downsample: int = 2,
       lower_percentile: percentile mapped to 0.
       image_size: None to keep the downsampled size, else an int or (height, width) to
         centre-crop / zero-pad to.
+      illum: optional float illumination functions [C, H, W] (channels first, the raw
+        size), finite and > 0 (see `jump_build.read_illum`).
 
     Returns:
       uint8 array [h, w, C].
@@ -129,6 +140,12 @@ def preprocess(stack: np.ndarray, *, channel_axis: int = 0, downsample: int = 2,
     if stack.dtype.kind == "f" and not np.isfinite(stack).all():
         raise ValueError("site stack has NaN/Inf values; clean the image before preprocessing")
     chw = np.moveaxis(stack, channel_axis, 0)
+    if illum is not None:
+        illum = np.asarray(illum, np.float64)
+        if illum.shape != chw.shape:
+            raise ValueError(f"illumination functions of shape {illum.shape} do not match the "
+                             f"site's [C, H, W] {chw.shape}; use the plate's own Illum files")
+        chw = chw.astype(np.float64) / illum
     if min(chw.shape[1:]) < int(downsample):
         raise ValueError(f"site of shape {chw.shape} [C, H, W] is smaller than one "
                          f"{downsample}x{downsample} block; check channel_axis")
@@ -189,21 +206,25 @@ def read_site(paths: Sequence[str], frames: Sequence[int], *, name: str = "site"
 # --------------------------------------------------------------------------- store
 
 
-def _file_stamps(paths) -> list[list]:
-    """[path, size, version] of each file (local: absolute path, size, mtime in ns)."""
+def _file_stamps(paths: Sequence[str]) -> list[list]:
+    """[path, size, version] of each file: local (absolute path, size, mtime in ns) or a
+    URL's through fsspec (`fileio.stamps`: one listing per directory)."""
     found = fileio.stamps(paths)
-    missing = [p for p, st in found.items() if st is None]
+    missing = [p for p in paths if found[p] is None]
     if missing:
-        raise ValueError(f"{len(missing)} input file(s) are missing, e.g. {missing[:5]}")
+        raise ValueError(f"input file {missing[0]} cannot be read (missing; {len(missing)} "
+                         f"missing in all, e.g. {missing[:5]}); download it or fix "
+                         "image_root / path_map")
     return [found[p] for p in paths]
 
 
-def store_key(sites: JumpSites, inputs: Sequence[str], options: Mapping) -> str:
+def store_key(sites, inputs: Sequence[str], options: Mapping) -> str:
     """Returns a 16-hex-digit hash of the input files (path, size, mtime) and options.
 
     Args:
-      sites: the parsed sites (their table and every referenced image file).
-      inputs: the table files (load_data, well table).
+      sites: the parsed sites (`JumpSites` or a `jump_build.BuildPlan`: anything with
+        `paths` and `frames` [N, C]).
+      inputs: the table files (load_data, well table, plate table, illum functions).
       options: everything else that changes the records (channels, sizes, percentiles...).
 
     Returns:
@@ -219,42 +240,6 @@ def store_key(sites: JumpSites, inputs: Sequence[str], options: Mapping) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _site_name(table: schema.SiteTable, i: int) -> str:
-    return (f"site {table['source'][i]}/{table['batch'][i]}/{table['plate'][i]}/"
-            f"{table['well'][i]}/{table['site'][i]}")
-
-
-def _record_shape(path: str, prep: Mapping, n_channels: int) -> tuple[int, int, int]:
-    """The record shape, from `image_size` or else the first site's TIFF header (no decode),
-    so that reopening a cached store reads no pixels."""
-    if prep["image_size"] is not None:
-        return (*prep["image_size"], n_channels)
-    with fileio.open_binary(path) as f, tifffile.TiffFile(f) as tif:
-        series = tif.series[0]
-        h, w = series.shape[series.axes.index("Y")], series.shape[series.axes.index("X")]
-    d = prep["downsample"]
-    return (h // d, w // d, n_channels)
-
-
-def _chunks(sites: JumpSites, prep: Mapping, shape: tuple[int, int, int], chunk_sites: int,
-            num_workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Reads and preprocesses sites in chunks, in row order, with a thread pool."""
-    def one(i: int) -> np.ndarray:
-        name = _site_name(sites.table, i)
-        img = preprocess(read_site(sites.paths[i], sites.frames[i], name=name,
-                                   channels=sites.channels), **prep)
-        if img.shape != shape:
-            raise ValueError(f"{name} preprocesses to shape {img.shape}, the first site to "
-                             f"{shape}; set image_size to crop/pad every site to one size")
-        return img
-
-    n = len(sites.table)
-    with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
-        for start in range(0, n, chunk_sites):
-            rows = np.arange(start, min(start + chunk_sites, n))
-            yield rows, np.stack(list(pool.map(one, rows)))
-
-
 def build_jump_store(load_data_csv: str | Sequence[str], well_csv: str,
                      label_map: Mapping[str, int],
                      data_dir: str, *, channels: Sequence[str] = schema.CHANNELS,
@@ -264,12 +249,18 @@ def build_jump_store(load_data_csv: str | Sequence[str], well_csv: str,
                      moa_map: Mapping[str, str] | None = None,
                      control_compounds: Sequence[str] = (schema.DMSO,),
                      drop_unlabelled: bool = False, chunk_sites: int = 64,
-                     num_workers: int = 4, subset: Subset | None = None):
+                     num_workers: int = 4, subset: Subset | None = None,
+                     engine: str = "local",
+                     plate_csv: str | None = None, illum: bool | None = None,
+                     on_bad_site: str = "raise", shard_sites: int = 256,
+                     beam_runner=None, beam_options=None, progress_every_s: float = 30.0,
+                     check_headers: bool = True):
     """Builds (or reuses) the uint8 image store of the sites of a load_data table.
 
-    The store lives in `<data_dir>/jump_<key>`; the key hashes the load_data and well
-    tables, every image file's path/size/mtime and every option that changes records,
-    so an unchanged re-run opens the cached store and a change builds a new one.
+    The store lives in `<data_dir>/jump_<key>`; the key hashes the tables, every image
+    (and illumination) file's path/size/mtime and every option that changes records,
+    so an unchanged re-run opens the cached store and a change builds a new one. Both
+    engines write the same records into the same layout (`store.open_store` reads it).
 
     Args:
       load_data_csv, well_csv, label_map, channels, image_root, path_map, moa_map,
@@ -278,30 +269,74 @@ def build_jump_store(load_data_csv: str | Sequence[str], well_csv: str,
       data_dir: parent directory of the cache.
       image_size, downsample, upper_percentile, lower_percentile: see `preprocess`;
         with `image_size=None` every site must preprocess to the same size.
-      chunk_sites: sites per chunk handed to the store writer (speed only).
+      chunk_sites: kept for compatibility (records are written shard by shard).
       num_workers: threads reading TIFFs (speed only).
+      engine: "local" (threads on this machine; resumable: finished shards of a killed
+        build are reused) or "beam" (Apache Beam through TFDS; see `jump_beam`).
+      plate_csv: optional JUMP `plate.csv.gz`; every plate must be listed there.
+      illum: None = divide by the illumination functions when load_data has
+        `FileName_Illum<ch>`/`PathName_Illum<ch>` (JUMP's load_data_with_illum);
+        True = require them; False = never correct.
+      on_bad_site: "raise" (default) a ValueError naming every bad site (missing,
+        truncated or unreadable TIFF, channel missing from load_data, plate absent
+        from the metadata, inconsistent sizes), or "skip" them and list each with its
+        reason in `<store>/build_report.json`.
+      shard_sites: sites per shard (local: the unit of resumption) or per Beam work item.
+      beam_runner, beam_options: Beam runner (name or object) and PipelineOptions for
+        `engine="beam"`; default the DirectRunner.
+      progress_every_s: seconds between progress lines (sites done, sites/s, ETA).
+      check_headers: read every TIFF header before building (finds missing, truncated
+        and mis-sized files up front; needed for on_bad_site="skip"); False reads only
+        the first site's, for very large builds where that scan is too slow, and a bad
+        file then stops the build with a ValueError naming it when it is decoded.
 
     Returns:
       (source, table): `source[i]` -> {"image": uint8 [h, w, C], "row": i} and the
       SiteTable whose row i describes record i.
     """
-    sites = read_load_data(load_data_csv, well_csv, label_map, channels=channels,
-                           image_root=image_root, path_map=path_map, moa_map=moa_map,
-                           control_compounds=control_compounds,
-                           drop_unlabelled=drop_unlabelled, subset=subset)
+    # pylint: disable=g-import-not-at-top  (the builder modules import this one)
+    from jaxadapt.data import jump_beam, jump_build, jump_shards
+    del chunk_sites
+    if engine not in ("local", "beam"):
+        raise ValueError(f"engine={engine!r}: use 'local' or 'beam'")
+    os.makedirs(data_dir, exist_ok=True)
     prep = {"downsample": int(downsample), "upper_percentile": float(upper_percentile),
             "lower_percentile": float(lower_percentile), "image_size": _size_pair(image_size)}
-    options = dict(prep, channels=list(sites.channels), label_map=dict(label_map),
+    plan = jump_build.plan_build(
+        load_data_csv, well_csv, label_map, prep=prep, channels=channels,
+        image_root=image_root, path_map=path_map, moa_map=moa_map,
+        control_compounds=control_compounds, drop_unlabelled=drop_unlabelled,
+        plate_csv=plate_csv, illum=illum, on_bad_site=on_bad_site, num_workers=num_workers,
+        check_headers=check_headers, subset=subset)
+    illum_files = [] if plan.illum is None else sorted(set(plan.illum.ravel().tolist()))
+    options = dict(prep, channels=list(plan.channels), label_map=dict(label_map),
                    moa_map=dict(moa_map or {}), control_compounds=list(control_compounds),
-                   drop_unlabelled=bool(drop_unlabelled),
-                   subset={k: list(v) for k, v in (subset or Subset())._asdict().items()})
+                   drop_unlabelled=bool(drop_unlabelled), illum=plan.illum is not None,
+                   skipped=[b.as_dict() for b in plan.skipped])
+    if subset is not None and any(subset):  # without one, the keys of before subsets
+        options["subset"] = {k: list(v) for k, v in subset._asdict().items()}
     tables = [load_data_csv] if isinstance(load_data_csv, str) else list(load_data_csv)
-    key = store_key(sites, [*tables, well_csv], options)
-    shape = _record_shape(sites.paths[0, 0], prep, len(sites.channels))
-    source, table, built = store.ensure_store(
-        os.path.join(data_dir, f"jump_{key}"), lambda: sites.table,
-        lambda t: _chunks(sites, prep, shape, chunk_sites, num_workers),
-        image_shape=shape, key=key)
-    log.info("%s JUMP image store jump_%s: %d sites, images %s",
-             "built" if built else "reused", key, len(table), shape)
+    inputs = [*tables, well_csv] + ([plate_csv] if plate_csv else []) + illum_files
+    key = store_key(plan, inputs, options)
+    root = os.path.join(data_dir, f"jump_{key}")
+    problem = store.store_problem(root, key=key)
+    if problem is not None:
+        store._remove_stale_temps(root)  # pylint: disable=protected-access
+        if problem != "missing":
+            log.warning("image store %s is unusable (%s); rebuilding it", root, problem)
+            shutil.rmtree(root, ignore_errors=True)
+        if engine == "local":
+            jump_shards.build_local(plan, root, key=key, shard_sites=shard_sites,
+                                    num_workers=num_workers, progress_every_s=progress_every_s)
+        else:
+            jump_beam.build_beam(plan, root, key=key, beam_runner=beam_runner,
+                                 beam_options=beam_options, shard_sites=shard_sites,
+                                 progress_every_s=progress_every_s)
+    source, table = store.open_store(root)
+    log.info("%s JUMP image store jump_%s: %d sites, images %s, %d skipped",
+             "built" if problem else "reused", key, len(table), plan.shape, len(plan.skipped))
+    if plan.skipped:
+        log.warning("%d bad site(s) left out of the JUMP image store (on_bad_site='skip'); "
+                    "each is listed with its reason in %s", len(plan.skipped),
+                    os.path.join(root, jump_build.REPORT))
     return source, table

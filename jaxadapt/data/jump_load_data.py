@@ -220,7 +220,8 @@ def read_load_data(load_data_csv: str | Sequence[str], well_csv: str,
                    control_compounds: Sequence[str] = (schema.DMSO,),
                    drop_unlabelled: bool = False,
                    check_files: bool = True,
-                   subset: Subset | None = None) -> JumpSites:
+                   subset: Subset | None = None,
+                   exclude: Sequence[tuple] = ()) -> JumpSites:
     """Parses load_data tables and joins them with compounds and labels.
 
     Args:
@@ -242,6 +243,8 @@ def read_load_data(load_data_csv: str | Sequence[str], well_csv: str,
         compound is neither labelled nor a control, instead of raising.
       check_files: raise if any referenced image file does not exist.
       subset: sources, batches, plates and compounds to keep (default: all).
+      exclude: site keys (source, batch, plate, well, site) to leave out before the
+        join, e.g. the sites a builder skips (`jump_build.plan_build`).
 
     Returns:
       JumpSites(table, paths [N, C], frames [N, C], channels), rows in table order.
@@ -261,6 +264,14 @@ def read_load_data(load_data_csv: str | Sequence[str], well_csv: str,
     keys = [(r["Metadata_Source"], r["Metadata_Batch"], r["Metadata_Plate"], r["Metadata_Well"],
              _site_index(r, line, path)) for r, path, line in zip(rows, origin, lines)]
     _check_duplicates(keys, where)
+    if len(exclude):
+        out = set(exclude)
+        kept = [i for i, k in enumerate(keys) if k not in out]
+        rows, origin, lines, keys = ([seq[i] for i in kept]
+                                     for seq in (rows, origin, lines, keys))
+        if not rows:
+            raise ValueError(f"every site of {where} is excluded (skipped as bad); "
+                             "nothing is left to build")
     wells = _read_wells(well_csv)
     compounds = [wells.get((k[0], k[2], k[3])) for k in keys]
     if subset.compounds:

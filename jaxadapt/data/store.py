@@ -41,6 +41,15 @@ _MARKER = "COMPLETE.json"
 Chunks = Iterable[tuple[np.ndarray, np.ndarray]]
 
 
+def site_features(image_shape: tuple[int, int, int]) -> tfds.features.FeaturesDict:
+    """The features of every store record: `image` uint8 [H, W, C] (raw bytes), `row`."""
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Tensor(shape=tuple(image_shape), dtype=np.uint8,
+                                      encoding="bytes"),
+        "row": np.int64,
+    })
+
+
 class JaxadaptSites(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """TFDS builder of one split "train" with features `image` (uint8 HWC) and `row`.
 
@@ -63,11 +72,7 @@ class JaxadaptSites(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(
-                    shape=self._image_shape, dtype=np.uint8, encoding="bytes"),
-                "row": np.int64,
-            }),
+            features=site_features(self._image_shape),
             # Keeps record i == table row i (TFDS would otherwise shuffle by key hash).
             disable_shuffling=True,
         )
@@ -130,14 +135,8 @@ def build_store(root: str, table: schema.SiteTable, chunks: Callable[[], Chunks]
         builder.download_and_prepare(file_format="array_record",
                                      download_dir=os.path.join(tmp, "dl"))
         shutil.rmtree(os.path.join(tmp, "dl"), ignore_errors=True)
-        np.savez(os.path.join(tmp, "table.npz"), **_table_to_npz(table))
-        if extras is not None:
-            np.savez(os.path.join(tmp, "extras.npz"), **dict(extras()))
-        marker = {"key": key, "format_version": FORMAT_VERSION, "n_rows": len(table),
-                  "image_shape": list(image_shape), "files": _record_files(tmp)}
-        with open(os.path.join(tmp, _MARKER), "w") as f:
-            json.dump(marker, f, indent=1)
-        os.replace(tmp, root)  # atomic: a reader never sees a half-built store
+        finish_store(tmp, root, table, image_shape=image_shape, key=key,
+                     extras=None if extras is None else dict(extras()))
     except OSError:
         if os.path.isdir(root) and store_problem(root, key=key) is None:
             log.info("store %s was completed by another process; using it", root)
@@ -145,6 +144,39 @@ def build_store(root: str, table: schema.SiteTable, chunks: Callable[[], Chunks]
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def finish_store(tmp: str, root: str, table: schema.SiteTable, *,
+                 image_shape: tuple[int, int, int], key: str = "",
+                 extras: Mapping[str, np.ndarray] | None = None) -> None:
+    """Completes a store whose TFDS files are already in `tmp` and renames it to `root`.
+
+    Writes table.npz, the optional extras.npz and, last, the completion marker, then
+    renames `tmp` to `root` atomically (a reader never sees a half-built store). Every
+    builder (in-process TFDS, Apache Beam, the resumable JUMP shard writer) ends here,
+    so all stores share one layout and one reader (`open_store`).
+
+    Args:
+      tmp: directory holding `jaxadapt_sites/<version>/` (dataset_info + record files).
+      root: final directory (must not exist).
+      table: the site metadata; row i describes record i.
+      image_shape: (H, W, C) of every record.
+      key: cache key for the marker.
+      extras: optional per-row arrays saved in extras.npz.
+    """
+    np.savez(os.path.join(tmp, "table.npz"), **_table_to_npz(table))
+    if extras is not None:
+        np.savez(os.path.join(tmp, "extras.npz"), **dict(extras))
+    marker = {"key": key, "format_version": FORMAT_VERSION, "n_rows": len(table),
+              "image_shape": list(image_shape), "files": _record_files(tmp)}
+    with open(os.path.join(tmp, _MARKER), "w") as f:
+        json.dump(marker, f, indent=1)
+    os.replace(tmp, root)
+
+
+def version_dir(root: str) -> str:
+    """The TFDS directory `root/jaxadapt_sites/<version>` holding the record files."""
+    return _version_dir(root)
 
 
 def _version_dir(root: str) -> str:

@@ -1,4 +1,4 @@
-"""The images a study runs on, chosen by `config.data.source`: the simulator or real JUMP.
+"""The data a study runs on, chosen by `config.data.source`: simulator, JUMP images, profiles.
 
 `load_world(cfg) -> (source, table)` looks the loader up in `LOADERS` (one entry per data
 source), so a study, its splits and its methods are the same whichever data it reads:
@@ -9,7 +9,14 @@ source), so a study, its splits and its methods are the same whichever data it r
   label table compound -> class. Relative paths are under `cfg.data.jump.root`, the local
   copy of the gallery (or an fsspec URL such as `s3://cellpainting-gallery`).
   `PathName_*` values under `remote_prefix` (`s3://cellpainting-gallery/`) are read from
-  the same place under root.
+  the same place under root. The builder's options (engine "local"/"beam", bad sites
+  raised or skipped and reported, illumination correction, shards) come from the same
+  section.
+- "jump_profiles": well-level CellProfiler profiles (`profiles.load_profile_world`) from
+  `cfg.data.profiles`, as 1 x 1 records for `model.name = "mlp"`.
+
+Which config keys a source never reads (`inert_keys`) is declared here beside its loader,
+so the checkpoint keys (`jaxadapt.train.registry.checkpoint_key`) leave them out.
 
 Channel statistics for normalization read at most `stats_sample(cfg)` training images.
 """
@@ -22,7 +29,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from jaxadapt.data import fileio, jump_images, schema, tfds_sim
+from jaxadapt.data import fileio, jump_images, profiles, schema, tfds_sim
 from jaxadapt.data.jump_load_data import Subset
 
 log = logging.getLogger(__name__)
@@ -240,7 +247,9 @@ def _load_jump(cfg: ml_collections.ConfigDict):
         lower_percentile=jump.lower_percentile, path_map=path_map, moa_map=moa,
         control_compounds=tuple(jump.controls), drop_unlabelled=jump.drop_unlabelled,
         num_workers=jump.num_workers,
-        subset=Subset(tuple(jump.sources), tuple(jump.batches), plates, tuple(jump.compounds)))
+        subset=Subset(tuple(jump.sources), tuple(jump.batches), plates, tuple(jump.compounds)),
+        plate_csv=under_root(root, jump.plate_csv) if jump.plate_csv else None,
+        **builder_options(jump))
     _check_crop(cfg, tuple(source[0]["image"].shape))
     log.info("JUMP world: %d sites, sources %s, %d batches, %d plates, %d compounds",
              len(table), table.unique("source").tolist(), len(table.unique("batch")),
@@ -248,24 +257,65 @@ def _load_jump(cfg: ml_collections.ConfigDict):
     return source, table
 
 
+#: `config.data.jump.illum` -> `build_jump_store(illum=...)`.
+ILLUM = {"auto": None, "on": True, "off": False}
+#: `config.data.jump` keys that only choose how (not what) the builder builds.
+BUILDER_SPEED_KEYS = ("num_workers", "engine", "beam_runner", "beam_options", "shard_sites",
+                      "check_headers", "progress_every_s")
+
+
+def builder_options(jump: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The store builder's keywords from `config.data.jump` (engine, bad sites, illum...).
+
+    Args:
+      jump: `config.data.jump`.
+
+    Returns:
+      Keyword arguments of `jump_images.build_jump_store`.
+    """
+    options = None
+    if jump.engine == "beam" and jump.beam_options:
+        from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
+
+        options = pipeline_options.PipelineOptions(list(jump.beam_options))
+    return {"engine": jump.engine, "on_bad_site": jump.on_bad_site,
+            "illum": ILLUM[jump.illum], "shard_sites": jump.shard_sites,
+            "check_headers": jump.check_headers, "progress_every_s": jump.progress_every_s,
+            "beam_runner": jump.beam_runner or None, "beam_options": options}
+
+
+def _load_profiles(cfg: ml_collections.ConfigDict):
+    source, table = profiles.load_profile_world(cfg)
+    held = set(table.unique("source").tolist())
+    absent = [s for s in cfg.train_sources if s not in held]
+    if absent:  # the validator cannot know the sources before the tables are read
+        raise ValueError(f"config.train_sources lists {absent}, which the profiles do not hold; "
+                         f"their sources are {sorted(held)}")
+    return source, table
+
+
 #: Data source name -> loader(cfg) -> (source, table). A new kind of data adds one entry.
 LOADERS: dict[str, Callable[[ml_collections.ConfigDict], Any]] = {
     "sim": _load_sim,
     "jump": _load_jump,
+    "jump_profiles": _load_profiles,
 }
 
 #: Data source name -> the most training images channel statistics read (None: all).
 STATS_SAMPLE: dict[str, Callable[[ml_collections.ConfigDict], int | None]] = {
     "sim": lambda cfg: None,
     "jump": lambda cfg: cfg.data.jump.stats_sample or None,
+    "jump_profiles": lambda cfg: None,  # normalized per plate when loaded: no statistics
 }
 
 
-#: Data source name -> config keys that do not change its images (left out of the keys of
-#: trained models): the other sources' settings, and speed-only settings.
+#: Data source name -> config keys that do not change its records (left out of the keys of
+#: trained models): the other sources' settings, and speed-only settings. A simulator
+#: study's keys are therefore those it had before real data and profiles existed.
 INERT_KEYS: dict[str, tuple[str, ...]] = {
-    "sim": ("data.source", "data.jump"),
-    "jump": ("data.sim", "data.jump.num_workers"),
+    "sim": ("data.source", "data.jump", "data.profiles"),
+    "jump": ("data.sim", "data.profiles") + tuple(f"data.jump.{k}" for k in BUILDER_SPEED_KEYS),
+    "jump_profiles": ("data.sim", "data.jump", "data.profiles.report_dir"),
 }
 
 
@@ -276,7 +326,7 @@ def inert_keys(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
       cfg: the study config (without `data.source`: the simulator).
 
     Returns:
-      The keys, e.g. ("data.source", "data.jump") for a simulator study.
+      The keys, e.g. ("data.source", "data.jump", "data.profiles") for a simulator study.
     """
     return INERT_KEYS.get(cfg.get("data", {}).get("source", "sim"), ())
 

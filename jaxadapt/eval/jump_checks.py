@@ -14,10 +14,16 @@ from typing import Any
 
 from jaxadapt.data import fileio, worlds
 
-_STRINGS = ("root", "remote_prefix", "well_csv", "plate_csv", "labels")
-_NAME_TUPLES = ("load_data", "sources", "batches", "plate_types", "compounds")  # may be empty
+_STRINGS = ("root", "remote_prefix", "well_csv", "plate_csv", "labels", "beam_runner")
+_NAME_TUPLES = ("load_data", "sources", "batches", "plate_types", "compounds",  # may be empty
+                "beam_options")
 _NON_EMPTY_TUPLES = ("controls", "channels")
-_INTEGERS = {"image_size": 0, "downsample": 1, "stats_sample": 0, "num_workers": 1}
+_INTEGERS = {"image_size": 0, "downsample": 1, "stats_sample": 0, "num_workers": 1,
+             "shard_sites": 1}
+_BOOLS = ("drop_unlabelled", "check_headers")
+#: The builder's choices (`jump_images.build_jump_store`; illum through `worlds.ILLUM`).
+_CHOICES = {"engine": ("local", "beam"), "on_bad_site": ("raise", "skip"),
+            "illum": tuple(worlds.ILLUM)}
 _HOW = {
     "image_size": "0 keeps each site's size after downsampling",
     "stats_sample": "0 reads every training image",
@@ -53,8 +59,8 @@ def key_problems(cfg: Any) -> list[str]:
     if v.get(cfg, "data.jump") is v.MISSING:
         return [v._lacks("data.jump")]  # pylint: disable=protected-access
     out = []
-    for name in _STRINGS + _NAME_TUPLES + _NON_EMPTY_TUPLES + tuple(_INTEGERS) + (
-            "drop_unlabelled", "upper_percentile", "lower_percentile"):
+    for name in _STRINGS + _NAME_TUPLES + _NON_EMPTY_TUPLES + tuple(_INTEGERS) + _BOOLS + tuple(
+            _CHOICES) + ("upper_percentile", "lower_percentile", "progress_every_s"):
         if v.get(cfg, f"data.jump.{name}") is v.MISSING:
             out.append(v._lacks(f"data.jump.{name}"))  # pylint: disable=protected-access
     if out:
@@ -70,9 +76,19 @@ def key_problems(cfg: Any) -> list[str]:
         if not (v._is_int(j[name]) and j[name] >= lo):  # pylint: disable=protected-access
             how = f" ({_HOW[name]})" if name in _HOW else ""
             out.append(f"config.data.jump.{name}={j[name]!r}: must be an integer >= {lo}{how}")
-    if not isinstance(j.drop_unlabelled, bool):
-        out.append(f"config.data.jump.drop_unlabelled={j.drop_unlabelled!r}: must be True or "
-                   "False")
+    for name in _BOOLS:
+        if not isinstance(j[name], bool):
+            out.append(f"config.data.jump.{name}={j[name]!r}: must be True or False")
+    for name, choices in _CHOICES.items():
+        if not (isinstance(j[name], str) and j[name] in choices):
+            out.append(f"config.data.jump.{name}={j[name]!r}: use one of {choices}")
+    every = j.progress_every_s
+    if not (v._is_number(every) and every > 0):  # pylint: disable=protected-access
+        out.append(f"config.data.jump.progress_every_s={j.progress_every_s!r}: must be a "
+                   "number > 0 (seconds between build progress lines)")
+    if not out and j.on_bad_site == "skip" and not j.check_headers:
+        out.append("config.data.jump.on_bad_site='skip' needs config.data.jump.check_headers="
+                   "True: bad files are found by the header scan before any record is written")
     lo, hi = j.lower_percentile, j.upper_percentile
     for name, value, ok, rule in (
             ("upper_percentile", hi, lambda x: 0 < x <= 100, "a number in (0, 100] (the paper "

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import hashlib
-import json
 import logging
 import os
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
@@ -20,8 +18,8 @@ import ml_collections
 import numpy as np
 
 from jaxadapt.adapt.base import Method, Variables
-from jaxadapt.data import samplers, splits as splits_lib, subsets, worlds
-from jaxadapt.eval import metrics, validation
+from jaxadapt.data import samplers, splits as splits_lib, subsets
+from jaxadapt.eval import metrics, retrieval, validation
 from jaxadapt.eval.reports import Score
 from jaxadapt.eval.units import DataView, PipelineUnit
 from jaxadapt.train import registry as trainer_registry
@@ -53,7 +51,8 @@ def training_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
     the hash is what the recipe declares (`jaxadapt.train.registry.Trainer`): the
     common sections (data, splits, model) and its own (e.g. train, arm), without the
     fields it never reads, nor the settings of the data sources the study does not read
-    (`worlds.inert_keys`: a simulator study's keys are those it had before real data).
+    (`trainer_registry.unused_data_keys`: a simulator study's keys are those it had before
+    real data and profiles).
 
     Args:
       cfg: the study config.
@@ -65,22 +64,7 @@ def training_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
     Raises:
       ValueError: an unknown recipe, naming the known ones.
     """
-    recipe = trainer_registry.get(trainer)
-    spec = {k: _plain(cfg[k]) for k in trainer_registry.COMMON_SECTIONS + recipe.sections
-            if k in cfg}
-    for path in trainer_registry.NOT_TRAINING + recipe.ignored + worlds.inert_keys(cfg):
-        *parents, leaf = path.split(".")
-        node = spec
-        for key in parents:
-            node = node.get(key, {})
-        if isinstance(node, dict):
-            node.pop(leaf, None)
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
-    return f"{trainer}-{digest[:12]}"
-
-
-def _plain(value: Any) -> Any:
-    return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+    return trainer_registry.checkpoint_key(cfg, trainer)
 
 
 class TrainerSpec(NamedTuple):
@@ -367,6 +351,8 @@ def run_replicate(rep: Replicate, cfg: ml_collections.ConfigDict, view: DataView
     Besides accuracy and macro-F1, a split's rows count what a method's configured
     fallbacks did (`Method.counts`, e.g. `units_short_of_controls`) and, under label shift,
     `label_shift_short_batches`: test batches short of L because a class was taken whole.
+    With `eval.retrieval`, methods with `Method.embed_unit` also get `map_replicate` and
+    `map_moa` (copairs mAP of well profiles, `jaxadapt.eval.retrieval`).
 
     Args:
       rep: the replicate.
@@ -418,6 +404,8 @@ def _score_splits(rep: Replicate, cfg: ml_collections.ConfigDict, view: DataView
         values.update({name: float(events[name]) for name in method.counts})
         if setting.get("alpha", "balanced") != "balanced":
             values["label_shift_short_batches"] = float(sum(u.short_batches for u in units))
+        if method.embed_unit is not None and cfg.eval.get("retrieval", False):
+            values.update(retrieval.split_retrieval(method, variables, view, units))
         for metric, value in values.items():
             scores.append(Score(method.name, split, metric, value, setting, run=rep.run_id))
         log.info("%s %s%s %s: accuracy %.3f", rep.run_id, method.name, f" {setting}" if setting else "",

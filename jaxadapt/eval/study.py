@@ -31,11 +31,21 @@ def make_view(source, table: SiteTable, train_rows, data_cfg: ml_collections.Con
       table: metadata of every record.
       train_rows: rows whose pixels define the per-channel mean and std.
       data_cfg: `config.data` (crop_size, num_threads, normalization: "dataset" statistics
-        of `train_rows`, or "per_image" standardization).
+        of `train_rows`, or "per_image" standardization; source "jump_profiles": the
+        identity on 1 x 1 records).
+      stats_sample: read at most this many training images for the statistics
+        (`worlds.stats_sample`); None reads all.
 
     Returns:
       The DataView.
     """
+    if data_cfg.get("source") == "jump_profiles":
+        # Profiles are normalized per plate when loaded; a 1 x 1 crop is the identity.
+        identity = transforms.Transform(1, None)
+        dim = int(np.asarray(source[0]["image"]).shape[-1])
+        return DataView(source=source, table=table, eval_transform=identity,
+                        train_transform=transforms.Transform(1, None, train=True),
+                        num_threads=data_cfg.num_threads, channels=dim)
     if data_cfg.normalization == "per_image":
         evaluate = transforms.per_image_eval_transform(data_cfg.crop_size)
         train = transforms.Transform(data_cfg.crop_size, None, train=True, per_image=True)

@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxadapt.adapt.base import UnitBatch, UnlabelledImages
 from jaxadapt.data import pipeline, samplers
-from jaxadapt.data.schema import NO_LABEL, SiteTable
+from jaxadapt.data.schema import CHANNELS, NO_LABEL, SiteTable
 
 
 @dataclasses.dataclass
@@ -27,6 +27,7 @@ class DataView:
       eval_transform: deterministic transform for evaluation (centre crop + normalize).
       train_transform: random transform for training (crop, flips + normalize).
       num_threads: grain reader threads.
+      channels: channels of every record (5 Cell Painting stains; a profile's features).
     """
 
     source: Any
@@ -34,6 +35,7 @@ class DataView:
     eval_transform: Any
     train_transform: Any
     num_threads: int = 2
+    channels: int = len(CHANNELS)
 
     def eval_batches(self, rows: np.ndarray, masks: np.ndarray | None = None, *,
                      first_column: int = 0) -> Iterator[dict]:
@@ -44,6 +46,7 @@ class DataView:
         return pipeline.batches(
             self.source, self.table, rows, transform=self.eval_transform, seed=0,
             masks=masks, num_threads=self.num_threads, first_column=first_column,
+            channels=self.channels,
         )
 
     def train_batches(self, rows: np.ndarray, *, seed: int, first_column: int = 0
@@ -55,7 +58,7 @@ class DataView:
         """
         return pipeline.batches(
             self.source, self.table, rows, transform=self.train_transform, seed=seed,
-            num_threads=self.num_threads, first_column=first_column,
+            num_threads=self.num_threads, first_column=first_column, channels=self.channels,
         )
 
 

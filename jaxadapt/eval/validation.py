@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Any, Callable, Mapping
 
 import ml_collections
 import numpy as np
 
 from jaxadapt import config as defaults
-from jaxadapt.adapt import registry
-from jaxadapt.data import design, schema, splits, subsets, views, worlds
+from jaxadapt.adapt import registry, tvn_head
+from jaxadapt.data import (design, profile_norm, profiles, profiles_config, schema, splits,
+                           subsets, views, worlds)
 from jaxadapt.eval import jump_checks
 from jaxadapt.models import VIT_SIZES, build_model
 from jaxadapt.models.mae import MAE_SIZES
@@ -78,6 +80,7 @@ _INTEGERS = {
     "data.crop_size": 1, "data.num_threads": 1, "data.sim.seed": 0,
     "splits.seed": 0, "eval.batch_size": 1, "eval.seed": 0,
     "model.width": 1, "model.num_classes": 1, "model.in_channels": 1,
+    "model.mlp_hidden_layers": 1,
     "train.batch_size": 1, "train.eval_batch_size": 1,
     "arm.episodes_per_step": 1, "arm.n_perturbed": 1, "arm.n_controls": 0,
     "arm.steps_per_epoch": 0, "arm.val_episodes": 1,
@@ -94,13 +97,14 @@ _INTEGERS = {
     "coda.adapt.seed": 0,
     "mae.epochs": 1, "mae.batch_size": 1, "mae.warmup_epochs": 0, "mae.log_every_steps": 1,
     "mae.ttt_steps": 1, "mae.ttt_copies": 1, "mae.ttt_chunk": 1, "mae.ttt_seed": 0,
+    "tvn.head_steps": 1,
 }
 _MAY_BE_NONE = ("adapt.plate_chunk_size",)  # None: the unit's own batch size
 _POSITIVE = ("train.learning_rate", "adapt.tent_lr", "dino.base_lr", "dino.min_lr",
              "dino.warmup_teacher_temp", "dino.teacher_temp", "dino.student_temp",
              "dino.knn_temperature", "coda.task.learning_rate", "coda.task.mlp_ratio",
              "coda.adapt.lr", "coda.adapt.min_lr", "coda.adapt.warmup_teacher_temp",
-             "coda.adapt.teacher_temp", "mae.blr")
+             "coda.adapt.teacher_temp", "mae.blr", "tvn.coral_lam", "tvn.head_lr")
 # Numbers in [0, 1] (momenta, weight decays) and >= 0 (clip threshold; 0 = off).
 _UNIT_INTERVAL = ("dino.momentum_teacher", "dino.centre_momentum", "dino.weight_decay",
                   "dino.weight_decay_end", "coda.task.weight_decay", "coda.adapt.weight_decay",
@@ -109,8 +113,11 @@ _UNIT_INTERVAL = ("dino.momentum_teacher", "dino.centre_momentum", "dino.weight_
 # Numbers strictly inside (0, 1).
 _OPEN_UNIT_INTERVAL = ("mae.mask_ratio",)
 _NON_NEGATIVE = ("dino.clip_grad", "coda.task.clip_grad", "coda.adapt.clip_grad", "mae.min_lr",
-                 "mae.ttt_lr")
-_BOOLS = ("dino.global_clip", "dino.norm_last_layer", "coda.adapt.global_clip", "mae.norm_pix")
+                 "mae.ttt_lr", "tvn.head_weight_decay")
+# Numbers in [0, 1).
+_HALF_OPEN_UNIT_INTERVAL = ("tvn.min_variance",)
+_BOOLS = ("dino.global_clip", "dino.norm_last_layer", "coda.adapt.global_clip", "mae.norm_pix",
+          "eval.retrieval", "tvn.per_unit", "tvn.coral")
 _CHOICES = {
     "eval.unit": UNITS,
     "model.stem": STEMS,
@@ -119,9 +126,13 @@ _CHOICES = {
     "adapt.on_short_controls": ("raise", "resample"),
     "dino.pair_level": ("plate", "batch"),
     "data.normalization": ("dataset", "per_image"),
+    "data.source": tuple(worlds.LOADERS),
+    "data.profiles.normalization": profile_norm.METHODS,
+    "data.profiles.on_nonfinite": profiles.NONFINITE_POLICIES,
+    "data.profiles.on_unlabelled": profiles.UNLABELLED_POLICIES,
     "eval.matrix_diagonal": splits.DIAGONALS,
     "mae.size": tuple(MAE_SIZES),
-    "data.source": tuple(worlds.LOADERS),
+    "tvn.extractor": tvn_head.EXTRACTORS,
 }
 _STRINGS = ("study", "checkpoint_dir", "data.cache_dir")
 # Episodes per step each episodic trainer splits over processes x local devices (whole
@@ -185,6 +196,8 @@ def _scalar_problems(cfg: Any) -> list[str]:
     for key, ok, rule in ([(k, lambda v: 0 <= v <= 1, "a number in [0, 1]") for k in _UNIT_INTERVAL]
                           + [(k, lambda v: 0 < v < 1, "a number in (0, 1)")
                              for k in _OPEN_UNIT_INTERVAL]
+                          + [(k, lambda v: 0 <= v < 1, "a number in [0, 1)")
+                             for k in _HALF_OPEN_UNIT_INTERVAL]
                           + [(k, lambda v: v >= 0, "a number >= 0") for k in _NON_NEGATIVE]):
         v = get(cfg, key)
         if v is MISSING:
@@ -238,6 +251,14 @@ def _names(cfg: Any, key: str, allowed: Any, what: str, rule: str = "",
 
 def _study_problems(cfg: Any) -> list[str]:
     """seeds, methods, train_sources, eval_splits and how they fit the simulated design."""
+    if _profiles(cfg):  # the sources are known once the tables are read (worlds.load_world)
+        out = _names(cfg, "seeds", lambda s: _is_int(s) and s >= 0, "seed", "use integers >= 0")
+        out += _names(cfg, "methods", registry.available(), "method")
+        out += _names(cfg, "train_sources", lambda s: isinstance(s, str) and bool(s), "source",
+                      "use the profiles' Metadata_Source names")
+        return out + _names(cfg, "eval_splits", _is_split, "split",
+                            f"use some of {splits.SPLITS} or source pairs 'source:<a>-><b>'",
+                            "unknown")
     key, sources = _source_names(cfg)
     out = _names(cfg, "seeds", lambda s: _is_int(s) and s >= 0, "seed", "use integers >= 0")
     out += _names(cfg, "methods", registry.available(), "method")
@@ -309,6 +330,11 @@ def _data_problems(cfg: Any) -> list[str]:
         return [_lacks("data.sim")]
     out = [m if not m.startswith("sim ") else "config.data.sim." + m[4:]  # "sim <field>=..."
            for m in _guarded(design.check_config, sim)]
+    if _profiles(cfg):
+        return out + _guarded(splits.in_domain_fraction, cfg.splits)
+    if get(cfg, "model.name") == "mlp":
+        out.append("config.model.name='mlp' takes CellProfiler profiles, not images; set "
+                   "--config.data.source=jump_profiles (and data.profiles), or use a resnet/vit")
     if get(cfg, "data.source") == "jump":  # the simulator's design is not what runs
         ok = not jump_checks.key_problems(cfg)  # their own messages come from _CHECKS
         return out + (jump_checks.jump_problems(cfg) if ok else [])
@@ -331,6 +357,27 @@ def _data_problems(cfg: Any) -> list[str]:
     for src in trains if isinstance(trains, (tuple, list)) and _is_int(n_batches) else ():
         out += _guarded(splits.batch_counts, cfg.splits, n_batches, src)
     out += _guarded(splits.in_domain_fraction, cfg.splits)
+    return out
+
+
+def _profiles(cfg: Any) -> bool:
+    return get(cfg, "data.source") == "jump_profiles"
+
+
+def _profile_problems(cfg: Any) -> list[str]:
+    """The `data.profiles` section (`profiles_config`), and the MLP on 1 x 1 inputs it needs."""
+    section = get(cfg, "data.profiles")
+    if section is MISSING:
+        return [_lacks("data.profiles")]
+    out = profiles_config.section_problems(section, reads_profiles=_profiles(cfg))
+    if not _profiles(cfg):
+        return out
+    if get(cfg, "model.name") != "mlp":
+        out.append(f"config.model.name={get(cfg, 'model.name')!r}: profiles are feature "
+                   "vectors; set --config.model.name=mlp")
+    if get(cfg, "data.crop_size") != 1:
+        out.append(f"config.data.crop_size={get(cfg, 'data.crop_size')!r}: a profile is a "
+                   "1 x 1 record; set --config.data.crop_size=1")
     return out
 
 
@@ -357,6 +404,28 @@ def _dino_problems(cfg: Any) -> list[str]:
     if _is_int(crop) and _is_int(patch) and patch > 0 and crop % patch:
         out.append(f"config.data.crop_size={crop} (the evaluation crop) is not divisible by "
                    f"the ViT patch size {patch}; use a multiple of {patch}")
+    return out
+
+
+def _tvn_problems(cfg: Any) -> list[str]:
+    """The `tvn` method's extractor against the model and the embedding file (if it runs)."""
+    methods, extractor = get(cfg, "methods"), get(cfg, "tvn.extractor")
+    path, name = get(cfg, "tvn.embeddings_file"), get(cfg, "model.name")
+    out = [] if isinstance(path, str) else [_bad("tvn.embeddings_file", path,
+                                                 "must be a string (a .npy path, or '')")]
+    if not (isinstance(methods, (tuple, list)) and "tvn" in methods) or out:
+        return out
+    vit = isinstance(name, str) and name in VIT_SIZES
+    if extractor == "file" and not (path and os.path.isfile(path)):
+        out.append(f"config.tvn.extractor='file' reads config.tvn.embeddings_file={path!r}, "
+                   "which is not a file; pass a .npy array with one row per site "
+                   "(--config.tvn.embeddings_file=/path/emb.npy)")
+    elif extractor == "erm" and vit:
+        out.append(f"config.tvn.extractor='erm' embeds with the erm recipe's BatchNorm model, "
+                   f"but config.model.name={name!r} is a ViT; use --config.tvn.extractor=dino")
+    elif extractor == "dino" and not vit:
+        out.append(f"config.tvn.extractor='dino' needs a ViT model, but config.model.name="
+                   f"{name!r}; use --config.tvn.extractor=erm or a vit_* model")
     return out
 
 
@@ -478,7 +547,7 @@ def sweep_problems(sweep: Any) -> list[str]:
 
 
 _CHECKS = (_scalar_problems, jump_checks.key_problems, _study_problems, _data_problems,
-           _train_problems, _dino_problems,
+           _profile_problems, _train_problems, _dino_problems, _tvn_problems,
            lambda cfg: _guarded(build_model, cfg.model),
            lambda cfg: sweep_problems(get(cfg, "sweep")))
 

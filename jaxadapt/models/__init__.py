@@ -13,11 +13,12 @@ from jaxadapt.models.norm import (
     norm_stats_from_suff,
     stats_from_suff,
 )
+from jaxadapt.models.mlp import MLP
 from jaxadapt.models.resnet import ResNet, resnet18, resnet34, resnet50
 from jaxadapt.models.vit import VIT_SIZES, DINOHead, DINOModel, ViT, check_vit_config, vit
 
 __all__ = [
-    "BatchNorm", "DINOHead", "DINOModel", "ResNet", "ViT", "build_model", "check_vit_config",
+    "BatchNorm", "DINOHead", "DINOModel", "MLP", "ResNet", "ViT", "build_model", "check_vit_config",
     "masked_moments", "merge_suff", "norm_stats_from_suff", "resnet18", "resnet34", "resnet50",
     "stats_from_suff", "vit",
 ]
@@ -49,6 +50,10 @@ def build_model(model_cfg: Any) -> nn.Module:
       ``img_size``, ``drop_path_rate``, ``embed_dim``, ``depth``, ``num_heads`` override
       the named size.
 
+      "mlp" builds the profile `MLP`: ``in_channels`` = number of features, ``width``
+      hidden units, ``mlp_hidden_layers`` blocks (default 2), ``num_classes``; optional
+      ``norm_momentum``, ``norm_epsilon``.
+
     Returns:
       The Flax module (not initialized).
     """
@@ -61,10 +66,12 @@ def build_model(model_cfg: Any) -> nn.Module:
         model = vit(name, **kw)
         check_vit_config(model.img_size, model.patch_size)
         return model
+    if name == "mlp":
+        return _mlp(model_cfg)
     if name not in _BUILDERS:
         raise ValueError(
             f"model.name={name!r} is unknown; set config.model.name to one of "
-            f"{sorted(_BUILDERS) + sorted(VIT_SIZES)}"
+            f"{sorted(_BUILDERS) + sorted(VIT_SIZES) + ['mlp']}"
         )
     kw = {k: model_cfg[k] for k in ("width", "stem", "num_classes", "in_channels")
           if get(k) is not None}
@@ -74,3 +81,16 @@ def build_model(model_cfg: Any) -> nn.Module:
         if get(k) is not None:
             kw[k] = model_cfg[k]
     return _BUILDERS[name](**kw)
+
+
+def _mlp(model_cfg: Any) -> MLP:
+    """The profile MLP of a model config (see `build_model`)."""
+    get = model_cfg.get
+    for k in ("num_classes", "in_channels"):
+        if get(k) is None:
+            raise ValueError(f"model.{k} is missing; set config.model.{k}")
+    kw = {k: model_cfg[k] for k in ("num_classes", "in_channels", "width", "norm_momentum",
+                                    "norm_epsilon") if get(k) is not None}
+    if get("mlp_hidden_layers") is not None:
+        kw["hidden_layers"] = model_cfg["mlp_hidden_layers"]
+    return MLP(**kw)

@@ -9,12 +9,16 @@ recipe with its own section (e.g. `dino`) is keyed by it without touching the ru
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import ml_collections
 
-from jaxadapt.train import dino_trainer, episodic, mae_trainer, online, supervised, task_trainer
+from jaxadapt.data import worlds
+from jaxadapt.train import (dino_trainer, episodic, mae_trainer, online, supervised,
+                            task_trainer, tvn_trainer)
 
 #: (data view, rows of each split, checkpoint dir, seed) -> trained variables.
 TrainFn = Callable[[Any, dict, str, int], dict]
@@ -102,6 +106,63 @@ def get(name: str) -> Trainer:
     return _TRAINERS[name]
 
 
+def checkpoint_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
+    """A short hash of everything that determines the weights a recipe produces.
+
+    What enters the hash is what the recipe declares: the common sections and its own,
+    without its ignored fields and `NOT_TRAINING`. `jaxadapt.eval.protocol.training_key`
+    is this function; it lives here so that a recipe built on another one's weights
+    (e.g. `tvn` on the `erm` extractor) finds that recipe's checkpoint.
+
+    Args:
+      cfg: the (training) config.
+      trainer: the recipe's name.
+
+    Returns:
+      `<trainer>-<12 hex digits>`.
+
+    Raises:
+      ValueError: an unknown recipe, naming the known ones.
+    """
+    recipe = get(trainer)
+    spec = {k: _plain(cfg[k]) for k in COMMON_SECTIONS + recipe.sections if k in cfg}
+    for path in NOT_TRAINING + recipe.ignored + unused_data_keys(cfg):
+        *parents, leaf = path.split(".")
+        node = spec
+        for key in parents:
+            node = node.get(key, {})
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{trainer}-{digest[:12]}"
+
+
+def unused_data_keys(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Keys the study's data source and model never read, left out of its training keys.
+
+    The data part is the source's own declaration (`jaxadapt.data.worlds.inert_keys`): a
+    simulator study's weights do not depend on the real-data or profile settings, a
+    real-data study's not on the simulator's or on how fast its store is built. The model
+    part: a ResNet's weights do not depend on the MLP's depth. Leaving them out also keeps
+    the training keys, hence the checkpoints, that simulator studies had before real data
+    and profiles existed.
+
+    Args:
+      cfg: the study config.
+
+    Returns:
+      Dotted keys.
+    """
+    out = worlds.inert_keys(cfg)
+    if cfg.get("model", {}).get("name") != "mlp":
+        out += ("model.mlp_hidden_layers",)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+
+
 def build_trainers(model: nn.Module, cfg: ml_collections.ConfigDict,
                    names: set[str] | list[str]) -> dict[str, TrainFn]:
     """The training functions of `names`, each built once for `model` and `cfg`.
@@ -174,3 +235,9 @@ register(Trainer("dual_mae", ("mae", "coda"), lambda m, c: mae_trainer.make_dual
 # Importing these modules registers the methods oda, coda, supervised, dual_dino, dual_cb,
 # dual_mae, ttt_mae and oda_mae.
 _METHOD_MODULES = (online, task_trainer, mae_trainer)
+
+# Frozen embeddings -> TVN -> linear head (method `tvn`): the extractor's own recipe (erm or
+# dino) is keyed by its sections, which are therefore this recipe's too; its weights come
+# from that recipe's checkpoint (`jaxadapt.train.tvn_trainer`).
+register(Trainer("tvn", ("train", "dino", "tvn"), tvn_trainer.make_tvn_trainer,
+                 ignored=_KNN + ("dino.pair_level",), device_batch_fields=_ERM_BATCHES))

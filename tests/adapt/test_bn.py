@@ -289,3 +289,26 @@ def test_plate_methods_adapt_on_the_subset_and_score_the_whole_unit(tiny, name):
     whole = method.predict_unit(v, FakeUnit("src", imgs, ctrl, 4))
     assert np.abs(whole - logits).max() > 1e-3  # the subset's statistics, not the unit's
     assert not adabn.adabn(model).adapts_on_subset  # per-batch statistics: no subset
+
+
+@pytest.mark.parametrize("name", ["erm", "adabn_plate", "ben"])
+def test_embed_unit_gives_the_features_the_head_classifies(tiny, name):
+    from jaxadapt.adapt import erm
+
+    model, v = tiny
+    imgs, ctrl = _images(9, seed=31), _images(5, seed=32, loc=-1.0)
+    method = {"erm": lambda m: erm.erm(m), "adabn_plate": adabn.adabn_plate,
+              "ben": ben.ben}[name](model)
+    unit = FakeUnit("plate_e", imgs, ctrl, batch_size=4)
+    emb = method.embed_unit(v, unit)
+    assert emb.samples.shape == (9, 8) and emb.controls.shape == (5, 8)
+    head = v["params"]["head"]
+    np.testing.assert_allclose(emb.samples @ np.asarray(head["kernel"]) + np.asarray(head["bias"]),
+                               method.predict_unit(v, unit), rtol=1e-4, atol=1e-4)
+    # The controls go through the same statistics: running ones for erm, the unit's else.
+    if name == "erm":
+        want = model.apply(v, ctrl, norm_mode="running")[1]
+    else:
+        stats = bn.context_stats(model, v, imgs if name == "adabn_plate" else ctrl)
+        want = bn.features_with_stats(model, v, stats, ctrl)
+    np.testing.assert_allclose(emb.controls, want, rtol=1e-4, atol=1e-4)

@@ -1,6 +1,7 @@
 """Real-data worlds by config: a generated gallery in the real layout, read locally, through
 fsspec's memory and local file systems, as parquet, by subset; and the errors of bad paths."""
 
+import json
 import os
 
 import fsspec
@@ -209,3 +210,55 @@ def test_builtin_label_tables_match_the_simulator_classes(local, tmp_path):
     with pytest.raises(ValueError, match=r"no such built-in label table; use one of "
                                          r"\['builtin:jump_poscon', 'builtin:jump_target2'\]"):
         worlds.read_labels("builtin:poscons", (schema.DMSO,))
+
+
+def _tiff_of(root: str, source: str, kind: str, ch: str) -> str:
+    """The first site's `ch` TIFF of `source`'s first plate of `kind` in a written gallery."""
+    prefix = "T2" if kind == "TARGET2" else "BR"
+    return fileio.expand(f"{root}/cpg0016-jump/{source}/images/*/images/{prefix}*/*_{ch}.tiff")[0]
+
+
+def test_bad_sites_from_config_raise_or_are_skipped_and_reported(tmp_path, caplog):
+    root = str(tmp_path / "g")
+    paths = gallery.write_gallery(root)
+    gone = _tiff_of(root, "source_3", "COMPOUND", "RNA")
+    os.remove(gone)
+    # Outside the subset (the TARGET2 plates): never checked, never an error.
+    os.remove(_tiff_of(root, "source_3", "TARGET2", "DNA"))
+    with pytest.raises(ValueError, match=f"1 bad site.*channel RNA: missing TIFF.*"
+                                         f"{os.path.basename(gone)}.*on_bad_site='skip'"):
+        worlds.load_world(_cfg(root, paths, tmp_path / "a"))
+    caplog.set_level("WARNING", logger="jaxadapt.data.jump_images")
+    _, table = worlds.load_world(_cfg(root, paths, tmp_path / "b", on_bad_site="skip"))
+    assert len(table) == 119
+    report = [r.getMessage() for r in caplog.records if "build_report.json" in r.getMessage()]
+    assert len(report) == 1, caplog.records
+    path = report[0].split(" in ")[-1]
+    with open(path) as f:
+        skipped = json.load(f)["skipped"]
+    assert [s["where"] for s in skipped] == [gone] and skipped[0]["source"] == "source_3"
+
+
+def test_beam_engine_from_config_builds_the_same_world(local, tmp_path):
+    root, paths = local
+    small = {"sources": ("source_8",), "batches": gallery.BATCHES["source_8"][:1]}
+    source, table = worlds.load_world(_cfg(root, paths, tmp_path / "a", **small))
+    cfg = _cfg(root, paths, tmp_path / "b", engine="beam", shard_sites=7, **small)
+    beam_source, beam_table = worlds.load_world(cfg)
+    assert len(beam_table) == len(table) == 20
+    for key in ("plate", "well", "compound", "label"):
+        np.testing.assert_array_equal(beam_table[key], table[key])
+    for i in range(len(table)):
+        np.testing.assert_array_equal(beam_source[i]["image"], source[i]["image"])
+
+
+def test_builder_options_pass_through_from_config():
+    j = config.get_defaults().data.jump
+    assert worlds.builder_options(j) == {
+        "engine": "local", "on_bad_site": "raise", "illum": None, "shard_sites": 256,
+        "check_headers": True, "progress_every_s": 30.0, "beam_runner": None,
+        "beam_options": None}
+    j.illum, j.on_bad_site, j.beam_runner = "off", "skip", "DirectRunner"
+    got = worlds.builder_options(j)
+    assert (got["illum"], got["on_bad_site"], got["beam_runner"]) == (False, "skip",
+                                                                      "DirectRunner")

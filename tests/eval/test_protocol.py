@@ -41,9 +41,13 @@ def test_training_key_reads_only_the_data_source_the_study_uses():
     assert protocol.training_key(a, "erm") != protocol.training_key(b, "erm")
     b.data.jump.stats_sample = a.data.jump.stats_sample
     b.data.jump.root = a.data.jump.root
-    b.data.jump.num_workers = 9  # speed only
+    b.data.jump.num_workers = 9  # speed only, as are the builder's engine and shards
+    b.data.jump.engine, b.data.jump.shard_sites, b.data.jump.check_headers = "beam", 8, False
     b.data.sim.severity.batch = 2.0  # a real-data study does not read data.sim
     assert protocol.training_key(a, "erm") == protocol.training_key(b, "erm")
+    b.data.jump.on_bad_site = "skip"  # other sites: other data
+    assert protocol.training_key(a, "erm") != protocol.training_key(b, "erm")
+    b.data.jump.on_bad_site = a.data.jump.on_bad_site
     b.data.jump.compounds = ("JCP2022_025848",)
     assert protocol.training_key(a, "erm") != protocol.training_key(b, "erm")
 

@@ -275,7 +275,7 @@ def test_cross_batch_pairs_need_an_even_number_of_local_views():
 # ----------------------------------------------------------------------------- real data
 
 BAD_JUMP_KEYS = [
-    ("data.source", "jumpcp", "use one of ('sim', 'jump')"),
+    ("data.source", "jumpcp", "use one of ('sim', 'jump', 'jump_profiles')"),
     ("data.jump.root", 3, "must be a string"),
     ("data.jump.load_data", ("a.csv", "a.csv"), "distinct non-empty strings"),
     ("data.jump.sources", ("source_3", ""), "distinct non-empty strings"),
@@ -289,6 +289,14 @@ BAD_JUMP_KEYS = [
     ("data.jump.drop_unlabelled", "yes", "True or False"),
     ("data.jump.upper_percentile", 101.0, "number in (0, 100]"),
     ("data.jump.lower_percentile", 99.995, "below config.data.jump.upper_percentile=99.99"),
+    ("data.jump.engine", "spark", "use one of ('local', 'beam')"),
+    ("data.jump.on_bad_site", "ignore", "use one of ('raise', 'skip')"),
+    ("data.jump.illum", True, "use one of ('auto', 'on', 'off')"),
+    ("data.jump.shard_sites", 0, "integer >= 1"),
+    ("data.jump.check_headers", "no", "True or False"),
+    ("data.jump.progress_every_s", 0, "number > 0"),
+    ("data.jump.beam_runner", 1, "must be a string"),
+    ("data.jump.beam_options", "--runner=X", "tuple (empty: all)"),
 ]
 
 
@@ -301,6 +309,30 @@ def test_each_bad_jump_key_is_named_even_for_the_simulator(key, value, fix):
     for p in path:
         node = node[p]
     with node.ignore_type():
+        node[leaf] = value
+    found = validation.problems(cfg)
+    assert len(found) == 1 and f"config.{key}={value!r}" in found[0] and fix in found[0], found
+
+
+@pytest.mark.parametrize("key,value,fix", [
+    ("tvn.extractor", "clip", "'erm', 'dino', 'file'"),
+    ("tvn.embeddings_file", 3, "must be a string"),
+    ("tvn.per_unit", 1, "True or False"),
+    ("tvn.coral", "yes", "True or False"),
+    ("tvn.coral_lam", 0.0, "number > 0"),
+    ("tvn.min_variance", 1.0, "number in [0, 1)"),
+    ("tvn.head_steps", 0, "integer >= 1"),
+    ("tvn.head_lr", -0.1, "number > 0"),
+    ("tvn.head_weight_decay", -1e-4, "number >= 0"),
+    ("eval.retrieval", "on", "True or False"),
+])
+def test_tvn_and_retrieval_fields_are_validated(key, value, fix):
+    cfg = _cfg()
+    *parents, leaf = key.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    with node.ignore_type():  # a config file may hold any type; the validator must catch it
         node[leaf] = value
     found = validation.problems(cfg)
     assert len(found) == 1 and f"config.{key}={value!r}" in found[0] and fix in found[0], found
@@ -358,6 +390,13 @@ def test_jump_overrides_on_the_command_line_validate(tmp_path):
         cli.check_overrides(bad, config)
 
 
+def test_skipping_bad_sites_needs_the_header_scan():
+    found = _problems(**{"data.jump.on_bad_site": "skip", "data.jump.check_headers": False})
+    assert found == ["config.data.jump.on_bad_site='skip' needs config.data.jump.check_headers="
+                     "True: bad files are found by the header scan before any record is written"]
+    assert _problems(**{"data.jump.on_bad_site": "skip"}) == []
+
+
 def test_builtin_label_tables_need_no_file(tmp_path):
     changes = {**_gallery(tmp_path), "data.jump.labels": "builtin:jump_target2"}
     assert _problems(**changes) == []
@@ -370,3 +409,18 @@ def test_every_data_jump_key_is_validated():
             cfg.data.jump[key] = {"not": "valid"}
         found = validation.problems(cfg)
         assert any(f"config.data.jump.{key}=" in p for p in found), (key, found)
+
+
+def test_tvn_extractor_must_fit_the_model_and_the_file_must_exist(tmp_path):
+    found = _problems(**{"methods": ("tvn",), "tvn.extractor": "file"})
+    assert len(found) == 1 and "config.tvn.embeddings_file=''" in found[0], found
+    emb = tmp_path / "emb.npy"
+    emb.write_bytes(b"")
+    assert _problems(**{"methods": ("tvn",), "tvn.extractor": "file",
+                        "tvn.embeddings_file": str(emb)}) == []
+    found = _problems(**{"methods": ("tvn",), "tvn.extractor": "dino"})
+    assert len(found) == 1 and "needs a ViT model" in found[0], found
+    found = _problems(**{"methods": ("tvn",), "model.name": "vit_cpu"})
+    assert any("--config.tvn.extractor=dino" in f for f in found), found
+    # Not checked when tvn is not run.
+    assert _problems(**{"tvn.extractor": "dino"}) == []
