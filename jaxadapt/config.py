@@ -9,6 +9,7 @@ import os
 
 import ml_collections
 
+from jaxadapt.data import schema
 from jaxadapt.data.design import default_sim_config
 
 
@@ -53,12 +54,61 @@ def _data() -> ml_collections.ConfigDict:
     # each crop standardized by its own per-channel mean and unbiased std (CODA, ViTs).
     d.normalization = "dataset"
     d.num_threads = 2  # grain reader threads (no worker processes: cheap on 2 cores)
-    # "sim": the simulator (data.sim); "jump_profiles": well-level CellProfiler profiles
-    # (data.profiles) fed to model.name="mlp" as 1 x 1 images with in_channels features
-    # (set data.crop_size=1 and model.in_channels to the feature count).
+    # "sim": the simulator (data.sim); "jump": real Cell Painting images (data.jump);
+    # "jump_profiles": well-level CellProfiler profiles (data.profiles) fed to
+    # model.name="mlp" as 1 x 1 images with in_channels features (set data.crop_size=1 and
+    # model.in_channels to the feature count). `jaxadapt.data.worlds.LOADERS` reads each.
     d.source = "sim"
+    d.jump = _jump()
     d.profiles = _profiles()
     return d
+
+
+def _jump() -> ml_collections.ConfigDict:
+    """Real JUMP-CP images (`config.data.source = "jump"`, see `jaxadapt.data.worlds`).
+
+    Relative paths are under `root`; every table may be .csv, .csv.gz or .parquet.
+    Empty subset tuples keep everything.
+    """
+    j = ml_collections.ConfigDict()
+    j.root = ""  # local copy of the Cell Painting Gallery (or an fsspec URL)
+    # PathName_* values under this prefix are read from the same place under root.
+    j.remote_prefix = "s3://cellpainting-gallery/"
+    j.load_data = ()  # per-plate load_data tables: paths or globs
+    j.well_csv = ""  # JUMP's well.csv.gz: Metadata_{Source,Plate,Well,JCP2022}
+    j.plate_csv = ""  # JUMP's plate.csv.gz; needed for plate_types
+    # compound -> class: a table of Metadata_JCP2022 + label (0..K-1) or moa, or a shipped
+    # one: "builtin:jump_poscon" (the 8 positive controls), "builtin:jump_target2" (MoAs).
+    j.labels = ""
+    j.sources = ()  # subsets: Metadata_Source values, e.g. ("source_3", "source_8")
+    j.batches = ()  # Metadata_Batch values
+    j.plate_types = ()  # Metadata_PlateType values, e.g. ("COMPOUND",) or ("TARGET2",)
+    j.compounds = ()  # JCP2022 ids, controls included (e.g. the 8 positive controls + DMSO)
+    j.controls = (schema.DMSO,)  # negative controls: no class, the context of CS-ARM-BN
+    j.drop_unlabelled = False  # True: drop sites of compounds without a class (logged)
+    j.channels = schema.CHANNELS  # load_data's Orig<ch> channels, in image order
+    j.image_size = 0  # > 0: centre-crop/pad every site to this size; 0: keep it
+    j.downsample = 2  # block-mean downsampling (CS-ARM-BN: 2x)
+    j.upper_percentile = 99.99  # 16 -> 8 bit: clip each channel here ...
+    j.lower_percentile = 0.0  # ... and stretch from here
+    j.stats_sample = 4096  # at most this many training images for channel statistics; 0: all
+    j.num_workers = 4  # threads reading TIFFs while building the store
+    # The store builder (`jump_images.build_jump_store`): "local" (threads, resumable shards)
+    # or "beam" (Apache Beam through TFDS; pip install -e ".[beam]").
+    j.engine = "local"
+    j.beam_runner = ""  # engine "beam": "" = DirectRunner, or e.g. "DataflowRunner"
+    j.beam_options = ()  # engine "beam": Beam pipeline flags, e.g. ("--project=p",)
+    # Bad sites (missing/truncated TIFF, empty channel cell, plate absent from the tables,
+    # odd size): "raise" names them; "skip" leaves them out, listed in the store's
+    # build_report.json (its path is logged).
+    j.on_bad_site = "raise"
+    # Illumination correction from load_data's FileName_Illum*/PathName_Illum* columns:
+    # "auto" when present, "on" requires them, "off" never.
+    j.illum = "auto"
+    j.shard_sites = 256  # sites per shard: the unit a restarted build keeps
+    j.check_headers = True  # read every TIFF header first (needed for on_bad_site="skip")
+    j.progress_every_s = 30.0  # seconds between build progress lines (rate, ETA)
+    return j
 
 
 def _profiles() -> ml_collections.ConfigDict:

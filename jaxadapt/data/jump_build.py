@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from jaxadapt.data import jump_checks, jump_images, jump_load_data, schema
+from jaxadapt.data import fileio, jump_checks, jump_images, jump_load_data, schema
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +68,19 @@ def _raise_bad(bad: Sequence[jump_checks.BadSite]) -> None:
                      f"{REPORT} beside the store)")
 
 
-def plan_build(load_data_csv: str, well_csv: str, label_map: Mapping[str, int], *,
+def plan_build(load_data_csv: str | Sequence[str], well_csv: str,
+               label_map: Mapping[str, int], *,
                prep: Mapping, channels: Sequence[str], image_root: str | None,
                path_map: Mapping[str, str] | None, moa_map: Mapping[str, str] | None,
                control_compounds: Sequence[str], drop_unlabelled: bool,
                plate_csv: str | None = None, illum: bool | None = None,
                on_bad_site: str = "raise", num_workers: int = 4,
-               check_headers: bool = True) -> BuildPlan:
+               check_headers: bool = True,
+               subset: jump_load_data.Subset | None = None) -> BuildPlan:
     """Parses and checks the inputs of a build (see `build_jump_store` for the args).
+
+    Tables, images and illumination functions may be local paths or fsspec URLs; only
+    sites of `subset` (default all) are checked and built.
 
     With `check_headers=False` only the first site's TIFF header is read (for the record
     shape): at gallery scale the per-file header scan is one small read per file on the
@@ -94,13 +99,15 @@ def plan_build(load_data_csv: str, well_csv: str, label_map: Mapping[str, int], 
         raise ValueError("on_bad_site='skip' needs check_headers=True: bad files are found "
                          "by the header scan before any record is written")
     channels = tuple(channels)
-    bad = jump_checks.table_problems(load_data_csv, well_csv, channels, plate_csv=plate_csv)
+    bad = jump_checks.table_problems(load_data_csv, well_csv, channels, plate_csv=plate_csv,
+                                     subset=subset)
     if bad and on_bad_site == "raise":
         _raise_bad(bad)
     sites = jump_load_data.read_load_data(
         load_data_csv, well_csv, label_map, channels=channels, image_root=image_root,
         path_map=path_map, moa_map=moa_map, control_compounds=control_compounds,
-        drop_unlabelled=drop_unlabelled, check_files=False, exclude=[b.key for b in bad])
+        drop_unlabelled=drop_unlabelled, check_files=False, subset=subset,
+        exclude=[b.key for b in bad])
     keys = _keys(sites.table)
     n_checked = len(keys) if check_headers else 1
     head_bad, ref = jump_checks.header_problems(
@@ -109,7 +116,8 @@ def plan_build(load_data_csv: str, well_csv: str, label_map: Mapping[str, int], 
     if head_bad and on_bad_site == "raise":
         _raise_bad(head_bad)
     if ref is None:
-        raise ValueError(f"no site of {load_data_csv} is usable; see the reasons: "
+        where = load_data_csv if isinstance(load_data_csv, str) else list(load_data_csv)
+        raise ValueError(f"no site of {where} is usable; see the reasons: "
                          f"{[b.reason for b in head_bad[:5]]}")
     bad_keys = {b.key for b in head_bad}
     keep = np.array([k not in bad_keys for k in keys], bool)
@@ -141,7 +149,8 @@ def read_illum(path: str, shape: tuple[int, int] | None = None) -> np.ndarray:
         or holds non-positive / non-finite values.
     """
     try:
-        f = np.load(path, allow_pickle=False)
+        with fileio.open_binary(path) as handle:  # a local path or an fsspec URL
+            f = np.load(handle, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise ValueError(f"illumination function {path} cannot be read ({e}); check "
                          "PathName_Illum*/FileName_Illum* or pass illum=False") from None

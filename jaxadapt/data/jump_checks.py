@@ -8,19 +8,20 @@ past the end of the file), a frame beyond the planes of a file, channels of one 
 different sizes, a site whose size differs from the first good site's (only when no
 `image_size` makes every site one size). A missing column is never a site problem: it
 raises. Each finding is a `BadSite`; the builder raises them or skips and reports them.
+Only sites of the chosen `Subset` are checked. Tables and TIFFs may be local paths or
+fsspec URLs (`fileio`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import os
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
 import tifffile
 
-from jaxadapt.data import jump_load_data as jld
+from jaxadapt.data import fileio, jump_load_data as jld
 
 SiteKey = tuple[str, str, str, str, int]  # source, batch, plate, well, site
 
@@ -28,6 +29,7 @@ SiteKey = tuple[str, str, str, str, int]  # source, batch, plate, well, site
 # pylint: disable=protected-access
 _read_csv, _require_columns, _resolve = jld._read_csv, jld._require_columns, jld._resolve
 _site_index, _META, _WELL_COLS = jld._site_index, jld._META, jld._WELL_COLS
+_table_dir = jld._table_dir
 # pylint: enable=protected-access
 
 
@@ -49,16 +51,29 @@ def _row_key(row: Mapping[str, str], line: int, path: str) -> SiteKey:
             row["Metadata_Well"], _site_index(row, line, path))
 
 
-def table_problems(load_data_csv: str, well_csv: str, channels: Sequence[str], *,
-                   plate_csv: str | None = None) -> list[BadSite]:
+def _tables(load_data_csv: str | Sequence[str]) -> list[str]:
+    return [load_data_csv] if isinstance(load_data_csv, str) else list(load_data_csv)
+
+
+def _in_subset(row: Mapping[str, str], subset: jld.Subset) -> bool:
+    return all(not keep or row[col] in keep for col, keep in (
+        ("Metadata_Source", subset.sources), ("Metadata_Batch", subset.batches),
+        ("Metadata_Plate", subset.plates)))
+
+
+def table_problems(load_data_csv: str | Sequence[str], well_csv: str,
+                   channels: Sequence[str], *, plate_csv: str | None = None,
+                   subset: jld.Subset | None = None) -> list[BadSite]:
     """Sites whose load_data row lacks a channel file or whose plate is not in the metadata.
 
     Args:
-      load_data_csv: the plate's load_data table.
+      load_data_csv: the load_data table(s) (e.g. one per plate), local or URLs.
       well_csv: JUMP's well table (`Metadata_Source, Metadata_Plate, Metadata_Well, ...`).
       channels: the channels to build.
       plate_csv: optional JUMP plate table (`Metadata_Source, Metadata_Batch,
         Metadata_Plate`); when given every plate must be listed there.
+      subset: only sites of these sources/batches/plates (and, where the well table names
+        their compound, compounds) are checked; default all.
 
     Returns:
       One BadSite per bad row (the first problem of the row).
@@ -66,15 +81,14 @@ def table_problems(load_data_csv: str, well_csv: str, channels: Sequence[str], *
     Raises:
       ValueError: a required column is absent (naming it and the file).
     """
-    header, rows = _read_csv(load_data_csv)
+    subset = subset or jld.Subset()
     cols = [f"{k}_Orig{ch}" for ch in channels for k in ("FileName", "PathName")]
-    _require_columns(header, _META + tuple(cols), load_data_csv,
-                     f"a JUMP load_data.csv has these; channels {list(channels)} each need "
-                     "FileName_Orig<ch> and PathName_Orig<ch> (or pass channels= to load fewer)")
     well_header, well_rows = _read_csv(well_csv)
     _require_columns(well_header, _WELL_COLS, well_csv,
                      "use JUMP's well.csv.gz columns")
     well_plates = {(r["Metadata_Source"], r["Metadata_Plate"]) for r in well_rows}
+    compound = {(r["Metadata_Source"], r["Metadata_Plate"], r["Metadata_Well"]):
+                r["Metadata_JCP2022"] for r in well_rows}
     plates = None
     if plate_csv is not None:
         plate_header, plate_rows = _read_csv(plate_csv)
@@ -83,29 +97,40 @@ def table_problems(load_data_csv: str, well_csv: str, channels: Sequence[str], *
                          "use JUMP's plate.csv.gz columns")
         plates = {tuple(r[c] for c in need) for r in plate_rows}
     bad = []
-    for i, row in enumerate(rows):
-        key = _row_key(row, i + 2, load_data_csv)
-        empty = [c for c in cols if not (row.get(c) or "").strip()]
-        if empty:
-            bad.append(BadSite(key, f"channel missing from load_data: empty {empty[0]}",
-                               f"{load_data_csv} line {i + 2} column {empty[0]}"))
-        elif (key[0], key[2]) not in well_plates:
-            bad.append(BadSite(key, f"plate {key[2]} of {key[0]} is absent from the well "
-                               "table", well_csv))
-        elif plates is not None and key[:3] not in plates:
-            bad.append(BadSite(key, f"plate {key[2]} ({key[0]}/{key[1]}) is absent from the "
-                               "plate table", plate_csv))
+    for path in _tables(load_data_csv):
+        header, rows = _read_csv(path)
+        _require_columns(header, _META + tuple(cols), path,
+                         f"a JUMP load_data.csv has these; channels {list(channels)} each need "
+                         "FileName_Orig<ch> and PathName_Orig<ch> (or pass channels= to load "
+                         "fewer)")
+        for i, row in enumerate(rows):
+            if not _in_subset(row, subset):
+                continue
+            key = _row_key(row, i + 2, path)
+            comp = compound.get((key[0], key[2], key[3]))
+            if subset.compounds and comp is not None and comp not in subset.compounds:
+                continue
+            empty = [c for c in cols if not (row.get(c) or "").strip()]
+            if empty:
+                bad.append(BadSite(key, f"channel missing from load_data: empty {empty[0]}",
+                                   f"{path} line {i + 2} column {empty[0]}"))
+            elif (key[0], key[2]) not in well_plates:
+                bad.append(BadSite(key, f"plate {key[2]} of {key[0]} is absent from the well "
+                                   "table", well_csv))
+            elif plates is not None and key[:3] not in plates:
+                bad.append(BadSite(key, f"plate {key[2]} ({key[0]}/{key[1]}) is absent from "
+                                   "the plate table", plate_csv))
     return bad
 
 
-def _header(path: str) -> tuple[tuple[int, int], int]:
-    """((H, W), planes) of a TIFF from its header; raises ValueError for a missing,
-    unreadable or truncated file."""
-    if not os.path.isfile(path):
+def _header(path: str, stamp: list | None) -> tuple[tuple[int, int], int]:
+    """((H, W), planes) of a TIFF from its header and its `fileio.stamps` entry (None:
+    missing); raises ValueError for a missing, unreadable or truncated file."""
+    if stamp is None:
         raise ValueError("missing TIFF")
-    size = os.path.getsize(path)
+    size = int(stamp[1])
     try:
-        with tifffile.TiffFile(path) as tif:
+        with fileio.open_binary(path) as f, tifffile.TiffFile(f) as tif:
             series = tif.series[0]
             axes, shape = series.axes, series.shape
             end = max((o + c for page in tif.pages
@@ -153,10 +178,11 @@ def header_problems(paths: np.ndarray, frames: np.ndarray, channels: Sequence[st
       (bad sites, (H, W) of the first good site or None if none is good).
     """
     unique = sorted(set(paths.ravel().tolist()))
+    stamps = fileio.stamps(unique)  # sizes: os.stat, or one fsspec listing per directory
 
     def head(p):
         try:
-            return _header(p)
+            return _header(p, stamps[p])
         except ValueError as e:
             return e
 
@@ -175,19 +201,20 @@ def header_problems(paths: np.ndarray, frames: np.ndarray, channels: Sequence[st
     return bad, ref
 
 
-def illum_paths(load_data_csv: str, keys: Sequence[SiteKey], channels: Sequence[str], *,
-                image_root: str | None, path_map: Mapping[str, str] | None,
-                use: bool | None) -> np.ndarray | None:
+def illum_paths(load_data_csv: str | Sequence[str], keys: Sequence[SiteKey],
+                channels: Sequence[str], *, image_root: str | None,
+                path_map: Mapping[str, str] | None, use: bool | None) -> np.ndarray | None:
     """The illumination function file of every site and channel, or None.
 
     Args:
-      load_data_csv: the table (JUMP's `load_data_with_illum` adds `FileName_Illum<ch>`
+      load_data_csv: the table(s) (JUMP's `load_data_with_illum` adds `FileName_Illum<ch>`
         and `PathName_Illum<ch>` per channel).
       keys: the kept sites, in table order.
       channels: the channels built.
-      image_root, path_map: as for the images (`read_load_data`).
-      use: None = use the columns when present for every channel; True = require them;
-        False = ignore them.
+      image_root, path_map: as for the images (`read_load_data`; default root: each
+        table's directory).
+      use: None = use the columns when every table has them for every channel; True =
+        require them; False = ignore them.
 
     Returns:
       str [N, C] paths of `.npy` illumination functions, or None without correction.
@@ -197,21 +224,23 @@ def illum_paths(load_data_csv: str, keys: Sequence[SiteKey], channels: Sequence[
     """
     if use is False:
         return None
-    header, rows = _read_csv(load_data_csv)
     cols = [f"{k}_Illum{ch}" for ch in channels for k in ("FileName", "PathName")]
-    if use is None and not all(c in header for c in cols):
+    read = [(path, *_read_csv(path)) for path in _tables(load_data_csv)]
+    if use is None and not all(c in header for _, header, _ in read for c in cols):
         return None
-    _require_columns(header, cols, load_data_csv,
-                     "use JUMP's load_data_with_illum table, or pass illum=False")
-    root = image_root if image_root is not None else os.path.dirname(os.path.abspath(load_data_csv))
-    by_key = {_row_key(r, i + 2, load_data_csv): (i, r) for i, r in enumerate(rows)}
+    by_key = {}
+    for path, header, rows in read:
+        _require_columns(header, cols, path,
+                         "use JUMP's load_data_with_illum table, or pass illum=False")
+        root = image_root if image_root is not None else _table_dir(path)
+        by_key.update({_row_key(r, i + 2, path): (path, i, r, root) for i, r in enumerate(rows)})
     out = np.empty((len(keys), len(channels)), dtype=object)
     for n, key in enumerate(keys):
-        i, row = by_key[key]
+        path, i, row, root = by_key[key]
         for c, ch in enumerate(channels):
             name, where = row[f"FileName_Illum{ch}"], row[f"PathName_Illum{ch}"]
             if not name.strip() or not where.strip():
-                raise ValueError(f"{load_data_csv} line {i + 2}: empty FileName_Illum{ch} or "
+                raise ValueError(f"{path} line {i + 2}: empty FileName_Illum{ch} or "
                                  f"PathName_Illum{ch}; fill it or pass illum=False")
             out[n, c] = _resolve(where, name, root, dict(path_map or {}))
     return out.astype(str)

@@ -1,4 +1,4 @@
-"""JUMP Cell Painting site images from local TIFFs into the cached TFDS image store.
+"""JUMP Cell Painting site images from TIFFs (local or fsspec URLs) into the cached image store.
 
 Three steps, each usable alone:
 
@@ -18,8 +18,10 @@ Three steps, each usable alone:
    any change builds a new one. Engines: "local" (`jump_shards`: threads, resumable
    shards) or "beam" (`jump_beam`: Apache Beam through TFDS, DirectRunner or a cluster).
 
-Only local files are read: download the images first (e.g. from the Cell Painting
-Gallery) and map the `s3://` prefixes of `PathName_*` with `path_map`.
+Tables and images are local files, or URLs read through fsspec (`jaxadapt.data.fileio`):
+download the images (e.g. from the Cell Painting Gallery) and map the `s3://` prefixes of
+`PathName_*` to the local copy with `path_map`, or read `s3://cellpainting-gallery/...`
+directly where fsspec has access.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import tifffile
 
-from jaxadapt.data import schema, store
-from jaxadapt.data.jump_load_data import JumpSites, read_load_data  # noqa: F401 (re-exported)
+from jaxadapt.data import fileio, schema, store
+from jaxadapt.data.jump_load_data import (JumpSites, Subset,  # noqa: F401 (re-exported)
+                                          read_load_data)
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +157,7 @@ def preprocess(stack: np.ndarray, *, channel_axis: int = 0, downsample: int = 2,
 
 def _read_planes(path: str) -> np.ndarray:
     """Reads a TIFF as [P, H, W]: every axis except Y and X (C, Z, T, S...) becomes planes."""
-    with tifffile.TiffFile(path) as tif:
+    with fileio.open_binary(path) as f, tifffile.TiffFile(f) as tif:
         series = tif.series[0]
         data, axes = series.asarray(), series.axes
     if "Y" not in axes or "X" not in axes:
@@ -203,13 +206,16 @@ def read_site(paths: Sequence[str], frames: Sequence[int], *, name: str = "site"
 # --------------------------------------------------------------------------- store
 
 
-def _file_stamp(path: str) -> list:
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise ValueError(f"input file {path} cannot be read ({e.strerror}); download it or "
-                         "fix image_root / path_map") from None
-    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+def _file_stamps(paths: Sequence[str]) -> list[list]:
+    """[path, size, version] of each file: local (absolute path, size, mtime in ns) or a
+    URL's through fsspec (`fileio.stamps`: one listing per directory)."""
+    found = fileio.stamps(paths)
+    missing = [p for p in paths if found[p] is None]
+    if missing:
+        raise ValueError(f"input file {missing[0]} cannot be read (missing; {len(missing)} "
+                         f"missing in all, e.g. {missing[:5]}); download it or fix "
+                         "image_root / path_map")
+    return [found[p] for p in paths]
 
 
 def store_key(sites, inputs: Sequence[str], options: Mapping) -> str:
@@ -225,16 +231,17 @@ def store_key(sites, inputs: Sequence[str], options: Mapping) -> str:
       A stable string; any changed file or option gives a different key.
     """
     files = hashlib.sha256()
-    for path in sorted(set(sites.paths.ravel().tolist())):
-        files.update(json.dumps(_file_stamp(path)).encode())
-    content = {"format": store.FORMAT_VERSION, "inputs": [_file_stamp(p) for p in inputs],
+    for stamp in _file_stamps(sorted(set(sites.paths.ravel().tolist()))):
+        files.update(json.dumps(stamp).encode())
+    content = {"format": store.FORMAT_VERSION, "inputs": _file_stamps(list(inputs)),
                "images": files.hexdigest(), "frames": sites.frames.tolist(),
                "options": options}
     text = json.dumps(content, sort_keys=True, default=repr)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def build_jump_store(load_data_csv: str, well_csv: str, label_map: Mapping[str, int],
+def build_jump_store(load_data_csv: str | Sequence[str], well_csv: str,
+                     label_map: Mapping[str, int],
                      data_dir: str, *, channels: Sequence[str] = schema.CHANNELS,
                      image_size: int | Sequence[int] | None = None, downsample: int = 2,
                      upper_percentile: float = 99.99, lower_percentile: float = 0.0,
@@ -242,7 +249,8 @@ def build_jump_store(load_data_csv: str, well_csv: str, label_map: Mapping[str, 
                      moa_map: Mapping[str, str] | None = None,
                      control_compounds: Sequence[str] = (schema.DMSO,),
                      drop_unlabelled: bool = False, chunk_sites: int = 64,
-                     num_workers: int = 4, engine: str = "local",
+                     num_workers: int = 4, subset: Subset | None = None,
+                     engine: str = "local",
                      plate_csv: str | None = None, illum: bool | None = None,
                      on_bad_site: str = "raise", shard_sites: int = 256,
                      beam_runner=None, beam_options=None, progress_every_s: float = 30.0,
@@ -256,7 +264,8 @@ def build_jump_store(load_data_csv: str, well_csv: str, label_map: Mapping[str, 
 
     Args:
       load_data_csv, well_csv, label_map, channels, image_root, path_map, moa_map,
-        control_compounds, drop_unlabelled: see `read_load_data`.
+        control_compounds, drop_unlabelled, subset: see `read_load_data` (tables and
+        images may be local paths or fsspec URLs).
       data_dir: parent directory of the cache.
       image_size, downsample, upper_percentile, lower_percentile: see `preprocess`;
         with `image_size=None` every site must preprocess to the same size.
@@ -298,13 +307,16 @@ def build_jump_store(load_data_csv: str, well_csv: str, label_map: Mapping[str, 
         image_root=image_root, path_map=path_map, moa_map=moa_map,
         control_compounds=control_compounds, drop_unlabelled=drop_unlabelled,
         plate_csv=plate_csv, illum=illum, on_bad_site=on_bad_site, num_workers=num_workers,
-        check_headers=check_headers)
+        check_headers=check_headers, subset=subset)
     illum_files = [] if plan.illum is None else sorted(set(plan.illum.ravel().tolist()))
     options = dict(prep, channels=list(plan.channels), label_map=dict(label_map),
                    moa_map=dict(moa_map or {}), control_compounds=list(control_compounds),
                    drop_unlabelled=bool(drop_unlabelled), illum=plan.illum is not None,
                    skipped=[b.as_dict() for b in plan.skipped])
-    inputs = [load_data_csv, well_csv] + ([plate_csv] if plate_csv else []) + illum_files
+    if subset is not None and any(subset):  # without one, the keys of before subsets
+        options["subset"] = {k: list(v) for k, v in subset._asdict().items()}
+    tables = [load_data_csv] if isinstance(load_data_csv, str) else list(load_data_csv)
+    inputs = [*tables, well_csv] + ([plate_csv] if plate_csv else []) + illum_files
     key = store_key(plan, inputs, options)
     root = os.path.join(data_dir, f"jump_{key}")
     problem = store.store_problem(root, key=key)
@@ -323,4 +335,8 @@ def build_jump_store(load_data_csv: str, well_csv: str, label_map: Mapping[str, 
     source, table = store.open_store(root)
     log.info("%s JUMP image store jump_%s: %d sites, images %s, %d skipped",
              "built" if problem else "reused", key, len(table), plan.shape, len(plan.skipped))
+    if plan.skipped:
+        log.warning("%d bad site(s) left out of the JUMP image store (on_bad_site='skip'); "
+                    "each is listed with its reason in %s", len(plan.skipped),
+                    os.path.join(root, jump_build.REPORT))
     return source, table

@@ -9,8 +9,6 @@ JUMP's `well.csv` (compound per well) and a compound -> class map, it becomes a
 
 from __future__ import annotations
 
-import csv
-import gzip
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -18,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxadapt.data import schema
+from jaxadapt.data import fileio, schema
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +45,11 @@ class JumpSites(NamedTuple):
 
 
 def _read_csv(path: str) -> tuple[list[str], list[dict[str, str]]]:
-    """Reads a (possibly gzipped) CSV into its header and rows of strings."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", newline="") as f:
-        reader = csv.DictReader(f)
-        return list(reader.fieldnames or []), list(reader)
+    """Reads a CSV, .csv.gz or parquet table (local or fsspec URL) into header and rows."""
+    if not fileio.exists(path):
+        raise ValueError(f"table {path} does not exist; check the path (relative paths of "
+                         "config.data.jump are under config.data.jump.root)")
+    return fileio.read_table(path)
 
 
 def _require_columns(header: Sequence[str], needed: Sequence[str], path: str, fix: str) -> None:
@@ -71,12 +69,17 @@ def _site_index(row: dict[str, str], line: int, path: str) -> int:
 
 def _resolve(path_name: str, file_name: str, image_root: str,
              path_map: Mapping[str, str]) -> str:
-    """Joins PathName/FileName, rewriting a mapped prefix (e.g. s3://...) to a local one."""
+    """Joins PathName/FileName, rewriting a mapped prefix (e.g. s3://...) to a local one.
+
+    A URL (after the rewrite) stays a URL, read through fsspec (`jaxadapt.data.fileio`).
+    """
     for prefix, local in path_map.items():
         if path_name.startswith(prefix):
             path_name = local + path_name[len(prefix):]
             break
-    return os.path.normpath(os.path.join(image_root, path_name, file_name))
+    if fileio.is_url(path_name):
+        return fileio.join(path_name, file_name)
+    return fileio.join(image_root, path_name, file_name)
 
 
 def _frame(row: dict[str, str], ch: str, line: int, path: str) -> int:
@@ -157,14 +160,59 @@ def _label_rows(compounds: list[str | None], label_map: Mapping[str, int],
 
 def _check_files(paths: np.ndarray) -> None:
     unique = sorted(set(paths.ravel().tolist()))
-    missing = [p for p in unique if not os.path.isfile(p)]
+    missing = fileio.missing(unique)
     if missing:
         raise ValueError(f"{len(missing)} of {len(unique)} image files are missing, e.g. "
                          f"{missing[:_SHOW]}; download them, or fix image_root / path_map "
-                         "so that PathName_*/FileName_* point at local files")
+                         "(in a study: config.data.jump.root / remote_prefix) so that "
+                         "PathName_*/FileName_* point at local files")
 
 
-def read_load_data(load_data_csv: str, well_csv: str, label_map: Mapping[str, int], *,
+class Subset(NamedTuple):
+    """Which sites of the load_data tables to keep; an empty tuple keeps every value.
+
+    Attributes:
+      sources, batches, plates: `Metadata_Source` / `_Batch` / `_Plate` values to keep.
+      compounds: JCP2022 ids to keep (after the join with the well table); list the
+        controls too (e.g. DMSO), or they are dropped.
+    """
+
+    sources: tuple[str, ...] = ()
+    batches: tuple[str, ...] = ()
+    plates: tuple[str, ...] = ()
+    compounds: tuple[str, ...] = ()
+
+
+def _read_load_data_rows(paths: Sequence[str], channels: Sequence[str],
+                         subset: Subset) -> tuple[list[dict], list[str], list[int]]:
+    """Rows of every load_data file that pass the metadata subset, with each row's file
+    and line (for messages)."""
+    rows, origin, lines = [], [], []
+    file_cols = [f"{kind}_Orig{ch}" for ch in channels for kind in ("FileName", "PathName")]
+    wanted = {"Metadata_Source": subset.sources, "Metadata_Batch": subset.batches,
+              "Metadata_Plate": subset.plates}
+    for path in paths:
+        header, file_rows = _read_csv(path)
+        _require_columns(header, _META + tuple(file_cols), path,
+                         f"a JUMP load_data.csv has these; for channels {list(channels)} each "
+                         "needs FileName_Orig<ch> and PathName_Orig<ch> (or pass channels= to "
+                         "load fewer)")
+        if not file_rows:
+            raise ValueError(f"{path} has no rows; point it at a non-empty load_data table")
+        for i, r in enumerate(file_rows):
+            if all(not keep or r[col] in keep for col, keep in wanted.items()):
+                rows.append(r)
+                origin.append(path)
+                lines.append(i + 2)
+    if not rows:
+        raise ValueError(f"no site of {list(paths)[:_SHOW]} is in the subset (sources "
+                         f"{subset.sources}, batches {subset.batches}, plates "
+                         f"{len(subset.plates)} chosen); widen the subset or check the names")
+    return rows, origin, lines
+
+
+def read_load_data(load_data_csv: str | Sequence[str], well_csv: str,
+                   label_map: Mapping[str, int], *,
                    channels: Sequence[str] = schema.CHANNELS,
                    image_root: str | None = None,
                    path_map: Mapping[str, str] | None = None,
@@ -172,19 +220,21 @@ def read_load_data(load_data_csv: str, well_csv: str, label_map: Mapping[str, in
                    control_compounds: Sequence[str] = (schema.DMSO,),
                    drop_unlabelled: bool = False,
                    check_files: bool = True,
+                   subset: Subset | None = None,
                    exclude: Sequence[tuple] = ()) -> JumpSites:
-    """Parses a load_data table and joins it with compounds and labels.
+    """Parses load_data tables and joins them with compounds and labels.
 
     Args:
-      load_data_csv: CSV (or .csv.gz) with `Metadata_{Source,Batch,Plate,Well,Site}` and,
-        for each channel, `FileName_Orig<ch>` and `PathName_Orig<ch>`; an optional
+      load_data_csv: one table or several (e.g. one per plate), each CSV, .csv.gz or
+        parquet, local or an fsspec URL, with `Metadata_{Source,Batch,Plate,Well,Site}`
+        and, for each channel, `FileName_Orig<ch>` and `PathName_Orig<ch>`; an optional
         `Frame_Orig<ch>` picks a plane of a multi-plane TIFF (CellProfiler's convention).
       well_csv: per-well compounds, JUMP's `well.csv.gz` columns
         `Metadata_{Source,Plate,Well,JCP2022}`.
       label_map: compound (JCP2022 id) -> class index 0..K-1.
       channels: channel names to load, in the order they take in the image; e.g.
         ("DNA", "ER", "RNA") for 3-channel data.
-      image_root: base of relative `PathName_*` values; default: the CSV's directory.
+      image_root: base of relative `PathName_*` values; default: each table's directory.
       path_map: prefix -> local prefix rewrites applied to `PathName_*` first (e.g.
         {"s3://cellpainting-gallery/": "/data/cpg/"}).
       moa_map: optional compound -> mechanism-of-action name ("" where absent).
@@ -192,53 +242,82 @@ def read_load_data(load_data_csv: str, well_csv: str, label_map: Mapping[str, in
       drop_unlabelled: drop (and log) sites whose well is not in `well_csv` or whose
         compound is neither labelled nor a control, instead of raising.
       check_files: raise if any referenced image file does not exist.
+      subset: sources, batches, plates and compounds to keep (default: all).
       exclude: site keys (source, batch, plate, well, site) to leave out before the
         join, e.g. the sites a builder skips (`jump_build.plan_build`).
 
     Returns:
-      JumpSites(table, paths [N, C], frames [N, C], channels).
+      JumpSites(table, paths [N, C], frames [N, C], channels), rows in table order.
 
     Raises:
       ValueError: naming the missing column, bad value, duplicate site, unlabelled
         compound or missing file, and the fix.
     """
     channels = tuple(channels)
+    subset = subset or Subset()
+    paths_in = [load_data_csv] if isinstance(load_data_csv, str) else list(load_data_csv)
+    if not paths_in:
+        raise ValueError("no load_data table given; pass at least one path")
+    where = paths_in[0] if len(paths_in) == 1 else f"{len(paths_in)} load_data tables"
     _check_label_map(label_map, control_compounds)
-    header, rows = _read_csv(load_data_csv)
-    file_cols = [f"{kind}_Orig{ch}" for ch in channels for kind in ("FileName", "PathName")]
-    _require_columns(header, _META + tuple(file_cols), load_data_csv,
-                     f"a JUMP load_data.csv has these; for channels {list(channels)} each needs "
-                     "FileName_Orig<ch> and PathName_Orig<ch> (or pass channels= to load fewer)")
-    if not rows:
-        raise ValueError(f"{load_data_csv} has no rows; point it at a non-empty load_data table")
-    root = image_root if image_root is not None else os.path.dirname(os.path.abspath(load_data_csv))
+    rows, origin, lines = _read_load_data_rows(paths_in, channels, subset)
     keys = [(r["Metadata_Source"], r["Metadata_Batch"], r["Metadata_Plate"], r["Metadata_Well"],
-             _site_index(r, i + 2, load_data_csv)) for i, r in enumerate(rows)]
-    _check_duplicates(keys, load_data_csv)
+             _site_index(r, line, path)) for r, path, line in zip(rows, origin, lines)]
+    _check_duplicates(keys, where)
     if len(exclude):
         out = set(exclude)
-        kept = [(r, k) for r, k in zip(rows, keys) if k not in out]
-        rows, keys = [r for r, _ in kept], [k for _, k in kept]
+        kept = [i for i, k in enumerate(keys) if k not in out]
+        rows, origin, lines, keys = ([seq[i] for i in kept]
+                                     for seq in (rows, origin, lines, keys))
         if not rows:
-            raise ValueError(f"every site of {load_data_csv} is excluded (skipped as bad); "
+            raise ValueError(f"every site of {where} is excluded (skipped as bad); "
                              "nothing is left to build")
     wells = _read_wells(well_csv)
     compounds = [wells.get((k[0], k[2], k[3])) for k in keys]
-    keep = _label_rows(compounds, label_map, control_compounds, drop_unlabelled, keys)
+    if subset.compounds:
+        chosen = set(subset.compounds)
+        compounds = [c if c in chosen else _OUT for c in compounds]
+    kept = [c for c in compounds if c is not _OUT]
+    keep = _label_rows(kept, label_map, control_compounds, drop_unlabelled,
+                       [k for k, c in zip(keys, compounds) if c is not _OUT])
+    keep = _expand_mask(np.array([c is not _OUT for c in compounds], bool), keep)
     if not keep.any():
-        raise ValueError(f"no site of {load_data_csv} has a labelled or control compound; "
-                         "check that well_csv covers these plates and label_map their compounds")
+        raise ValueError(f"no site of {where} has a labelled or control compound of the "
+                         "subset; check that well_csv covers these plates and label_map (and "
+                         "the compound subset) their compounds")
     idx = np.flatnonzero(keep)
     pm = dict(path_map or {})
+    roots = {p: image_root if image_root is not None else _table_dir(p) for p in paths_in}
     paths = np.array([[_resolve(rows[i][f"PathName_Orig{ch}"], rows[i][f"FileName_Orig{ch}"],
-                                root, pm) for ch in channels] for i in idx])
-    frames = np.array([[_frame(rows[i], ch, i + 2, load_data_csv) for ch in channels]
+                                roots[origin[i]], pm) for ch in channels] for i in idx])
+    frames = np.array([[_frame(rows[i], ch, lines[i], origin[i]) for ch in channels]
                        for i in idx], np.int64)
     if check_files:
         _check_files(paths)
     comp = np.array([compounds[i] for i in idx])
+    return JumpSites(_site_table(keys, idx, comp, label_map, moa_map, control_compounds),
+                     paths, frames, channels)
+
+
+_OUT = object()  # a site whose compound is outside the subset
+
+
+def _expand_mask(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """Places `inner` (a mask over the True rows of `outer`) back into `outer`'s rows."""
+    out = outer.copy()
+    out[outer] = inner
+    return out
+
+
+def _table_dir(path: str) -> str:
+    if fileio.is_url(path):
+        return path.rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(path))
+
+
+def _site_table(keys, idx, comp, label_map, moa_map, control_compounds) -> schema.SiteTable:
     is_control = np.isin(comp, list(control_compounds))
-    table = schema.SiteTable({
+    return schema.SiteTable({
         "source": np.array([keys[i][0] for i in idx]),
         "batch": np.array([keys[i][1] for i in idx]),
         "plate": np.array([keys[i][2] for i in idx]),
@@ -250,4 +329,3 @@ def read_load_data(load_data_csv: str, well_csv: str, label_map: Mapping[str, in
                            for c, ctl in zip(comp, is_control)], np.int64),
         "is_control": is_control,
     })
-    return JumpSites(table, paths, frames, channels)

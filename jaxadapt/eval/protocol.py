@@ -50,7 +50,9 @@ def training_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
     trains anew instead of silently reusing a model trained differently. What enters
     the hash is what the recipe declares (`jaxadapt.train.registry.Trainer`): the
     common sections (data, splits, model) and its own (e.g. train, arm), without the
-    fields it never reads.
+    fields it never reads, nor the settings of the data sources the study does not read
+    (`trainer_registry.unused_data_keys`: a simulator study's keys are those it had before
+    real data and profiles).
 
     Args:
       cfg: the study config.

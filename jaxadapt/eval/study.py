@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from jaxadapt.adapt import registry
-from jaxadapt.data import pipeline, profiles, splits as splits_lib, tfds_sim, transforms
+from jaxadapt.data import pipeline, splits as splits_lib, transforms, worlds
 from jaxadapt.data.schema import SiteTable
 from jaxadapt.eval import protocol, reports, validation
 from jaxadapt.eval.units import DataView
@@ -22,7 +22,8 @@ from jaxadapt.train import registry as trainer_registry
 log = logging.getLogger(__name__)
 
 
-def make_view(source, table: SiteTable, train_rows, data_cfg: ml_collections.ConfigDict) -> DataView:
+def make_view(source, table: SiteTable, train_rows, data_cfg: ml_collections.ConfigDict,
+              stats_sample: int | None = None) -> DataView:
     """Data access for one replicate: normalization from that replicate's training images.
 
     Args:
@@ -30,7 +31,10 @@ def make_view(source, table: SiteTable, train_rows, data_cfg: ml_collections.Con
       table: metadata of every record.
       train_rows: rows whose pixels define the per-channel mean and std.
       data_cfg: `config.data` (crop_size, num_threads, normalization: "dataset" statistics
-        of `train_rows`, or "per_image" standardization).
+        of `train_rows`, or "per_image" standardization; source "jump_profiles": the
+        identity on 1 x 1 records).
+      stats_sample: read at most this many training images for the statistics
+        (`worlds.stats_sample`); None reads all.
 
     Returns:
       The DataView.
@@ -46,38 +50,14 @@ def make_view(source, table: SiteTable, train_rows, data_cfg: ml_collections.Con
         evaluate = transforms.per_image_eval_transform(data_cfg.crop_size)
         train = transforms.Transform(data_cfg.crop_size, None, train=True, per_image=True)
     else:
-        stats = train_stats(source, train_rows)
+        stats = train_stats(source, train_rows, max_rows=stats_sample)
         evaluate = transforms.eval_transform(data_cfg.crop_size, stats)
         train = transforms.train_transform(data_cfg.crop_size, stats)
     return DataView(source=source, table=table, eval_transform=evaluate, train_transform=train,
                     num_threads=data_cfg.num_threads)
 
 
-def load_world(cfg: ml_collections.ConfigDict) -> tuple[object, SiteTable]:
-    """The study's records and table: the simulator, or profiles (`config.data.source`).
-
-    Args:
-      cfg: the study config.
-
-    Returns:
-      (random-access source, SiteTable).
-
-    Raises:
-      ValueError: a training source the data do not hold (profiles; the simulator's are
-        checked by the validator).
-    """
-    if cfg.data.get("source", "sim") != "jump_profiles":
-        return tfds_sim.load_simulated(cfg.data.sim, cfg.data.cache_dir)
-    source, table = profiles.load_profile_world(cfg)
-    held = set(table.unique("source").tolist())
-    absent = [s for s in cfg.train_sources if s not in held]
-    if absent:
-        raise ValueError(f"config.train_sources lists {absent}, which the profiles do not hold; "
-                         f"their sources are {sorted(held)}")
-    return source, table
-
-
-def train_stats(source, train_rows) -> transforms.ChannelStats:
+def train_stats(source, train_rows, max_rows: int | None = None) -> transforms.ChannelStats:
     """Per-channel pixel mean/std of the training images, read once over all processes.
 
     Each process reads a contiguous share of the rows; the exact integer sums are totalled
@@ -86,12 +66,15 @@ def train_stats(source, train_rows) -> transforms.ChannelStats:
     Args:
       source: random-access records.
       train_rows: the rows whose pixels define the statistics.
+      max_rows: if set and below len(train_rows), a fixed random sample of that many rows
+        (seed 0, sorted: the same rows on every process) is read instead of all.
 
     Returns:
       ChannelStats (float64).
     """
     n = jax.process_count()
-    return pipeline.channel_stats(source, train_rows, share=(jax.process_index(), n),
+    return pipeline.channel_stats(source, train_rows, max_rows=max_rows, seed=0,
+                                  share=(jax.process_index(), n),
                                   combine=exact_sum_over_processes if n > 1 else None)
 
 
@@ -158,11 +141,11 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> list[reports.Row]
     # One per (recipe, training overrides), e.g. a CS-ARM-BN per swept control count.
     trainers = protocol.build_trainers(methods, cfg,
                                        lambda c, names: make_trainers(model, c, names))
-    source, table = load_world(cfg)
+    source, table = worlds.load_world(cfg)
     scores = []
     for rep in protocol.replicates(cfg):
         rows = splits_lib.make_splits(table, train_source=rep.train_source, cfg=cfg.splits)
-        view = make_view(source, table, rows["train"], cfg.data)
+        view = make_view(source, table, rows["train"], cfg.data, worlds.stats_sample(cfg))
         scores += protocol.run_replicate(rep, cfg, view, rows, methods, trainers, workdir)
     result_rows = reports.aggregate(scores)
     if jax.process_index() == 0:  # every process holds the same rows (summed over processes)
@@ -196,9 +179,9 @@ def load_replicate(cfg: ml_collections.ConfigDict, trainer: str, rep: protocol.R
     model = build_model(cfg.model)
     train_cfg = protocol.training_config(cfg, protocol.TrainerSpec(trainer, tuple(overrides)))
     train = make_trainers(model, train_cfg, {trainer})[trainer]
-    source, table = load_world(cfg)
+    source, table = worlds.load_world(cfg)
     rows = splits_lib.make_splits(table, train_source=rep.train_source, cfg=cfg.splits)
-    view = make_view(source, table, rows["train"], cfg.data)
+    view = make_view(source, table, rows["train"], cfg.data, worlds.stats_sample(cfg))
     variables = train(view, rows, protocol.checkpoint_path(train_cfg, rep, trainer, workdir), rep.seed)
     return model, view, rows, variables
 

@@ -29,7 +29,8 @@ import numpy as np
 from jaxadapt import config as defaults
 from jaxadapt.adapt import registry, tvn_head
 from jaxadapt.data import (design, profile_norm, profiles, profiles_config, schema, splits,
-                           subsets, views)
+                           subsets, views, worlds)
+from jaxadapt.eval import jump_checks
 from jaxadapt.models import VIT_SIZES, build_model
 from jaxadapt.models.mae import MAE_SIZES
 from jaxadapt.models.resnet import STEMS
@@ -125,7 +126,7 @@ _CHOICES = {
     "adapt.on_short_controls": ("raise", "resample"),
     "dino.pair_level": ("plate", "batch"),
     "data.normalization": ("dataset", "per_image"),
-    "data.source": ("sim", "jump_profiles"),
+    "data.source": tuple(worlds.LOADERS),
     "data.profiles.normalization": profile_norm.METHODS,
     "data.profiles.on_nonfinite": profiles.NONFINITE_POLICIES,
     "data.profiles.on_unlabelled": profiles.UNLABELLED_POLICIES,
@@ -250,7 +251,7 @@ def _names(cfg: Any, key: str, allowed: Any, what: str, rule: str = "",
 
 def _study_problems(cfg: Any) -> list[str]:
     """seeds, methods, train_sources, eval_splits and how they fit the simulated design."""
-    if _profiles(cfg):  # the sources are known once the tables are read (study.load_world)
+    if _profiles(cfg):  # the sources are known once the tables are read (worlds.load_world)
         out = _names(cfg, "seeds", lambda s: _is_int(s) and s >= 0, "seed", "use integers >= 0")
         out += _names(cfg, "methods", registry.available(), "method")
         out += _names(cfg, "train_sources", lambda s: isinstance(s, str) and bool(s), "source",
@@ -258,24 +259,39 @@ def _study_problems(cfg: Any) -> list[str]:
         return out + _names(cfg, "eval_splits", _is_split, "split",
                             f"use some of {splits.SPLITS} or source pairs 'source:<a>-><b>'",
                             "unknown")
-    sources = get(cfg, "data.sim.sources")
-    sources = tuple(sources) if isinstance(sources, (tuple, list)) else ()
+    key, sources = _source_names(cfg)
     out = _names(cfg, "seeds", lambda s: _is_int(s) and s >= 0, "seed", "use integers >= 0")
     out += _names(cfg, "methods", registry.available(), "method")
-    out += _names(cfg, "train_sources", sources, "source",
-                  f"use some of config.data.sim.sources={sources!r}")
+    if sources is None:  # real data, no source subset: the names are known once it is read
+        out += _names(cfg, "train_sources", lambda s: isinstance(s, str) and s, "source",
+                      "use Metadata_Source names, e.g. 'source_3'")
+    else:
+        out += _names(cfg, "train_sources", sources, "source",
+                      f"use some of config.{key}={sources!r}")
     out += _names(cfg, "eval_splits", _is_split, "split",
                   f"use some of {splits.SPLITS} or source pairs 'source:<a>-><b>'", "unknown")
-    out += _pair_problems(cfg, sources)
+    if sources is None:
+        return out
+    out += _pair_problems(cfg, sources, key)
     evals, trains = get(cfg, "eval_splits"), get(cfg, "train_sources")
     if isinstance(evals, (tuple, list)) and "new_source" in evals:
         for src in trains if isinstance(trains, (tuple, list)) else ():
             if src in sources and not set(sources) - {src}:
                 out.append(f"config.eval_splits={tuple(evals)!r} scores new_source, but "
-                           f"config.data.sim.sources={sources!r} has no source besides the "
+                           f"config.{key}={sources!r} has no source besides the "
                            f"training source {src!r}; add one (e.g. 'source_8') or drop "
                            "new_source from config.eval_splits")
     return out
+
+
+def _source_names(cfg: Any) -> tuple[str, tuple | None]:
+    """(config key, the study's source names), or (key, None) where unknown before reading."""
+    key = "data.jump.sources" if get(cfg, "data.source") == "jump" else "data.sim.sources"
+    sources = get(cfg, key)
+    sources = tuple(sources) if isinstance(sources, (tuple, list)) else ()
+    if key == "data.jump.sources" and not sources:
+        return key, None
+    return key, sources
 
 
 def _is_split(name: Any) -> bool:
@@ -287,7 +303,7 @@ def _is_split(name: Any) -> bool:
         return False
 
 
-def _pair_problems(cfg: Any, sources: tuple) -> list[str]:
+def _pair_problems(cfg: Any, sources: tuple, key: str = "data.sim.sources") -> list[str]:
     """Source pairs in eval_splits: both names simulated, the first one trained on."""
     evals, trains = get(cfg, "eval_splits"), get(cfg, "train_sources")
     trains = tuple(trains) if isinstance(trains, (tuple, list)) else ()
@@ -299,7 +315,7 @@ def _pair_problems(cfg: Any, sources: tuple) -> list[str]:
         unknown = [s for s in pair if s not in sources]
         if unknown:
             out.append(f"config.eval_splits: {name!r} names unknown source(s) {unknown}; "
-                       f"valid sources: config.data.sim.sources={sources!r}")
+                       f"valid sources: config.{key}={sources!r}")
         elif pair[0] not in trains:
             out.append(f"config.eval_splits: {name!r} scores models trained on {pair[0]!r}, "
                        f"which config.train_sources={trains!r} does not train; add it there "
@@ -319,6 +335,9 @@ def _data_problems(cfg: Any) -> list[str]:
     if get(cfg, "model.name") == "mlp":
         out.append("config.model.name='mlp' takes CellProfiler profiles, not images; set "
                    "--config.data.source=jump_profiles (and data.profiles), or use a resnet/vit")
+    if get(cfg, "data.source") == "jump":  # the simulator's design is not what runs
+        ok = not jump_checks.key_problems(cfg)  # their own messages come from _CHECKS
+        return out + (jump_checks.jump_problems(cfg) if ok else [])
     crop, size = get(cfg, "data.crop_size"), get(sim, "image_size")
     if _is_int(crop) and _is_int(size) and crop > size:
         out.append(f"config.data.crop_size={crop} exceeds config.data.sim.image_size={size}; "
@@ -368,6 +387,8 @@ def _dino_problems(cfg: Any) -> list[str]:
     if not (isinstance(name, str) and name in VIT_SIZES):
         return []
     size = get(cfg, "data.sim.image_size")
+    if get(cfg, "data.source") == "jump":
+        size = get(cfg, "data.jump.image_size") or None  # 0: the images' own size
     patch = get(cfg, "model.patch_size")
     patch = VIT_SIZES[name]["patch_size"] if patch in (MISSING, None) else patch
     methods = get(cfg, "methods")
@@ -525,8 +546,8 @@ def sweep_problems(sweep: Any) -> list[str]:
     return out
 
 
-_CHECKS = (_scalar_problems, _study_problems, _data_problems, _profile_problems,
-           _train_problems, _dino_problems, _tvn_problems,
+_CHECKS = (_scalar_problems, jump_checks.key_problems, _study_problems, _data_problems,
+           _profile_problems, _train_problems, _dino_problems, _tvn_problems,
            lambda cfg: _guarded(build_model, cfg.model),
            lambda cfg: sweep_problems(get(cfg, "sweep")))
 

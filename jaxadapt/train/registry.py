@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple
 import flax.linen as nn
 import ml_collections
 
+from jaxadapt.data import worlds
 from jaxadapt.train import (dino_trainer, episodic, mae_trainer, online, supervised,
                             task_trainer, tvn_trainer)
 
@@ -139,9 +140,12 @@ def checkpoint_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
 def unused_data_keys(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
     """Keys the study's data source and model never read, left out of its training keys.
 
-    A simulator study's weights do not depend on the profile settings (nor a ResNet's on
-    the MLP's depth); leaving them out also keeps the training keys, hence the
-    checkpoints, that such studies had before profiles existed.
+    The data part is the source's own declaration (`jaxadapt.data.worlds.inert_keys`): a
+    simulator study's weights do not depend on the real-data or profile settings, a
+    real-data study's not on the simulator's or on how fast its store is built. The model
+    part: a ResNet's weights do not depend on the MLP's depth. Leaving them out also keeps
+    the training keys, hence the checkpoints, that simulator studies had before real data
+    and profiles existed.
 
     Args:
       cfg: the study config.
@@ -149,9 +153,7 @@ def unused_data_keys(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
     Returns:
       Dotted keys.
     """
-    out: tuple[str, ...] = ()
-    if cfg.get("data", {}).get("source", "sim") == "sim":
-        out += ("data.source", "data.profiles")
+    out = worlds.inert_keys(cfg)
     if cfg.get("model", {}).get("name") != "mlp":
         out += ("model.mlp_hidden_layers",)
     return out

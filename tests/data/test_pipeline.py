@@ -192,3 +192,40 @@ def test_channel_stats_from_shares_equal_one_reader_exactly():
     assert partials[0][0] == 7 * S * S  # reader 0 read 7 of the 20 rows (array_split)
     with pytest.raises(ValueError, match="needs a combine function"):
         pipeline.channel_stats(src, rows, share=(0, 2))
+
+
+class CountingSource(ArraySource):
+    """Records every row read."""
+
+    def __init__(self, images):
+        super().__init__(images)
+        self.read = []
+
+    def __getitems__(self, keys):
+        self.read += list(keys)
+        return super().__getitems__(keys)
+
+
+def test_bounded_stats_sample_reads_only_k_rows_the_same_on_every_reader():
+    from jaxadapt.eval import study
+
+    images, _ = make_data(60)
+    rows = np.arange(2, 58)
+    src = CountingSource(images)
+    got = study.train_stats(src, rows, max_rows=9)
+    assert len(src.read) == 9 and len(set(src.read)) == 9 and set(src.read) <= set(rows)
+    ref = transforms.channel_stats_of(images[sorted(src.read)])
+    np.testing.assert_allclose(got.mean, ref.mean, rtol=1e-12)
+    np.testing.assert_allclose(got.std, ref.std, rtol=1e-12)
+    # Deterministic: the same sample every call; two readers split exactly those 9 rows.
+    again = CountingSource(images)
+    study.train_stats(again, rows, max_rows=9)
+    assert again.read == src.read
+    shares = [CountingSource(images) for _ in range(2)]
+    for p, s in enumerate(shares):
+        pipeline.channel_stats(s, rows, max_rows=9, seed=0, share=(p, 2), combine=lambda v: v)
+    assert sorted(shares[0].read + shares[1].read) == sorted(src.read)
+    # No bound (or one above the row count): every row.
+    every = CountingSource(images)
+    study.train_stats(every, rows, max_rows=100)
+    assert sorted(every.read) == rows.tolist()

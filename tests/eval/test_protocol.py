@@ -30,6 +30,28 @@ def test_training_key_tracks_only_what_shapes_the_weights():
     assert protocol.training_key(a, "erm").startswith("erm-")
 
 
+def test_training_key_reads_only_the_data_source_the_study_uses():
+    a, b = _cfg(), _cfg()
+    b.data.jump.root = "/data/cpg"  # a simulator study does not read data.jump
+    b.data.jump.stats_sample = 7
+    assert protocol.training_key(a, "erm") == protocol.training_key(b, "erm")
+    # Pinned: the simulator keys of before real data existed (checkpoints keep their names).
+    assert protocol.training_key(a, "erm") == "erm-6a5abd712a98"
+    a.data.source = b.data.source = "jump"
+    assert protocol.training_key(a, "erm") != protocol.training_key(b, "erm")
+    b.data.jump.stats_sample = a.data.jump.stats_sample
+    b.data.jump.root = a.data.jump.root
+    b.data.jump.num_workers = 9  # speed only, as are the builder's engine and shards
+    b.data.jump.engine, b.data.jump.shard_sites, b.data.jump.check_headers = "beam", 8, False
+    b.data.sim.severity.batch = 2.0  # a real-data study does not read data.sim
+    assert protocol.training_key(a, "erm") == protocol.training_key(b, "erm")
+    b.data.jump.on_bad_site = "skip"  # other sites: other data
+    assert protocol.training_key(a, "erm") != protocol.training_key(b, "erm")
+    b.data.jump.on_bad_site = a.data.jump.on_bad_site
+    b.data.jump.compounds = ("JCP2022_025848",)
+    assert protocol.training_key(a, "erm") != protocol.training_key(b, "erm")
+
+
 def test_ben_trains_its_own_model_keyed_by_every_episode_field():
     a = _cfg()
     # Not ERM's (nor CS-ARM-BN's) checkpoint, although all three read the same data.

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from jaxadapt.data import profiles, profiles_config
+from jaxadapt.data import profiles, profiles_config, worlds
 from jaxadapt.eval import cli, study, validation
 
 CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "domain_gap_profiles.py"
@@ -75,6 +75,6 @@ def test_profile_config_is_validated_before_anything_runs(tmp_path):
 def test_feature_count_and_sources_are_checked_against_the_tables(tmp_path):
     with pytest.raises(ValueError, match="in_channels=64 but the profiles have 65 features; "
                                          "set --config.model.in_channels=65"):
-        study.load_world(_config(tmp_path, **{"model.in_channels": 64}))
+        worlds.load_world(_config(tmp_path, **{"model.in_channels": 64}))
     with pytest.raises(ValueError, match=r"train_sources lists \['source_3'\]"):
-        study.load_world(_config(tmp_path, train_sources=("source_3",)))
+        worlds.load_world(_config(tmp_path, train_sources=("source_3",)))

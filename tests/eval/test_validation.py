@@ -178,7 +178,7 @@ def nothing_may_run(monkeypatch):
     """Fails the test if data is loaded (rendered) or a trainer is built."""
     def forbidden(*args, **kwargs):
         raise AssertionError("rendering or training started before the config was validated")
-    monkeypatch.setattr(study.tfds_sim, "load_simulated", forbidden)
+    monkeypatch.setattr(study.worlds, "load_world", forbidden)
     monkeypatch.setattr(study.trainer_registry, "build_trainers", forbidden)
 
 
@@ -272,6 +272,48 @@ def test_cross_batch_pairs_need_an_even_number_of_local_views():
     assert any("n_local=5 is odd" in p for p in validation.problems(c))
 
 
+# ----------------------------------------------------------------------------- real data
+
+BAD_JUMP_KEYS = [
+    ("data.source", "jumpcp", "use one of ('sim', 'jump', 'jump_profiles')"),
+    ("data.jump.root", 3, "must be a string"),
+    ("data.jump.load_data", ("a.csv", "a.csv"), "distinct non-empty strings"),
+    ("data.jump.sources", ("source_3", ""), "distinct non-empty strings"),
+    ("data.jump.compounds", "JCP2022_033924", "tuple (empty: all)"),
+    ("data.jump.controls", (), "non-empty tuple"),
+    ("data.jump.channels", (), "non-empty tuple"),
+    ("data.jump.image_size", -1, "integer >= 0 (0 keeps"),
+    ("data.jump.downsample", 0, "integer >= 1"),
+    ("data.jump.stats_sample", -5, "integer >= 0 (0 reads every training image)"),
+    ("data.jump.num_workers", 0, "integer >= 1"),
+    ("data.jump.drop_unlabelled", "yes", "True or False"),
+    ("data.jump.upper_percentile", 101.0, "number in (0, 100]"),
+    ("data.jump.lower_percentile", 99.995, "below config.data.jump.upper_percentile=99.99"),
+    ("data.jump.engine", "spark", "use one of ('local', 'beam')"),
+    ("data.jump.on_bad_site", "ignore", "use one of ('raise', 'skip')"),
+    ("data.jump.illum", True, "use one of ('auto', 'on', 'off')"),
+    ("data.jump.shard_sites", 0, "integer >= 1"),
+    ("data.jump.check_headers", "no", "True or False"),
+    ("data.jump.progress_every_s", 0, "number > 0"),
+    ("data.jump.beam_runner", 1, "must be a string"),
+    ("data.jump.beam_options", "--runner=X", "tuple (empty: all)"),
+]
+
+
+@pytest.mark.parametrize("key,value,fix", BAD_JUMP_KEYS)
+def test_each_bad_jump_key_is_named_even_for_the_simulator(key, value, fix):
+    cfg = _cfg()
+    # Bypass ConfigDict's type check, as a config file assigning a new value would not.
+    node = cfg
+    *path, leaf = key.split(".")
+    for p in path:
+        node = node[p]
+    with node.ignore_type():
+        node[leaf] = value
+    found = validation.problems(cfg)
+    assert len(found) == 1 and f"config.{key}={value!r}" in found[0] and fix in found[0], found
+
+
 @pytest.mark.parametrize("key,value,fix", [
     ("tvn.extractor", "clip", "'erm', 'dino', 'file'"),
     ("tvn.embeddings_file", 3, "must be a string"),
@@ -294,6 +336,79 @@ def test_tvn_and_retrieval_fields_are_validated(key, value, fix):
         node[leaf] = value
     found = validation.problems(cfg)
     assert len(found) == 1 and f"config.{key}={value!r}" in found[0] and fix in found[0], found
+
+
+def _gallery(tmp_path):
+    (tmp_path / "g" / "tables").mkdir(parents=True, exist_ok=True)
+    for name in ("load_data.csv", "well.csv.gz", "labels.csv", "plate.csv.gz"):
+        (tmp_path / "g" / "tables" / name).write_text("x")
+    return {"data.source": "jump", "data.jump.root": str(tmp_path / "g"),
+            "data.jump.load_data": ("tables/*.csv",), "data.jump.well_csv": "tables/well.csv.gz",
+            "data.jump.labels": "tables/labels.csv"}
+
+
+def test_a_jump_config_with_existing_tables_is_valid(tmp_path):
+    assert _problems(**_gallery(tmp_path)) == []
+    # Training sources are checked against the source subset, when one is given.
+    found = _problems(**_gallery(tmp_path), **{"data.jump.sources": ("source_8",)})
+    assert found == ["config.train_sources=('source_3',): unknown source 'source_3'; use some "
+                     "of config.data.jump.sources=('source_8',)"]
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"data.jump.root": ""}, "config.data.source='jump' needs config.data.jump.root: set "
+                             "--config.data.jump.root="),
+    ({"data.jump.root": "/nonexistent/gallery"}, "config.data.jump.root='/nonexistent/gallery' "
+                                                 "is not a directory"),
+    ({"data.jump.load_data": ()}, "config.data.jump.load_data=(): config.data.source='jump' "
+                                  "needs per-plate load_data tables"),
+    ({"data.jump.load_data": ("tables/*.parquet",)},
+     "config.data.jump.load_data='tables/*.parquet': no such file"),
+    ({"data.jump.well_csv": ""}, "config.data.jump.well_csv is empty; config.data.source='jump' "
+                                 "needs it (JUMP's well.csv.gz"),
+    ({"data.jump.labels": "tables/nope.csv"}, "config.data.jump.labels='tables/nope.csv': no "
+                                              "such file"),
+    ({"data.jump.plate_types": ("COMPOUND",)}, "config.data.jump.plate_csv is empty"),
+    ({"data.jump.labels": "builtin:poscon"}, "no such built-in label table; use one of"),
+    ({"model.in_channels": 3}, "config.model.in_channels=3: config.data.jump.channels="),
+    ({"data.jump.image_size": 40},
+     "config.data.crop_size=48 exceeds config.data.jump.image_size=40"),
+])
+def test_jump_paths_and_sizes_are_checked_before_anything_is_read(tmp_path, changes, needle):
+    found = _problems(**{**_gallery(tmp_path), **changes})
+    assert len(found) == 1 and needle in found[0], found
+
+
+def test_jump_overrides_on_the_command_line_validate(tmp_path):
+    config = cli.load_config_file("configs/domain_gap.py")
+    argv = ["run.py", "--config=configs/domain_gap.py", "--config.data.source=jump",
+            f"--config.data.jump.root={tmp_path}", "--config.data.jump.load_data=('a/*.csv',)",
+            "--config.data.jump.plate_types=('COMPOUND',)", "--config.data.jump.stats_sample=64"]
+    cli.check_overrides(argv, config)
+    bad = ["run.py", "--config.data.jump.rooot=/x"]
+    with pytest.raises(ValueError, match="Did you mean data.jump.root"):
+        cli.check_overrides(bad, config)
+
+
+def test_skipping_bad_sites_needs_the_header_scan():
+    found = _problems(**{"data.jump.on_bad_site": "skip", "data.jump.check_headers": False})
+    assert found == ["config.data.jump.on_bad_site='skip' needs config.data.jump.check_headers="
+                     "True: bad files are found by the header scan before any record is written"]
+    assert _problems(**{"data.jump.on_bad_site": "skip"}) == []
+
+
+def test_builtin_label_tables_need_no_file(tmp_path):
+    changes = {**_gallery(tmp_path), "data.jump.labels": "builtin:jump_target2"}
+    assert _problems(**changes) == []
+
+
+def test_every_data_jump_key_is_validated():
+    for key in defaults.get_defaults().data.jump.keys():
+        cfg = _cfg()
+        with cfg.data.jump.ignore_type():
+            cfg.data.jump[key] = {"not": "valid"}
+        found = validation.problems(cfg)
+        assert any(f"config.data.jump.{key}=" in p for p in found), (key, found)
 
 
 def test_tvn_extractor_must_fit_the_model_and_the_file_must_exist(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 
 from jaxadapt import config as defaults
 from jaxadapt.adapt.base import Method
+from jaxadapt.data import worlds
 from jaxadapt.eval import protocol
 from jaxadapt.train import registry
 
@@ -53,9 +54,10 @@ def test_existing_checkpoint_keys_are_unchanged(trainer):
 
 
 def _before_profiles(cfg):
-    """The config as it was before data.source / data.profiles / model.mlp_hidden_layers."""
+    """The config as it was before data.source / data.jump / data.profiles / mlp_hidden_layers."""
     plain = cfg.to_dict()
-    plain["data"] = {k: v for k, v in plain["data"].items() if k not in ("source", "profiles")}
+    plain["data"] = {k: v for k, v in plain["data"].items()
+                     if k not in ("source", "profiles", "jump")}
     plain["model"] = {k: v for k, v in plain["model"].items() if k != "mlp_hidden_layers"}
     return ml_collections.ConfigDict(plain)
 
@@ -68,6 +70,19 @@ def test_profile_keys_enter_only_profile_studies_training_keys():
     a.data.source = b.data.source = "jump_profiles"
     a.model.name = b.model.name = "mlp"
     assert protocol.training_key(b, "erm") != protocol.training_key(a, "erm")
+
+
+@pytest.mark.parametrize("source", ["sim", "jump", "jump_profiles"])
+def test_unused_data_keys_are_the_data_sources_own_inert_keys(source):
+    cfg = defaults.get_defaults()
+    cfg.data.source = source
+    assert registry.unused_data_keys(cfg) == worlds.inert_keys(cfg) + ("model.mlp_hidden_layers",)
+    assert worlds.inert_keys(cfg) == worlds.INERT_KEYS[source]
+    cfg.model.name = "mlp"
+    assert registry.unused_data_keys(cfg) == worlds.INERT_KEYS[source]
+    # A data source reads neither of the others' sections.
+    others = {"sim": "data.sim", "jump": "data.jump", "jump_profiles": "data.profiles"}
+    assert {v for k, v in others.items() if k != source} <= set(worlds.INERT_KEYS[source])
 
 
 def test_unknown_trainer_names_the_known_ones():
