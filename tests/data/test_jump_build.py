@@ -372,19 +372,27 @@ def _script():
     return module
 
 
-def test_build_script_builds_every_plate_of_a_glob(tmp_path):
-    script = _script()
-    meta = os.path.join(MINI, "metadata")
-    args = ["--load_data", os.path.join(MINI, "cpg0016-jump/*/workspace/load_data_csv/*/*/"
-                                              "load_data.csv.gz"),
-            "--well_csv", os.path.join(meta, "well.csv.gz"),
-            "--plate_csv", os.path.join(meta, "plate.csv.gz"),
-            "--labels", os.path.join(meta, "labels.csv"), "--data_dir", str(tmp_path),
-            "--path_map", f"{S3}={MINI}/", "--workers", "1"]
-    lines = script.main(args)
-    assert len(lines) == 4 and all(": 16 sites, plates" in line for line in lines)
-    assert len([d for d in os.listdir(tmp_path) if d.startswith("jump_")]) == 4
-    with pytest.raises(ValueError, match="Beam options need --engine beam"):
-        script.main(args + ["--runner=FlinkRunner"])
-    with pytest.raises(ValueError, match="lacks column.*'label'"):
-        script.read_labels(_write(str(tmp_path / "l.csv"), [{"Metadata_JCP2022": "x"}]))
+def test_build_script_builds_the_store_its_study_opens(tmp_path, caplog):
+    # The script takes a study's config and builds exactly the store that study opens:
+    # the study then reuses it (one store directory, no second build).
+    from jaxadapt.data import worlds  # pylint: disable=g-import-not-at-top
+    from jaxadapt.eval import cli  # pylint: disable=g-import-not-at-top
+    from tests.eval.tiny import set_keys  # pylint: disable=g-import-not-at-top
+
+    cfg = set_keys(cli.load_config_file("configs/domain_gap.py"), {
+        "data.source": "jump", "data.jump.root": MINI,
+        "data.jump.load_data": ("cpg0016-jump/*/workspace/load_data_csv/*/*/load_data.csv.gz",),
+        "data.jump.well_csv": "metadata/well.csv.gz", "data.jump.labels": "metadata/labels.csv",
+        "data.jump.num_workers": 1, "data.crop_size": 24, "data.cache_dir": str(tmp_path),
+        "train_sources": ("source_1",)})
+    script = _script()  # defines absl flags: load it once
+    line = script.build(cfg)
+    assert line.startswith("store ready: 64 sites, 4 plates")
+    stores = [d for d in os.listdir(tmp_path) if d.startswith("jump_") and "." not in d]
+    assert len(stores) == 1
+    with caplog.at_level(logging.INFO):
+        source, _ = worlds.load_world(cfg)
+    assert len(source) == 64 and "building" not in caplog.text.lower()
+    assert [d for d in os.listdir(tmp_path) if d.startswith("jump_") and "." not in d] == stores
+    with pytest.raises(ValueError, match="data.source='sim'"):
+        script.build(cli.load_config_file("configs/domain_gap.py"))
