@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from jaxadapt.data import fileio, worlds
+from jaxadapt.eval.config_rules import MISSING, get, is_int, is_number, lacks
 
 _STRINGS = ("root", "remote_prefix", "well_csv", "plate_csv", "labels", "beam_runner")
 _NAME_TUPLES = ("load_data", "sources", "batches", "plate_types", "compounds",  # may be empty
@@ -28,12 +29,6 @@ _HOW = {
     "image_size": "0 keeps each site's size after downsampling",
     "stats_sample": "0 reads every training image",
 }
-
-
-def _v():
-    from jaxadapt.eval import validation  # pylint: disable=g-import-not-at-top  (it imports us)
-
-    return validation
 
 
 def _tuple_problem(key: str, value: Any, non_empty: bool) -> str | None:
@@ -55,14 +50,13 @@ def key_problems(cfg: Any) -> list[str]:
     Returns:
       One message per problem, naming the key, the value and the fix.
     """
-    v = _v()
-    if v.get(cfg, "data.jump") is v.MISSING:
-        return [v._lacks("data.jump")]  # pylint: disable=protected-access
+    if get(cfg, "data.jump") is MISSING:
+        return [lacks("data.jump")]
     out = []
     for name in _STRINGS + _NAME_TUPLES + _NON_EMPTY_TUPLES + tuple(_INTEGERS) + _BOOLS + tuple(
             _CHOICES) + ("upper_percentile", "lower_percentile", "progress_every_s"):
-        if v.get(cfg, f"data.jump.{name}") is v.MISSING:
-            out.append(v._lacks(f"data.jump.{name}"))  # pylint: disable=protected-access
+        if get(cfg, f"data.jump.{name}") is MISSING:
+            out.append(lacks(f"data.jump.{name}"))
     if out:
         return out
     j = cfg.data.jump
@@ -73,7 +67,7 @@ def key_problems(cfg: Any) -> list[str]:
         problem = _tuple_problem(f"data.jump.{name}", j[name], name in _NON_EMPTY_TUPLES)
         out += [problem] if problem else []
     for name, lo in _INTEGERS.items():
-        if not (v._is_int(j[name]) and j[name] >= lo):  # pylint: disable=protected-access
+        if not (is_int(j[name]) and j[name] >= lo):
             how = f" ({_HOW[name]})" if name in _HOW else ""
             out.append(f"config.data.jump.{name}={j[name]!r}: must be an integer >= {lo}{how}")
     for name in _BOOLS:
@@ -83,7 +77,7 @@ def key_problems(cfg: Any) -> list[str]:
         if not (isinstance(j[name], str) and j[name] in choices):
             out.append(f"config.data.jump.{name}={j[name]!r}: use one of {choices}")
     every = j.progress_every_s
-    if not (v._is_number(every) and every > 0):  # pylint: disable=protected-access
+    if not (is_number(every) and every > 0):
         out.append(f"config.data.jump.progress_every_s={j.progress_every_s!r}: must be a "
                    "number > 0 (seconds between build progress lines)")
     if not out and j.on_bad_site == "skip" and not j.check_headers:
@@ -95,7 +89,7 @@ def key_problems(cfg: Any) -> list[str]:
              "clips at 99.99)"),
             ("lower_percentile", lo, lambda x: 0 <= x < 100, "a number in [0, 100) (0: each "
              "channel's minimum)")):
-        if not (v._is_number(value) and ok(value)):  # pylint: disable=protected-access
+        if not (is_number(value) and ok(value)):
             out.append(f"config.data.jump.{name}={value!r}: must be {rule}")
     if not out and lo >= hi:
         out.append(f"config.data.jump.lower_percentile={lo!r}: must be below "
@@ -140,7 +134,6 @@ def jump_problems(cfg: Any) -> list[str]:
     Returns:
       One message per problem, naming the key, the value and the fix.
     """
-    v = _v()
     j = cfg.data.jump
     root = os.path.expanduser(j.root) if isinstance(j.root, str) else ""
     if not root:
@@ -162,12 +155,12 @@ def jump_problems(cfg: Any) -> list[str]:
                            ("plate_csv", bool(j.plate_types))):
         problem = _path_problem(f"data.jump.{name}", root, j[name], required)
         out += [problem] if problem else []
-    c = v.get(cfg, "model.in_channels")
-    if v._is_int(c) and c != len(j.channels):  # pylint: disable=protected-access
+    c = get(cfg, "model.in_channels")
+    if is_int(c) and c != len(j.channels):
         out.append(f"config.model.in_channels={c}: config.data.jump.channels={tuple(j.channels)!r}"
                    f" loads {len(j.channels)}; set --config.model.in_channels={len(j.channels)}")
-    crop = v.get(cfg, "data.crop_size")
-    if j.image_size and v._is_int(crop) and crop > j.image_size:  # pylint: disable=protected-access
+    crop = get(cfg, "data.crop_size")
+    if j.image_size and is_int(crop) and crop > j.image_size:
         out.append(f"config.data.crop_size={crop} exceeds config.data.jump.image_size="
                    f"{j.image_size}; set crop_size <= {j.image_size} or raise image_size")
     return out
