@@ -23,8 +23,15 @@ from jaxadapt.data import profile_norm, profiles, splits, subsets, worlds
 from jaxadapt.models.mae import MAE_SIZES
 from jaxadapt.models.resnet import STEMS
 
+class _Missing:
+    """The value of a key a config lacks; shown by name in messages, not by address."""
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
 #: What `get` returns for a key the config lacks.
-MISSING = object()
+MISSING = _Missing()
 #: The adaptation units (`eval.unit`, a sweep's `unit`).
 UNITS = ("plate", "batch", "source")
 
