@@ -10,8 +10,9 @@ network's embeddings, each plate aligned on its controls, TVN, a linear head: th
 foundation-embedding baseline); columns in_domain
 (held-out wells of training plates), new_batch (held-out batches of the training source),
 new_source (leave one source out, both directions); mean +- std over 3 seeds x 2
-directions. Methods that expose embeddings (erm, adabn_plate, ben, cs_arm_bn_plate, tvn)
-also get copairs mAP rows, map_replicate and map_moa.
+directions. With --config.eval.retrieval=True (needs pip install -e ".[metrics]"), methods
+that expose embeddings (erm, adabn_plate, ben, cs_arm_bn_plate, tvn) also get copairs mAP
+rows, map_replicate and map_moa.
 """
 
 from jaxadapt import config as defaults
@@ -23,6 +24,5 @@ def get_config(variant: str = "cpu"):
     c.study = "domain_gap"
     c.methods = ("erm", "adabn", "adabn_plate", "tent", "ben", "arm_bn", "cs_arm_bn", "cs_arm_bn_plate",
                  "tvn")
-    c.eval.retrieval = True
     c.train_sources = ("source_3", "source_8")
     return defaults.apply_variant(c, variant)

@@ -14,6 +14,7 @@ from typing import Any
 
 from jaxadapt.adapt import registry
 from jaxadapt.data import views
+from jaxadapt.eval import retrieval
 from jaxadapt.eval.config_rules import MISSING, bad, get, guarded, is_int
 from jaxadapt.models import VIT_SIZES, build_model
 from jaxadapt.train import episodic, supervised
@@ -88,6 +89,22 @@ def tvn_problems(cfg: Any) -> list[str]:
         out.append(f"config.tvn.extractor='dino' needs a ViT model, but config.model.name="
                    f"{name!r}; use --config.tvn.extractor=erm or a vit_* model")
     return out
+
+
+def retrieval_problems(cfg: Any) -> list[str]:
+    """`eval.retrieval` needs copairs (and pandas): the optional `metrics` extra.
+
+    Args:
+      cfg: the study config.
+
+    Returns:
+      One message if retrieval is asked for and its packages are missing, else none.
+    """
+    missing = retrieval.missing_requirements() if get(cfg, "eval.retrieval") is True else []
+    if not missing:
+        return []
+    return [f"config.eval.retrieval=True scores copairs mAP, but {missing} is not installed; "
+            "pip install -e \".[metrics]\" (or set --config.eval.retrieval=False)"]
 
 
 def train_problems(cfg: Any) -> list[str]:

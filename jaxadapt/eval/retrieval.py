@@ -25,15 +25,28 @@ from __future__ import annotations
 import logging
 from typing import Iterable
 
+import importlib.util
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 
 from jaxadapt.adapt.base import Method, Variables
 from jaxadapt.data import samplers
 from jaxadapt.data.schema import SiteTable
 from jaxadapt.eval.units import DataView, PipelineUnit
 
+if TYPE_CHECKING:  # pandas comes with the `metrics` extra (copairs needs it)
+    import pandas as pd
+
 log = logging.getLogger(__name__)
+
+#: What `pip install -e ".[metrics]"` brings, imported only when retrieval is scored.
+REQUIRES = ("copairs", "pandas")
+
+
+def missing_requirements() -> list[str]:
+    """The packages retrieval needs that are not installed (the `metrics` extra)."""
+    return [m for m in REQUIRES if importlib.util.find_spec(m) is None]
 
 METRICS = ("map_replicate", "map_moa")
 
@@ -54,6 +67,8 @@ def well_profiles(embeddings: np.ndarray, rows: np.ndarray, table: SiteTable
     Raises:
       ValueError: lengths differ.
     """
+    import pandas as pd  # pylint: disable=g-import-not-at-top
+
     rows = np.asarray(rows, np.int64)
     if len(rows) != len(embeddings):
         raise ValueError(f"{len(embeddings)} embeddings for {len(rows)} rows; pass one per row")

@@ -18,7 +18,7 @@ live in `sweep_checks`; `eval.protocol.swept_settings` calls them too.
 The checks live in modules by section, each returning a list of messages:
 `config_rules` (the shared helpers and the scalar fields), `study_checks` (seeds,
 methods, sources, splits, the data design, profiles), `jump_checks` (`data.jump`),
-`method_checks` (views, TVN, training, devices, adapt_on) and `sweep_checks`. This
+`method_checks` (views, TVN, retrieval, training, devices, adapt_on) and `sweep_checks`. This
 module runs them in a fixed order and re-exports the names other modules use.
 """
 
@@ -29,7 +29,8 @@ import ml_collections
 from jaxadapt.eval import jump_checks
 from jaxadapt.eval.config_rules import MISSING, UNITS, get, guarded, scalar_problems
 from jaxadapt.eval.method_checks import (CROSS_BATCH_METHODS, adapt_on_problem, device_problems,
-                                         dino_problems, train_problems, tvn_problems)
+                                         dino_problems, retrieval_problems, train_problems,
+                                         tvn_problems)
 from jaxadapt.eval.study_checks import data_problems, profile_problems, study_problems
 from jaxadapt.eval.sweep_checks import SWEEP_KEYS, SWEEP_SYNTAX, sweep_problems
 from jaxadapt.models import build_model
@@ -47,7 +48,7 @@ class ConfigError(ValueError):
 
 
 _CHECKS = (scalar_problems, jump_checks.key_problems, study_problems, data_problems,
-           profile_problems, train_problems, dino_problems, tvn_problems,
+           profile_problems, train_problems, dino_problems, tvn_problems, retrieval_problems,
            lambda cfg: guarded(build_model, cfg.model),
            lambda cfg: sweep_problems(get(cfg, "sweep")))
 
