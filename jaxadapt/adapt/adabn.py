@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -70,6 +70,28 @@ def adabn(model: nn.Module, cfg: Any = None, setting: Mapping[str, Any] | None =
     return Method(name="adabn", trainer="erm", predict_unit=predict_unit)
 
 
+def whole_unit_functions(model: nn.Module, unit_stats: Callable[[Variables, Unit], Any]):
+    """`predict_unit` and `embed_unit` of a method that normalizes with one unit's statistics.
+
+    Args:
+      model: the trained architecture.
+      unit_stats: (variables, unit) -> the BN statistics every image of the unit uses.
+
+    Returns:
+      (predict_unit -> logits, embed_unit -> `UnitEmbeddings` of the penultimate features
+      of samples and controls under the same statistics, for retrieval).
+    """
+    def predict_unit(variables: Variables, unit: Unit) -> np.ndarray:
+        stats = unit_stats(variables, unit)
+        return collect_logits(functools.partial(apply_with_stats, model, variables, stats), unit)
+
+    def embed_unit(variables: Variables, unit: Unit) -> UnitEmbeddings:
+        fn = functools.partial(features_with_stats, model, variables, unit_stats(variables, unit))
+        return UnitEmbeddings(collect_logits(fn, unit), collect_controls(fn, unit))
+
+    return predict_unit, embed_unit
+
+
 def plate_method(name: str, model: nn.Module, cfg: Any, *, images: bool,
                  controls: bool, trainer: str = "erm") -> Method:
     """A method that normalizes every unit with exact statistics of its whole context.
@@ -104,15 +126,7 @@ def plate_method(name: str, model: nn.Module, cfg: Any, *, images: bool,
             context = _unit_chunks(unit, images=True, controls=False)
         return plate_stats(model, variables, context, chunk_size=chunk)
 
-    def predict_unit(variables: Variables, unit: Unit) -> np.ndarray:
-        stats = unit_stats(variables, unit)
-        return collect_logits(functools.partial(apply_with_stats, model, variables, stats), unit)
-
-    def embed_unit(variables: Variables, unit: Unit) -> UnitEmbeddings:
-        # The penultimate features under the same whole-unit statistics (for retrieval).
-        fn = functools.partial(features_with_stats, model, variables, unit_stats(variables, unit))
-        return UnitEmbeddings(collect_logits(fn, unit), collect_controls(fn, unit))
-
+    predict_unit, embed_unit = whole_unit_functions(model, unit_stats)
     # Whole-unit statistics: the test batch size cannot change a prediction.
     return Method(name=name, trainer=trainer, predict_unit=predict_unit, ignores=("L",),
                   adapts_on_subset=True, embed_unit=embed_unit)

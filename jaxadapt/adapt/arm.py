@@ -27,12 +27,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxadapt.adapt import shares
+from jaxadapt.adapt import adabn, shares
 from jaxadapt.adapt.arm_episodes import (episode_forward, episode_loss, make_episodic_eval_step,
                                          make_episodic_train_step)
-from jaxadapt.adapt.base import (Method, Unit, UnitEmbeddings, Variables, collect_controls,
-                                 collect_logits)
-from jaxadapt.adapt.bn import apply_with_stats, features_with_stats
+from jaxadapt.adapt.base import Method, Unit, Variables
 
 __all__ = [
     "DEFAULT_N_CONTROLS", "arm_bn", "chunk_seed", "context_predictor", "cs_arm_bn",
@@ -232,7 +230,7 @@ def cs_arm_bn_plate(model: nn.Module, cfg: Any = None,
     The unit's statistics are computed once (exact, in chunks) and every image is then
     classified at ERM cost. All perturbed images and all controls enter the pooled
     statistics with per-row weights that give the controls the training share N / (L + N)
-    of the total weight at every BN layer (`shares.plate_predict_unit`), whatever the
+    of the total weight at every BN layer (`shares.plate_unit_stats`), whatever the
     plate's number of controls: the whole-plate analogue of a training episode.
 
     Args:
@@ -249,14 +247,7 @@ def cs_arm_bn_plate(model: nn.Module, cfg: Any = None,
         shares.plate_unit_stats, model, chunk_size=shares.adapt_field(cfg, "plate_chunk_size", None),
         on_missing_controls=on_missing)
 
-    def predict_unit(variables: Variables, unit: Unit) -> np.ndarray:
-        stats = unit_stats(variables, unit)
-        return collect_logits(functools.partial(apply_with_stats, model, variables, stats), unit)
-
-    def embed_unit(variables: Variables, unit: Unit) -> UnitEmbeddings:
-        # The penultimate features under the same share-weighted statistics (retrieval).
-        fn = functools.partial(features_with_stats, model, variables, unit_stats(variables, unit))
-        return UnitEmbeddings(collect_logits(fn, unit), collect_controls(fn, unit))
+    predict_unit, embed_unit = adabn.whole_unit_functions(model, unit_stats)
 
     def check(variables: Variables) -> Mapping[str, Any]:
         shares.episode_shape(variables, method="cs_arm_bn_plate")

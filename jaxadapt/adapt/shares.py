@@ -18,22 +18,21 @@ fixed N (the context-size study) changes the share on purpose and must say so
 The training shape travels with the weights: the episodic trainer returns variables
 with an ``"episode"`` collection ``{"n_perturbed": L, "n_controls": N}`` (int32
 scalars; models ignore the collection), and writes it to ``episode.json`` beside the
-checkpoint. Whole-plate statistics (`plate_predict_unit`) pool every perturbed image
+checkpoint. Whole-plate statistics (`plate_unit_stats`) pool every perturbed image
 and every control of a unit with per-row weights that give the controls the training
 share at every BN layer.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any, Mapping, NamedTuple
 
 import flax.linen as nn
 import numpy as np
 
-from jaxadapt.adapt.base import Unit, Variables, adaptation_unit, collect_logits, count_event
-from jaxadapt.adapt.bn import Chunk, apply_with_stats, plate_stats
+from jaxadapt.adapt.base import Unit, Variables, adaptation_unit, count_event
+from jaxadapt.adapt.bn import Chunk, plate_stats
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +191,10 @@ def share_weighted_context(unit: Unit, trained: EpisodeShape, *, on_missing_cont
     return chunks
 
 
-def plate_predict_unit(model: nn.Module, variables: Variables, unit: Unit, *,
-                       chunk_size: int | None, on_missing_controls: str = "raise",
-                       method: str = "cs_arm_bn_plate") -> np.ndarray:
-    """Whole-unit CS-ARM-BN: exact statistics of all images and controls at the training share.
+def plate_unit_stats(model: nn.Module, variables: Variables, unit: Unit, *,
+                     chunk_size: int | None, on_missing_controls: str = "raise",
+                     method: str = "cs_arm_bn_plate"):
+    """Whole-unit CS-ARM-BN statistics: all images and controls at the training share.
 
     Every BN layer normalizes with the weighted statistics of the unit's perturbed images
     (total weight L/(L+N)) and controls (N/(L+N)), L and N from the model's episode
@@ -211,22 +210,7 @@ def plate_predict_unit(model: nn.Module, variables: Variables, unit: Unit, *,
       method: the method's name, for messages.
 
     Returns:
-      float32 ``[n, K]`` logits of the unit's samples in batch order.
-    """
-    stats = plate_unit_stats(model, variables, unit, chunk_size=chunk_size,
-                             on_missing_controls=on_missing_controls, method=method)
-    return collect_logits(functools.partial(apply_with_stats, model, variables, stats), unit)
-
-
-def plate_unit_stats(model: nn.Module, variables: Variables, unit: Unit, *,
-                     chunk_size: int | None, on_missing_controls: str = "raise",
-                     method: str = "cs_arm_bn_plate"):
-    """The share-weighted whole-unit BN statistics `plate_predict_unit` normalizes with.
-
-    Args: as `plate_predict_unit`.
-
-    Returns:
-      The exact statistics of every BN layer (`plate_stats`), of `adaptation_unit(unit)`.
+      The exact statistics of every BN layer (`plate_stats`).
     """
     trained = episode_shape(variables, method=method)
     # Statistics of the adaptation subset (the unit itself unless the runner sets one).
