@@ -248,7 +248,7 @@ def build_jump_store(load_data_csv: str | Sequence[str], well_csv: str,
                      image_root: str | None = None, path_map: Mapping[str, str] | None = None,
                      moa_map: Mapping[str, str] | None = None,
                      control_compounds: Sequence[str] = (schema.DMSO,),
-                     drop_unlabelled: bool = False, chunk_sites: int = 64,
+                     drop_unlabelled: bool = False,
                      num_workers: int = 4, subset: Subset | None = None,
                      engine: str = "local",
                      plate_csv: str | None = None, illum: bool | None = None,
@@ -269,7 +269,6 @@ def build_jump_store(load_data_csv: str | Sequence[str], well_csv: str,
       data_dir: parent directory of the cache.
       image_size, downsample, upper_percentile, lower_percentile: see `preprocess`;
         with `image_size=None` every site must preprocess to the same size.
-      chunk_sites: kept for compatibility (records are written shard by shard).
       num_workers: threads reading TIFFs (speed only).
       engine: "local" (threads on this machine; resumable: finished shards of a killed
         build are reused) or "beam" (Apache Beam through TFDS; see `jump_beam`).
@@ -296,7 +295,6 @@ def build_jump_store(load_data_csv: str | Sequence[str], well_csv: str,
     """
     # pylint: disable=g-import-not-at-top  (the builder modules import this one)
     from jaxadapt.data import jump_beam, jump_build, jump_shards
-    del chunk_sites
     if engine not in ("local", "beam"):
         raise ValueError(f"engine={engine!r}: use 'local' or 'beam'")
     os.makedirs(data_dir, exist_ok=True)

@@ -260,14 +260,19 @@ def test_missing_tiff(tmp_path, engine):
     _check_skipped(source, table, skipped, rows, root, [5])
 
 
+def _truncate(path: str) -> str:
+    """Cuts a file to half its bytes (a truncated download); returns its path."""
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    return path
+
+
 def test_without_header_scan_a_bad_file_fails_at_decode_naming_it(tmp_path):
     root = _copy(tmp_path)
     ld, rows = _ld("UMINI0101", root), _rows(_ld("UMINI0101", root))
-    cut = _file(rows[11], "Orig", "DNA", root)
-    with open(cut, "rb") as f:
-        data = f.read()
-    with open(cut, "wb") as f:
-        f.write(data[: len(data) // 2])
+    cut = _truncate(_file(rows[11], "Orig", "DNA", root))
     with pytest.raises(ValueError, match=r"UMINI0101/B01/2: cannot decode .*"
                                          f"{os.path.basename(cut)}"):
         _build(ld, tmp_path / "r", root, check_headers=False)
@@ -281,11 +286,7 @@ def test_without_header_scan_a_bad_file_fails_at_decode_naming_it(tmp_path):
 def test_truncated_tiff(tmp_path):
     root = _copy(tmp_path)
     ld, rows = _ld("UMINI0101", root), _rows(_ld("UMINI0101", root))
-    cut = _file(rows[2], "Orig", "AGP", root)
-    with open(cut, "rb") as f:
-        data = f.read()
-    with open(cut, "wb") as f:
-        f.write(data[: len(data) // 2])
+    cut = _truncate(_file(rows[2], "Orig", "AGP", root))
     with pytest.raises(ValueError, match=f"channel AGP: (truncated|unreadable) TIFF.*"
                                          f"{os.path.basename(cut)}"):
         _build(ld, tmp_path / "r", root)
