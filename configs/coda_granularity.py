@@ -14,7 +14,8 @@ without adaptation (scored once: the unit cannot change it).
 
 import pathlib
 
-from jaxadapt.data import splits, target2
+from jaxadapt.data import splits
+from jaxadapt.data.sim import target2
 from jaxadapt.eval import cli
 
 

@@ -23,7 +23,8 @@ Add `--config.train_sources='("source_3","source_5","source_8","source_11")'` an
 """
 
 from jaxadapt import config as defaults
-from jaxadapt.data import design, splits, target2
+from jaxadapt.data import splits
+from jaxadapt.data.sim import design, target2
 
 
 def get_config(variant: str = "cpu"):

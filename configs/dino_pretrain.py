@@ -15,7 +15,7 @@ checkpoint folder.
 """
 
 from jaxadapt import config as defaults
-from jaxadapt.data import design
+from jaxadapt.data.sim import design
 
 
 def get_config(variant: str = "cpu"):

@@ -13,7 +13,8 @@ sources, adapted per batch). Two extractors with the same task transformer on to
 
 import pathlib
 
-from jaxadapt.data import splits, target2
+from jaxadapt.data import splits
+from jaxadapt.data.sim import target2
 from jaxadapt.eval import cli
 
 

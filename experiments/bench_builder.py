@@ -22,7 +22,9 @@ import time
 import numpy as np
 import tifffile
 
-from jaxadapt.data import jump_build, jump_images, schema
+from jaxadapt.data import schema
+from jaxadapt.data.jump import build as jump_build, images as jump_images
+
 
 CLASS = "JCP2022_025848"
 

@@ -1,4 +1,4 @@
-"""Derives `jaxadapt/data/resources/jump-target/JUMP-Target-2_layout.csv` from real JUMP tables.
+"""Derives `jaxadapt/data/sim/resources/jump-target/JUMP-Target-2_layout.csv` from real JUMP tables.
 
 One row per well of the JUMP-Target-2 384-well plate: the well, its JCP2022 compound id,
 the compound's InChIKey, name and control type (JUMP-Target, MIT), and its Drug

@@ -14,8 +14,9 @@ last is small next to the first two.
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxadapt.data.pipeline import DataView
 from jaxadapt.eval import cli, diagnostics, protocol, study
-from jaxadapt.eval.units import DataView
+
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The study's run directory (default: runs/<study>).")

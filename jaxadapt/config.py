@@ -10,7 +10,7 @@ import os
 import ml_collections
 
 from jaxadapt.data import schema
-from jaxadapt.data.design import default_sim_config
+from jaxadapt.data.sim import default_sim_config
 
 
 def get_defaults() -> ml_collections.ConfigDict:
@@ -112,7 +112,7 @@ def _jump() -> ml_collections.ConfigDict:
 
 
 def _profiles() -> ml_collections.ConfigDict:
-    """Well-level JUMP profiles (`jaxadapt.data.profiles.ProfileSpec`)."""
+    """Well-level JUMP profiles (`jaxadapt.data.profiles.tables.ProfileSpec`)."""
     p = ml_collections.ConfigDict()
     p.paths = ()  # .parquet / .csv / .csv.gz tables, Metadata_* + feature columns
     p.label_table = ""  # CSV compound,label[,moa]; controls are not listed
@@ -329,7 +329,7 @@ def _mae() -> ml_collections.ConfigDict:
 
 
 def _tvn() -> ml_collections.ConfigDict:
-    """Method `tvn`: frozen embeddings -> TVN (EFAAR) -> linear head (`jaxadapt.adapt.tvn_head`)."""
+    """Method `tvn`: frozen embeddings -> TVN (EFAAR) -> linear head (`jaxadapt.methods.tvn.head`)."""
     t = ml_collections.ConfigDict()
     # "erm": the erm recipe's ResNet, pooled penultimate features (ImageNet-free, trained on
     # the training source); "dino": the dino recipe's ViT CLS token (a vit_* model config);

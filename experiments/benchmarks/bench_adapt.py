@@ -36,8 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxadapt.adapt import bn
+from jaxadapt.methods.bn import plate_stats as bn_plate
+from jaxadapt.methods.bn import stats as bn
 from jaxadapt.models.resnet import resnet18, resnet50
+
 
 CTORS = {"resnet18": resnet18, "resnet50": resnet50}
 
@@ -67,7 +69,7 @@ def _kib_per_image(model, shape, channels_dtype=jnp.float32) -> float:
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0, impl="rbg"),
                                                   jnp.zeros((1,) + shape[1:]),
                                                   norm_mode="running"))
-    return bn.carry_bytes(model, variables, shape, channels_dtype) / shape[0] / 2**10
+    return bn_plate.carry_bytes(model, variables, shape, channels_dtype) / shape[0] / 2**10
 
 
 def bench(name: str, a: argparse.Namespace) -> None:
@@ -86,7 +88,7 @@ def bench(name: str, a: argparse.Namespace) -> None:
 
     # (a) adapted inference vs ERM
     start = time.perf_counter()
-    stats = bn.plate_stats(model, variables, chunks, chunk_size=a.batch_size)
+    stats = bn_plate.plate_stats(model, variables, chunks, chunk_size=a.batch_size)
     t_first = time.perf_counter() - start
     erm = jax.jit(lambda v, x: model.apply(v, x, norm_mode="running")[0])
     t_erm, t_ada = _time([lambda: erm(variables, x),
@@ -100,18 +102,18 @@ def bench(name: str, a: argparse.Namespace) -> None:
     def forward(cs):
         return [erm(variables, jnp.asarray(c)) for c in cs]
 
-    passes = len(bn.layer_levels(model, variables, shape))
-    new_path = lambda carry: bn.plate_stats(model, variables, chunks,  # noqa: E731
+    passes = len(bn_plate.layer_levels(model, variables, shape))
+    new_path = lambda carry: bn_plate.plate_stats(model, variables, chunks,  # noqa: E731
                                             chunk_size=a.batch_size, carry=carry)
     (fwd, new, host) = _time_cpu([lambda: forward(chunks), lambda: new_path("auto"),
                                   lambda: new_path("host")], a.repeats)
-    old_path = lambda cs: bn.plate_stats(model, variables, cs,  # noqa: E731
+    old_path = lambda cs: bn_plate.plate_stats(model, variables, cs,  # noqa: E731
                                          chunk_size=a.batch_size, carry_budget=0)
     old_path(old_chunks[:1])  # compile (one program for all passes)
     (fwd_old, old) = _time_cpu([lambda: forward(old_chunks), lambda: old_path(old_chunks)],
                                1, warm=False)
     n_old = len(old_chunks) * a.batch_size
-    kib = bn.carry_bytes(model, variables, shape) / a.batch_size / 2**10
+    kib = bn_plate.carry_bytes(model, variables, shape) / a.batch_size / 2**10
     print(f"(b) one forward pass over the plate     {fwd[0]:7.3f} s wall {fwd[1]:7.3f} s CPU"
           f"  ({a.plate_size} images)")
     print(f"    new: carried path (auto: device)    {new[0]:7.3f} s wall {new[1]:7.3f} s CPU"

@@ -8,7 +8,7 @@ On a GPU (defaults become DeiT-S 224 px global / 96 px local crops, float32 and 
 cuDNN attention where it applies); a larger batch with --batch:
     python experiments/benchmarks/bench_dino.py --batch 64
 
-The timed step is the training code path: `jaxadapt.adapt.dino.make_dino_step` (teacher
+The timed step is the training code path: `jaxadapt.methods.coda.dino.make_dino_step` (teacher
 on the 2 global crops, student with drop path 0.1 on all crops, DINO loss with centring,
 backward, DINO's per-parameter clipping at 3.0, `dino_optim` AdamW with its schedules and
 last-layer freeze logic, teacher EMA, centre update) under `parallel_dino_step` over
@@ -48,6 +48,7 @@ import time
 
 import numpy as np
 
+
 PRESETS = {  # backend -> (crops, dtypes)
     "cpu": ("96:48", "float32"),
     "gpu": ("224:96", "float32,bfloat16"),
@@ -59,8 +60,9 @@ def _build(a: argparse.Namespace, g: int, lo: int, out_dim: int, dtype: str):
     import jax
     import jax.numpy as jnp
 
-    from jaxadapt.adapt import dino, dino_optim
-    from jaxadapt.models import DINOHead, DINOModel, vit
+    from jaxadapt.methods.coda import dino, dino_optim
+    from jaxadapt.models.vit import DINOHead, DINOModel
+    from jaxadapt.models import vit
     from jaxadapt.train import parallel
 
     dt = jnp.dtype(dtype)

@@ -18,7 +18,8 @@ import time
 
 import numpy as np
 
-from jaxadapt.data.simulator import build_design, default_sim_config, render_sites
+from jaxadapt.data.sim.design import build_design, default_sim_config
+from jaxadapt.data.sim.simulator import render_sites
 
 
 def throughput(n_sites: int, image_size: int, repeats: int) -> float:

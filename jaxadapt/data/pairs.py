@@ -25,7 +25,8 @@ import zlib
 
 import numpy as np
 
-from jaxadapt.data import samplers, schema
+from jaxadapt.data import sampling as samplers, schema
+
 
 LEVELS = ("plate", "batch")
 
@@ -78,7 +79,7 @@ def cross_batch_pairs(table: schema.SiteTable, rows, *, level: str = "plate", se
     """
     if level not in LEVELS:
         raise ValueError(f"cross_batch_pairs level={level!r} is unknown; use one of {LEVELS}")
-    rows = samplers._rows(rows)  # pylint: disable=protected-access
+    rows = samplers.as_rows(rows)
     empty = {"partner": 0, "same_plate_fallback": 0, "self_fallback": 0}
     if len(rows) == 0:
         return np.zeros((0, 2), np.int64), empty

@@ -8,22 +8,23 @@ and the table are shared, not pickled.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import numpy as np
 
 from jaxadapt.data import schema
-from jaxadapt.data.transforms import ChannelStats, Transform, stats_from_sums, integer_sums
+from jaxadapt.data.transforms import ChannelStats, Transform, integer_sums, stats_from_sums
 
 
-def _seed_words(seed) -> list[int]:
+def seed_words(seed) -> list[int]:
     """An int or a tuple of ints (e.g. (seed, epoch)) as a list of non-negative ints."""
     words = [seed] if np.isscalar(seed) else list(seed)
     return [int(w) for w in words]
 
 
-def _read(source: Any, rows: np.ndarray, table: schema.SiteTable,
+def read_records(source: Any, rows: np.ndarray, table: schema.SiteTable,
           channels: int) -> list[np.ndarray]:
     """Reads the records of `rows`, failing with the row's identity on a bad image."""
     images = []
@@ -43,7 +44,7 @@ class _LoadBatch:
                  channels, first_column=0):
         self.source, self.table = source, table
         self.index_batches, self.masks = index_batches, masks
-        self.transform, self.seed = transform, _seed_words(seed)
+        self.transform, self.seed = transform, seed_words(seed)
         self.first_index, self.channels = first_index, channels
         self.first_column = int(first_column)
         self.labels = np.asarray(table["label"], np.int32)
@@ -51,7 +52,7 @@ class _LoadBatch:
 
     def __call__(self, k: int) -> dict[str, np.ndarray]:
         rows = self.index_batches[k]
-        raw = _read(self.source, rows, self.table, self.channels)
+        raw = read_records(self.source, rows, self.table, self.channels)
         step = self.first_index + int(k)
         # One Generator per (seed, step, position in the global batch): independent of
         # threads, order and of which process reads the image.
@@ -160,3 +161,48 @@ def channel_stats(source: Any, rows: Sequence[int], *, chunk: int = 256,
         c = len(sums)
         count, sums, sumsqs = total[0], total[1:1 + c], total[1 + c:]
     return stats_from_sums(count, sums, sumsqs)
+
+
+@dataclasses.dataclass
+class DataView:
+    """Everything needed to turn table rows into model-ready image batches.
+
+    Attributes:
+      source: random-access record source (record i -> {"image": uint8 HWC, ...}).
+      table: metadata of every record.
+      eval_transform: deterministic transform for evaluation (centre crop + normalize).
+      train_transform: random transform for training (crop, flips + normalize).
+      num_threads: grain reader threads.
+      channels: channels of every record (5 Cell Painting stains; a profile's features).
+    """
+
+    source: Any
+    table: schema.SiteTable
+    eval_transform: Any
+    train_transform: Any
+    num_threads: int = 2
+    channels: int = len(schema.CHANNELS)
+
+    def eval_batches(self, rows: np.ndarray, masks: np.ndarray | None = None, *,
+                     first_column: int = 0) -> Iterator[dict]:
+        """Deterministically transformed batches of `rows` [n_batches, batch_size].
+
+        `first_column`: global position of column 0 (see `batches`).
+        """
+        return batches(
+            self.source, self.table, rows, transform=self.eval_transform, seed=0,
+            masks=masks, num_threads=self.num_threads, first_column=first_column,
+            channels=self.channels,
+        )
+
+    def train_batches(self, rows: np.ndarray, *, seed: int, first_column: int = 0
+                      ) -> Iterator[dict]:
+        """Randomly augmented batches of `rows` [n_batches, batch_size].
+
+        `first_column`: global position of column 0, a process reading its share of
+        each batch (see `batches`).
+        """
+        return batches(
+            self.source, self.table, rows, transform=self.train_transform, seed=seed,
+            num_threads=self.num_threads, first_column=first_column, channels=self.channels,
+        )

@@ -240,7 +240,7 @@ def _count_problem(root: str, n_rows: int) -> str | None:
     return None
 
 
-def _remove_stale_temps(root: str, max_age_s: float = 3600.0) -> None:
+def remove_stale_temps(root: str, max_age_s: float = 3600.0) -> None:
     """Removes temp dirs of builds killed over an hour ago (younger ones may be live)."""
     parent, name = os.path.split(os.path.abspath(root))
     if not os.path.isdir(parent):
@@ -300,7 +300,7 @@ def ensure_store(root: str, table_fn: Callable[[], schema.SiteTable],
     problem = store_problem(root, key=key)
     built = problem is not None
     if built:
-        _remove_stale_temps(root)
+        remove_stale_temps(root)
         if problem != "missing":
             log.warning("image store %s is unusable (%s); rebuilding it", root, problem)
             shutil.rmtree(root, ignore_errors=True)

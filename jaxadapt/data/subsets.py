@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from jaxadapt.data import schema
-from jaxadapt.data.samplers import EvalUnit, padded_batches
+from jaxadapt.data.sampling import EvalUnit, padded_batches
+
 
 #: `adapt_on` values besides "plate:<name>" and "batch:<name>".
 ADAPT_ON = ("unit", "first_plate", "first_batch")

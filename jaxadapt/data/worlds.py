@@ -16,7 +16,7 @@ source), so a study, its splits and its methods are the same whichever data it r
   `cfg.data.profiles`, as 1 x 1 records for `model.name = "mlp"`.
 
 Which config keys a source never reads (`inert_keys`) is declared here beside its loader,
-so the checkpoint keys (`jaxadapt.train.registry.checkpoint_key`) leave them out.
+so the checkpoint keys (`jaxadapt.methods.registry.checkpoint_key`) leave them out.
 
 Channel statistics for normalization read at most `stats_sample(cfg)` training images.
 """
@@ -29,8 +29,12 @@ from typing import Any, Callable
 
 import ml_collections
 
-from jaxadapt.data import fileio, jump_images, profiles, schema, tfds_sim
-from jaxadapt.data.jump_load_data import Subset
+from jaxadapt.data import fileio, schema
+from jaxadapt.data.jump import images as jump_images
+from jaxadapt.data.jump.load_data import Subset
+from jaxadapt.data.profiles import tables as profiles
+from jaxadapt.data.sim import builder as tfds_sim
+
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +87,13 @@ def load_data_files(jump: ml_collections.ConfigDict) -> list[str]:
 
 
 def _poscon_labels() -> tuple[dict[str, int], dict[str, str]]:
-    from jaxadapt.data import design  # pylint: disable=g-import-not-at-top
+    from jaxadapt.data.sim import design
 
     return ({c: k for k, c in enumerate(design.POSCONS)}, dict(design.POSCON_MOA))
 
 
 def _target2_labels() -> tuple[dict[str, int], dict[str, str]]:
-    from jaxadapt.data import target2  # pylint: disable=g-import-not-at-top
+    from jaxadapt.data.sim import target2
 
     moa = {jcp: m for _, jcp, m in target2.layout() if jcp != schema.DMSO}
     labels = {jcp: target2.compound_label(m) for jcp, m in moa.items()}

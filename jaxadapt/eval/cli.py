@@ -14,7 +14,8 @@ from typing import Callable, Sequence, TypeVar
 import ml_collections
 from absl import flags
 
-from jaxadapt.eval import validation
+from jaxadapt.config_rules import MISSING, get
+from jaxadapt.eval.sweep_checks import SWEEP_SYNTAX
 from jaxadapt.train.supervised import Interrupted
 
 T = TypeVar("T")
@@ -149,13 +150,13 @@ def report_errors(fn: Callable[[], T], *, traceback: bool = False) -> T:
 def _flag_fix(err: flags.Error, config: ml_collections.ConfigDict | None) -> str:
     """absl's message for an unparsable `--config.<key>=`, plus the type and an example."""
     match = _FLAG_ERROR.match(str(err))
-    default = validation.get(config, match.group(1)) if match and config is not None else None
-    if default is None or default is validation.MISSING:
+    default = get(config, match.group(1)) if match and config is not None else None
+    if default is None or default is MISSING:
         return str(err)
     key = match.group(1)
     kind = _KINDS.get(type(default), f"a {type(default).__name__}")
     if key == "sweep":
-        kind, example = "a tuple of dicts", validation.SWEEP_SYNTAX
+        kind, example = "a tuple of dicts", SWEEP_SYNTAX
     elif isinstance(default, tuple):
         example = f"--config.{key}=\"{default!r}\""
     else:

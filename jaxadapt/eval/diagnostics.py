@@ -15,8 +15,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from flax import traverse_util
 
-from jaxadapt.adapt import bn
-from jaxadapt.data import samplers, schema
+from jaxadapt.data import sampling as samplers, schema
+from jaxadapt.methods.bn import stats as bn
+
 
 Images = Callable[[np.ndarray], Any]  # table rows [n] -> images [n, H, W, C]
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from jaxadapt.config_rules import MISSING, get, is_int, is_number, lacks
 from jaxadapt.data import fileio, worlds
-from jaxadapt.eval.config_rules import MISSING, get, is_int, is_number, lacks
+
 
 _STRINGS = ("root", "remote_prefix", "well_csv", "plate_csv", "labels", "beam_runner")
 _NAME_TUPLES = ("load_data", "sources", "batches", "plate_types", "compounds",  # may be empty

@@ -1,94 +1,22 @@
-"""Checks of the method sections: DINO/CODA views, TVN, training, devices, adapt_on.
+"""Checks that span the methods: retrieval's packages, the training loop, devices, adapt_on.
 
-`dino_problems` checks the self-supervised views (DINO, CODA) against the image and
-the ViT; `tvn_problems` the `tvn` extractor against the model; `train_problems` the
-training loop; `device_problems` (run on an otherwise valid config) builds the methods
-and checks their adaptation subsets (`adapt_on_problem`) and how their trainers split
-batches and episodes over processes and devices. Part of `validation.validate`.
+`train_problems` checks the training loop; `retrieval_problems` the optional metrics
+extra; `device_problems` (run on an otherwise valid config) builds the methods and
+checks their adaptation subsets (`adapt_on_problem`) and how their trainers split
+batches and episodes over processes and devices. Each family's checks of its own
+sections live beside it (`jaxadapt.methods.*.checks`). Part of `validation.validate`.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from jaxadapt.adapt import registry
-from jaxadapt.data import views
+from jaxadapt.config_rules import get, guarded
 from jaxadapt.eval import retrieval
-from jaxadapt.eval.config_rules import MISSING, bad, get, guarded, is_int
-from jaxadapt.models import VIT_SIZES, build_model
-from jaxadapt.train import episodic, supervised
-from jaxadapt.train import registry as trainer_registry
+from jaxadapt.methods import registry
+from jaxadapt.models import build_model
+from jaxadapt.train import supervised
 from jaxadapt.train.loop import FitConfig
-
-#: Methods whose extractor trains on cross-batch pairs (two images split the local views).
-CROSS_BATCH_METHODS = ("dino_cb", "dual_cb", "coda")
-# Episodes per step each episodic trainer splits over processes x local devices (whole
-# episodes per process; on one host they fall back to fewer devices).
-_EPISODE_SPLIT = {"arm_bn": "arm.episodes_per_step", "cs_arm_bn": "arm.episodes_per_step",
-                  "ben": "arm.episodes_per_step"}
-
-
-def dino_problems(cfg: Any) -> list[str]:
-    """The DINO views against the image and the ViT's patch size (only for ViT models).
-
-    Args:
-      cfg: the study config.
-
-    Returns:
-      One message per problem, naming the key, the value and the fix.
-    """
-    name = get(cfg, "model.name")
-    if not (isinstance(name, str) and name in VIT_SIZES):
-        return []
-    size = get(cfg, "data.sim.image_size")
-    if get(cfg, "data.source") == "jump":
-        size = get(cfg, "data.jump.image_size") or None  # 0: the images' own size
-    patch = get(cfg, "model.patch_size")
-    patch = VIT_SIZES[name]["patch_size"] if patch in (MISSING, None) else patch
-    methods = get(cfg, "methods")
-    paired = isinstance(methods, (tuple, list)) and any(m in CROSS_BATCH_METHODS for m in methods)
-    out = guarded(views.check_views_config, get(cfg, "dino.views"),
-                   size if is_int(size) else None, patch_size=patch, paired=paired,
-                   where="config.dino.views")
-    dim, heads = get(cfg, "coda.task.embed_dim"), get(cfg, "coda.task.num_heads")
-    if is_int(dim) and is_int(heads) and heads > 0 and dim % heads:
-        out.append(f"config.coda.task.embed_dim={dim} is not divisible by "
-                   f"config.coda.task.num_heads={heads}; choose a head count dividing it")
-    crop = get(cfg, "data.crop_size")
-    if is_int(crop) and is_int(patch) and patch > 0 and crop % patch:
-        out.append(f"config.data.crop_size={crop} (the evaluation crop) is not divisible by "
-                   f"the ViT patch size {patch}; use a multiple of {patch}")
-    return out
-
-
-def tvn_problems(cfg: Any) -> list[str]:
-    """The `tvn` method's extractor against the model and the embedding file (if it runs).
-
-    Args:
-      cfg: the study config.
-
-    Returns:
-      One message per problem, naming the key, the value and the fix.
-    """
-    methods, extractor = get(cfg, "methods"), get(cfg, "tvn.extractor")
-    path, name = get(cfg, "tvn.embeddings_file"), get(cfg, "model.name")
-    out = [] if isinstance(path, str) else [bad("tvn.embeddings_file", path,
-                                                 "must be a string (a .npy path, or '')")]
-    if not (isinstance(methods, (tuple, list)) and "tvn" in methods) or out:
-        return out
-    vit = isinstance(name, str) and name in VIT_SIZES
-    if extractor == "file" and not (path and os.path.isfile(path)):
-        out.append(f"config.tvn.extractor='file' reads config.tvn.embeddings_file={path!r}, "
-                   "which is not a file; pass a .npy array with one row per site "
-                   "(--config.tvn.embeddings_file=/path/emb.npy)")
-    elif extractor == "erm" and vit:
-        out.append(f"config.tvn.extractor='erm' embeds with the erm recipe's BatchNorm model, "
-                   f"but config.model.name={name!r} is a ViT; use --config.tvn.extractor=dino")
-    elif extractor == "dino" and not vit:
-        out.append(f"config.tvn.extractor='dino' needs a ViT model, but config.model.name="
-                   f"{name!r}; use --config.tvn.extractor=erm or a vit_* model")
-    return out
 
 
 def retrieval_problems(cfg: Any) -> list[str]:
@@ -147,16 +75,16 @@ def device_problems(cfg: Any) -> list[str]:
     if adapt_problems:
         return adapt_problems
     names = {m.trainer for m in methods}
-    unknown = sorted(names - set(trainer_registry.available()))
+    unknown = sorted(names - set(registry.trainer_names()))
     if unknown:
         return [f"config.methods={tuple(cfg.methods)!r} need training recipes {unknown}, which "
-                f"are not registered; known trainers: {trainer_registry.available()}"]
-    fields = {k for n in names for k in trainer_registry.get(n).device_batch_fields}
+                f"are not registered; known trainers: {registry.trainer_names()}"]
+    recipes = [registry.get(n) for n in sorted(names)]
     out = []
-    for key in sorted(fields):
+    for key in sorted({k for r in recipes for k in r.device_batch_fields}):
         out += guarded(supervised.check_batch_size, get(cfg, key), f"config.{key}")
-    for key in sorted({_EPISODE_SPLIT[t] for t in names if t in _EPISODE_SPLIT}):
-        out += guarded(episodic.check_episodes, get(cfg, key))
+    for check in dict.fromkeys(r.device_check for r in recipes if r.device_check):
+        out += check(cfg)
     return out
 
 
@@ -164,7 +92,7 @@ def adapt_on_problem(method: Any, adapt_on: str) -> str | None:
     """Why `method` cannot run with adaptation subset `adapt_on`; None if it can.
 
     Args:
-      method: a `jaxadapt.adapt.base.Method`.
+      method: a `jaxadapt.methods.base.Method`.
       adapt_on: the subset selector (`jaxadapt.data.subsets`).
 
     Returns:

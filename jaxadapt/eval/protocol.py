@@ -1,6 +1,6 @@
 """The one protocol runner: train on source domains, adapt and predict per target unit, score.
 
-Every method plugs in through `jaxadapt.adapt.base.Method`; this loop is never copied
+Every method plugs in through `jaxadapt.methods.base.Method`; this loop is never copied
 per method. A replicate is one (training source, seed) pair; its trained models are
 checkpointed under the workdir, so a re-run resumes instead of retraining.
 """
@@ -11,24 +11,29 @@ import collections
 import copy
 import logging
 import os
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import jax
+import flax.linen as nn
 import ml_collections
 import numpy as np
 
-from jaxadapt.adapt.base import Method, Variables
-from jaxadapt.data import samplers, splits as splits_lib, subsets
+from jaxadapt.data import sampling as samplers, splits as splits_lib, subsets
+from jaxadapt.data.pipeline import DataView
 from jaxadapt.eval import metrics, retrieval, validation
+from jaxadapt.eval.method_checks import adapt_on_problem
+from jaxadapt.eval.sweep_checks import sweep_problems
 from jaxadapt.eval.reports import Score
-from jaxadapt.eval.units import DataView, PipelineUnit
-from jaxadapt.train import registry as trainer_registry
+from jaxadapt.eval.units import PipelineUnit
+from jaxadapt.methods import registry
+from jaxadapt.methods.base import Method, Variables
+
 
 log = logging.getLogger(__name__)
 
 # (data view, rows of each split, checkpoint dir, seed) -> trained variables. Built once
 # per study, so jitted steps compile once and serve every replicate.
-TrainFn = trainer_registry.TrainFn
+TrainFn = registry.TrainFn
 
 
 class Replicate(NamedTuple):
@@ -48,10 +53,10 @@ def training_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
     Checkpoints live under this key, so studies that share `config.checkpoint_dir`
     reuse a trained model only when it was trained the same way; any other change
     trains anew instead of silently reusing a model trained differently. What enters
-    the hash is what the recipe declares (`jaxadapt.train.registry.Trainer`): the
+    the hash is what the recipe declares (`jaxadapt.methods.recipe.Trainer`): the
     common sections (data, splits, model) and its own (e.g. train, arm), without the
     fields it never reads, nor the settings of the data sources the study does not read
-    (`trainer_registry.unused_data_keys`: a simulator study's keys are those it had before
+    (`jaxadapt.methods.recipe.unused_data_keys`: a simulator study's keys are those it had before
     real data and profiles).
 
     Args:
@@ -64,7 +69,7 @@ def training_key(cfg: ml_collections.ConfigDict, trainer: str) -> str:
     Raises:
       ValueError: an unknown recipe, naming the known ones.
     """
-    return trainer_registry.checkpoint_key(cfg, trainer)
+    return registry.checkpoint_key(cfg, trainer)
 
 
 class TrainerSpec(NamedTuple):
@@ -104,7 +109,7 @@ def trainer_spec(method: Method, cfg: ml_collections.ConfigDict) -> TrainerSpec:
     Returns:
       The TrainerSpec.
     """
-    recipe = trainer_registry.get(method.trainer)
+    recipe = registry.get(method.trainer)
     keep = [(k, v) for k, v in method.train_overrides if recipe.reads(k) and _get(cfg, k) != v]
     return TrainerSpec(method.trainer, tuple(sorted(keep, key=lambda kv: kv[0])))
 
@@ -132,22 +137,21 @@ def training_config(cfg: ml_collections.ConfigDict, spec: TrainerSpec) -> ml_col
     return out
 
 
-def build_trainers(methods: Iterable[tuple[dict, Method]], cfg: ml_collections.ConfigDict,
-                   make: Callable[[ml_collections.ConfigDict, set[str]], dict[str, TrainFn]]
-                   ) -> dict[TrainerSpec, TrainFn]:
+def build_trainers(model: nn.Module, methods: Iterable[tuple[dict, Method]],
+                   cfg: ml_collections.ConfigDict) -> dict[TrainerSpec, TrainFn]:
     """One training function per distinct recipe the methods need, each built once.
 
     Args:
+      model: the architecture.
       methods: (setting, method) pairs from `method_settings`.
       cfg: the study config.
-      make: (config, recipe names) -> name -> training function (e.g.
-        `jaxadapt.train.registry.build_trainers` with the model bound).
 
     Returns:
       TrainerSpec -> training function (built with the spec's training config).
     """
     specs = sorted({trainer_spec(m, cfg) for _, m in methods}, key=repr)
-    return {spec: make(training_config(cfg, spec), {spec.name})[spec.name] for spec in specs}
+    return {spec: registry.build_trainers(model, training_config(cfg, spec), {spec.name})[spec.name]
+            for spec in specs}
 
 
 def checkpoint_path(cfg: ml_collections.ConfigDict, rep: Replicate, trainer: str, workdir: str) -> str:
@@ -183,7 +187,7 @@ def swept_settings(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
     Raises:
       ValueError: (a `validation.ConfigError`) naming each malformed setting, key and value.
     """
-    problems = validation.sweep_problems(cfg.get("sweep"))
+    problems = sweep_problems(cfg.get("sweep"))
     if problems:
         raise validation.ConfigError(problems)
     return [dict(s) for s in (cfg.get("sweep") or ({},))]
@@ -194,7 +198,7 @@ def swept_settings(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
 RUNNER_KEYS = ("L", "alpha", "unit", "adapt_on")
 
 
-def method_settings(names, build: Callable[[str, dict], Method],
+def method_settings(model: nn.Module, cfg: ml_collections.ConfigDict,
                     sweep: list[dict[str, Any]]) -> list[tuple[dict[str, Any], Method]]:
     """Every (setting, method) pair to score, without repeats over ignored keys.
 
@@ -202,23 +206,25 @@ def method_settings(names, build: Callable[[str, dict], Method],
     e.g. arm_bn under a sweep of N in {0, 16, 128} is scored once per L, not three times.
 
     Args:
-      names: method names, in table order.
-      build: (name, setting) -> Method.
+      model: the architecture.
+      cfg: the study config; its `methods`, in table order, are built
+        (`jaxadapt.methods.registry.make_method`).
       sweep: from `swept_settings`.
 
     Returns:
       (projected setting, method) pairs, each method built once per distinct setting.
     """
     pairs, seen = [], set()
-    for name in names:
-        probe = build(name, {})
+    for name in cfg.methods:
+        probe = registry.make_method(name, model, cfg, {})
         for setting in sweep:
             keep = tuple(k for k in RUNNER_KEYS if k not in probe.ignores) + probe.setting_keys
             projected = {k: v for k, v in setting.items() if k in keep}
             key = (name, tuple(sorted(projected.items(), key=lambda kv: kv[0])))
             if key not in seen:
                 seen.add(key)
-                pairs.append((projected, build(name, projected) if projected else probe))
+                method = registry.make_method(name, model, cfg, projected) if projected else probe
+                pairs.append((projected, method))
     return pairs
 
 
@@ -270,7 +276,7 @@ def check_adapt_on(method: Method, setting: Mapping[str, Any],
       setting: its projected setting.
       cfg: the study config.
     """
-    problem = validation.adapt_on_problem(method, adapt_on(setting, cfg))
+    problem = adapt_on_problem(method, adapt_on(setting, cfg))
     if problem:
         raise ValueError(problem)
 

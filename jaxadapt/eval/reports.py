@@ -1,6 +1,6 @@
 """Result tables: per-run scores aggregated to mean +- std, written as JSON, Markdown, CSV, PNG.
 
-The file format is fixed by PROTOCOLS.md so that runs can be compared across tools:
+The file format is fixed so that runs can be compared across tools:
 `results.json = {"study", "config", "rows": [{"method", "split", "setting", "metric",
 "mean", "std", "n"}]}`; `results.md` and `results.csv` hold the same rows.
 """
@@ -13,9 +13,11 @@ import io
 import json
 import os
 from collections import defaultdict
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from jaxadapt.data import splits as splits_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,10 +191,9 @@ def write_results(workdir: str, study: str, config: Mapping[str, Any], rows: lis
     with open(paths["csv"], "w") as f:
         f.write(csv_text(rows))
     plot_rows(rows, paths["png"], title=study)
-    from jaxadapt.eval import matrix_plot  # it reads Row from here: imported when needed
 
     matrix = os.path.join(workdir, "results_matrix.png")
-    if matrix_plot.plot_source_matrix(rows, matrix, title=study):
+    if plot_source_matrix(rows, matrix, title=study):
         paths["matrix"] = matrix
     return paths
 
@@ -202,3 +203,79 @@ def load_rows(path: str) -> list[Row]:
     with open(path) as f:
         payload = json.load(f)
     return [Row(**r) for r in payload["rows"]]
+
+
+def matrix_cells(rows: Sequence[Row], *, metric: str = "accuracy"
+                 ) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
+    """The mean `metric` of every (method and setting, training source, target source).
+
+    Args:
+      rows: aggregated result rows; rows of pooled splits are left out.
+      metric: the metric to arrange.
+
+    Returns:
+      (training sources, target sources, label -> float [n_train, n_target] with NaN
+      where a cell was not scored); a label is the method, plus its setting if it has one.
+    """
+    cells: dict[str, dict[tuple[str, str], float]] = {}
+    for r in rows:
+        pair = splits_lib.parse_pair(r.split)
+        if pair is None or r.metric != metric:
+            continue
+        label = r.method + ("" if not r.setting else " " + ",".join(
+            f"{k}={v}" for k, v in sorted(r.setting.items())))
+        cells.setdefault(label, {})[pair] = r.mean
+    pairs = [p for c in cells.values() for p in c]
+    train = list(dict.fromkeys(a for a, _ in pairs))
+    target = list(dict.fromkeys(b for _, b in pairs))
+    grids = {}
+    for label, c in cells.items():
+        grid = np.full((len(train), len(target)), np.nan)
+        for (a, b), value in c.items():
+            grid[train.index(a), target.index(b)] = value
+        grids[label] = grid
+    return train, target, grids
+
+
+def plot_source_matrix(rows: Sequence[Row], path: str, *, metric: str = "accuracy",
+                       title: str = "") -> bool:
+    """One heat-map panel per method: rows = training source, columns = target source.
+
+    Args:
+      rows: aggregated result rows.
+      path: PNG file to write.
+      metric: the metric drawn (cells annotated with their value).
+      title: figure title.
+
+    Returns:
+      False (and nothing written) when no row is a pair split.
+    """
+    train, target, grids = matrix_cells(rows, metric=metric)
+    if not grids:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = max(float(np.nanmax(g)) for g in grids.values() if np.isfinite(g).any()) or 1.0
+    n = len(grids)
+    fig, axes = plt.subplots(1, n, figsize=(1.2 + 0.9 * len(target) * n, 1.4 + 0.6 * len(train)),
+                             squeeze=False)
+    for ax, (label, grid) in zip(axes[0], grids.items()):
+        ax.imshow(grid, vmin=0, vmax=top, cmap="viridis")
+        for i in range(len(train)):
+            for j in range(len(target)):
+                if np.isfinite(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w",
+                            fontsize=7)
+        ax.set_xticks(range(len(target)), [t.replace("source_", "S") for t in target])
+        ax.set_yticks(range(len(train)), [t.replace("source_", "S") for t in train])
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel("target")
+    axes[0][0].set_ylabel("trained on")
+    fig.suptitle(f"{title} ({metric})" if title else metric, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

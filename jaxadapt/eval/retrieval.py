@@ -22,18 +22,18 @@ left out, as copairs does; a split where no query has one gets no row (logged).
 
 from __future__ import annotations
 
-import logging
-from typing import Iterable
-
 import importlib.util
-from typing import TYPE_CHECKING
+import logging
+from typing import Iterable, TYPE_CHECKING
 
 import numpy as np
 
-from jaxadapt.adapt.base import Method, Variables
-from jaxadapt.data import samplers
+from jaxadapt.data import sampling as samplers
+from jaxadapt.data.pipeline import DataView
 from jaxadapt.data.schema import SiteTable
-from jaxadapt.eval.units import DataView, PipelineUnit
+from jaxadapt.eval.units import PipelineUnit
+from jaxadapt.methods.base import Method, Variables
+
 
 if TYPE_CHECKING:  # pandas comes with the `metrics` extra (copairs needs it)
     import pandas as pd

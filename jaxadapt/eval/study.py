@@ -6,18 +6,20 @@ import logging
 import os
 import sys
 import time
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
 
-from jaxadapt.adapt import registry
 from jaxadapt.data import pipeline, splits as splits_lib, transforms, worlds
+from jaxadapt.data.pipeline import DataView
 from jaxadapt.data.schema import SiteTable
 from jaxadapt.eval import protocol, reports, validation
-from jaxadapt.eval.units import DataView
+from jaxadapt.methods import registry
+from jaxadapt.methods.base import Method
 from jaxadapt.models import build_model
-from jaxadapt.train import registry as trainer_registry
+
 
 log = logging.getLogger(__name__)
 
@@ -100,28 +102,46 @@ def exact_sum_over_processes(values: list[int]) -> list[int]:
     return [sum(int(t) << (_LIMB_BITS * k) for k, t in enumerate(row)) for row in total]
 
 
-def make_trainers(model, cfg: ml_collections.ConfigDict, names: set[str]) -> dict:
-    """The training recipes the study's methods need, each built once.
+class StudyPlan(NamedTuple):
+    """What a validated study runs, built once: the model, its methods and their trainers.
+
+    Attributes:
+      model: the architecture (`config.model`).
+      methods: (swept setting, Method) pairs, in table order (`protocol.method_settings`).
+      trainers: one training function per distinct recipe and overrides the methods need
+        (`protocol.build_trainers`); its checkpoint key is `protocol.training_key` of the
+        spec's training config.
+    """
+
+    model: Any
+    methods: list[tuple[dict, Method]]
+    trainers: dict[protocol.TrainerSpec, protocol.TrainFn]
+
+
+def plan_study(cfg: ml_collections.ConfigDict) -> StudyPlan:
+    """Turns a validated study config into its plan: methods x settings x trainer specs.
+
+    Built before the data, so that the methods' own checks, too, fail before any
+    rendering; each method and trainer is built once per study so its jitted functions
+    compile once.
 
     Args:
-      model: the architecture.
-      cfg: the study config.
-      names: names registered in `jaxadapt.train.registry` (`erm`, `arm_bn`, ...).
+      cfg: the study config, already checked by `validation.validate`.
 
     Returns:
-      name -> `train(view, rows, run_dir, seed) -> variables`.
-
-    Raises:
-      ValueError: an unknown name, listing the registered ones.
+      The StudyPlan.
     """
-    return trainer_registry.build_trainers(model, cfg, names)
+    model = build_model(cfg.model)
+    methods = protocol.method_settings(model, cfg, protocol.swept_settings(cfg))
+    # One per (recipe, training overrides), e.g. a CS-ARM-BN per swept control count.
+    return StudyPlan(model, methods, protocol.build_trainers(model, methods, cfg))
 
 
 def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> list[reports.Row]:
     """Runs every replicate of a study and writes its result tables.
 
     Args:
-      cfg: the study config (see configs/defaults.py).
+      cfg: the study config (see `jaxadapt.config.get_defaults`).
       workdir: run directory for checkpoints, logs and results.
 
     Returns:
@@ -132,21 +152,17 @@ def run_study(cfg: ml_collections.ConfigDict, workdir: str) -> list[reports.Row]
         anything is rendered or trained.
     """
     validation.validate(cfg)
-    model = build_model(cfg.model)
-    # Built once per (method, setting) so their jitted functions compile once per study;
-    # built before the data so that their own checks, too, fail before any rendering.
-    methods = protocol.method_settings(
-        cfg.methods, lambda name, setting: registry.make_method(name, model, cfg, setting),
-        protocol.swept_settings(cfg))
-    # One per (recipe, training overrides), e.g. a CS-ARM-BN per swept control count.
-    trainers = protocol.build_trainers(methods, cfg,
-                                       lambda c, names: make_trainers(model, c, names))
+    return _run_plan(cfg, plan_study(cfg), workdir)
+
+
+def _run_plan(cfg: ml_collections.ConfigDict, plan: StudyPlan, workdir: str) -> list[reports.Row]:
     source, table = worlds.load_world(cfg)
     scores = []
     for rep in protocol.replicates(cfg):
         rows = splits_lib.make_splits(table, train_source=rep.train_source, cfg=cfg.splits)
         view = make_view(source, table, rows["train"], cfg.data, worlds.stats_sample(cfg))
-        scores += protocol.run_replicate(rep, cfg, view, rows, methods, trainers, workdir)
+        scores += protocol.run_replicate(rep, cfg, view, rows, plan.methods, plan.trainers,
+                                         workdir)
     result_rows = reports.aggregate(scores)
     if jax.process_index() == 0:  # every process holds the same rows (summed over processes)
         reports.write_results(workdir, cfg.study, cfg.to_dict(), result_rows)
@@ -162,7 +178,7 @@ def load_replicate(cfg: ml_collections.ConfigDict, trainer: str, rep: protocol.R
 
     Args:
       cfg: the study config.
-      trainer: a training recipe of `jaxadapt.train.registry` (`erm`, `arm_bn`, ...).
+      trainer: a training recipe of `jaxadapt.methods.registry` (`erm`, `arm_bn`, ...).
       rep: training source and seed.
       workdir: the study's run directory (checkpoints go below it unless
         `cfg.checkpoint_dir` is set).
@@ -178,7 +194,7 @@ def load_replicate(cfg: ml_collections.ConfigDict, trainer: str, rep: protocol.R
     validation.validate(cfg)
     model = build_model(cfg.model)
     train_cfg = protocol.training_config(cfg, protocol.TrainerSpec(trainer, tuple(overrides)))
-    train = make_trainers(model, train_cfg, {trainer})[trainer]
+    train = registry.build_trainers(model, train_cfg, {trainer})[trainer]
     source, table = worlds.load_world(cfg)
     rows = splits_lib.make_splits(table, train_source=rep.train_source, cfg=cfg.splits)
     view = make_view(source, table, rows["train"], cfg.data, worlds.stats_sample(cfg))
@@ -218,13 +234,13 @@ def main(cfg: ml_collections.ConfigDict, *, workdir: str | None = None, distribu
     """
     if distributed:
         jax.distributed.initialize()  # before validation, which counts the devices
-    validation.validate(cfg)  # before the workdir and its log exist
+    validation.validate(cfg)  # once, before the workdir and its log exist
     workdir = workdir or os.path.join("runs", cfg.study)
     setup_logging(workdir)
     log.info("jax %s on %d %s device(s), %d process(es)", jax.__version__, jax.device_count(),
                  jax.devices()[0].platform, jax.process_count())
     start = time.time()
-    rows = run_study(cfg, workdir)
+    rows = _run_plan(cfg, plan_study(cfg), workdir)
     if jax.process_index() == 0:
         print(reports.markdown_table(rows, title=cfg.study), file=sys.stdout)
         print(f"results in {os.path.abspath(workdir)}/results.{{json,md,csv,png}} "

@@ -3,17 +3,18 @@
 `study_problems` checks `seeds`, `methods`, `train_sources` and `eval_splits` against
 the simulated (or JUMP) sources; `data_problems` checks the simulator design and the
 fields that must agree with it; `profile_problems` checks the `data.profiles` section
-(through `data.profiles_config`) and the MLP it needs. Part of `validation.validate`.
+(through `data.profiles.section_problems`) and the MLP it needs. Part of `validation.validate`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from jaxadapt.adapt import registry
-from jaxadapt.data import design, profiles_config, schema, splits
+from jaxadapt.config_rules import MISSING, example, get, guarded, is_int, lacks
+from jaxadapt.data import schema, splits
+from jaxadapt.data import profiles, sim as sim_wing
 from jaxadapt.eval import jump_checks
-from jaxadapt.eval.config_rules import MISSING, example, get, guarded, is_int, lacks
+from jaxadapt.methods import registry
 
 
 def _names(cfg: Any, key: str, allowed: Any, what: str, rule: str = "",
@@ -51,7 +52,7 @@ def study_problems(cfg: Any) -> list[str]:
     """
     if _profiles(cfg):  # the sources are known once the tables are read (worlds.load_world)
         out = _names(cfg, "seeds", lambda s: is_int(s) and s >= 0, "seed", "use integers >= 0")
-        out += _names(cfg, "methods", registry.available(), "method")
+        out += _names(cfg, "methods", registry.method_names(), "method")
         out += _names(cfg, "train_sources", lambda s: isinstance(s, str) and bool(s), "source",
                       "use the profiles' Metadata_Source names")
         return out + _names(cfg, "eval_splits", _is_split, "split",
@@ -59,7 +60,7 @@ def study_problems(cfg: Any) -> list[str]:
                             "unknown")
     key, sources = _source_names(cfg)
     out = _names(cfg, "seeds", lambda s: is_int(s) and s >= 0, "seed", "use integers >= 0")
-    out += _names(cfg, "methods", registry.available(), "method")
+    out += _names(cfg, "methods", registry.method_names(), "method")
     if sources is None:  # real data, no source subset: the names are known once it is read
         out += _names(cfg, "train_sources", lambda s: isinstance(s, str) and s, "source",
                       "use Metadata_Source names, e.g. 'source_3'")
@@ -134,7 +135,7 @@ def data_problems(cfg: Any) -> list[str]:
     if sim is MISSING:
         return [lacks("data.sim")]
     out = [m if not m.startswith("sim ") else "config.data.sim." + m[4:]  # "sim <field>=..."
-           for m in guarded(design.check_config, sim)]
+           for m in guarded(sim_wing.check_config, sim)]
     if _profiles(cfg):
         return out + guarded(splits.in_domain_fraction, cfg.splits)
     if get(cfg, "model.name") == "mlp":
@@ -148,7 +149,7 @@ def data_problems(cfg: Any) -> list[str]:
         out.append(f"config.data.crop_size={crop} exceeds config.data.sim.image_size={size}; "
                    f"set crop_size <= {size} or raise image_size")
     preset = get(sim, "preset")
-    classes = design.num_classes(preset) if preset in design.PRESETS else 1
+    classes = sim_wing.num_classes(preset) if preset in sim_wing.PRESETS else 1
     channels = len(schema.CHANNELS)
     k = get(cfg, "model.num_classes")
     if is_int(k) and k < classes:
@@ -181,7 +182,7 @@ def profile_problems(cfg: Any) -> list[str]:
     section = get(cfg, "data.profiles")
     if section is MISSING:
         return [lacks("data.profiles")]
-    out = profiles_config.section_problems(section, reads_profiles=_profiles(cfg))
+    out = profiles.section_problems(section, reads_profiles=_profiles(cfg))
     if not _profiles(cfg):
         return out
     if get(cfg, "model.name") != "mlp":

@@ -10,8 +10,9 @@ from typing import Any, Callable, Mapping
 
 import ml_collections
 
+from jaxadapt.config_rules import MISSING, UNITS, guarded, is_int, is_number
 from jaxadapt.data import subsets
-from jaxadapt.eval.config_rules import MISSING, UNITS, guarded, is_int, is_number
+
 
 #: The command-line form of a sweep, quoted in every sweep error.
 SWEEP_SYNTAX = """--config.sweep='({"L": 16, "N": 128},)'"""

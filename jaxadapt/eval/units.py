@@ -1,6 +1,6 @@
 """Target units (plates, batches, sources) backed by the data pipeline.
 
-Implements `jaxadapt.adapt.base.Unit`: adapters see images only; labels stay here,
+Implements `jaxadapt.methods.base.Unit`: adapters see images only; labels stay here,
 with the protocol runner, so no method can peek at them.
 """
 
@@ -8,65 +8,21 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 
-from jaxadapt.adapt.base import UnitBatch, UnlabelledImages
-from jaxadapt.data import pipeline, samplers
-from jaxadapt.data.schema import CHANNELS, NO_LABEL, SiteTable
-
-
-@dataclasses.dataclass
-class DataView:
-    """Everything needed to turn table rows into model-ready image batches.
-
-    Attributes:
-      source: random-access record source (record i -> {"image": uint8 HWC, ...}).
-      table: metadata of every record.
-      eval_transform: deterministic transform for evaluation (centre crop + normalize).
-      train_transform: random transform for training (crop, flips + normalize).
-      num_threads: grain reader threads.
-      channels: channels of every record (5 Cell Painting stains; a profile's features).
-    """
-
-    source: Any
-    table: SiteTable
-    eval_transform: Any
-    train_transform: Any
-    num_threads: int = 2
-    channels: int = len(CHANNELS)
-
-    def eval_batches(self, rows: np.ndarray, masks: np.ndarray | None = None, *,
-                     first_column: int = 0) -> Iterator[dict]:
-        """Deterministically transformed batches of `rows` [n_batches, batch_size].
-
-        `first_column`: global position of column 0 (see `pipeline.batches`).
-        """
-        return pipeline.batches(
-            self.source, self.table, rows, transform=self.eval_transform, seed=0,
-            masks=masks, num_threads=self.num_threads, first_column=first_column,
-            channels=self.channels,
-        )
-
-    def train_batches(self, rows: np.ndarray, *, seed: int, first_column: int = 0
-                      ) -> Iterator[dict]:
-        """Randomly augmented batches of `rows` [n_batches, batch_size].
-
-        `first_column`: global position of column 0, a process reading its share of
-        each batch (see `pipeline.batches`).
-        """
-        return pipeline.batches(
-            self.source, self.table, rows, transform=self.train_transform, seed=seed,
-            num_threads=self.num_threads, first_column=first_column, channels=self.channels,
-        )
+from jaxadapt.data import sampling as samplers
+from jaxadapt.data.pipeline import DataView
+from jaxadapt.data.schema import NO_LABEL, SiteTable
+from jaxadapt.methods.base import UnitBatch, UnlabelledImages
 
 
 @dataclasses.dataclass
 class PipelineUnit:
     """One target unit whose images are read through the data pipeline on demand.
 
-    ``events`` counts what methods report on the unit (`jaxadapt.adapt.base.count_event`,
+    ``events`` counts what methods report on the unit (`jaxadapt.methods.base.count_event`,
     e.g. a configured fallback); the protocol runner writes the counts to the results.
     """
 

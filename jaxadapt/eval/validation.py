@@ -8,35 +8,34 @@ its value and the fix. `jaxadapt.eval.study` calls it first, so a bad value fail
 second instead of after minutes of rendering and training.
 
 Checks that live beside the code that needs them are called from here, not restated:
-the simulator design (`data.design.check_config`), the split counts
+the simulator design (`data.sim.design.check_config`), the split counts
 (`data.splits.batch_counts`, `in_domain_fraction`), the training loop's settings
 (`train.loop.FitConfig`), the device and process split of a batch
-(`train.supervised.check_batch_size`, `train.episodic.check_episodes`), the model and
-method names (`models.build_model`, `adapt.registry`). The sweep's checks
-live in `sweep_checks`; `eval.protocol.swept_settings` calls them too.
+(`train.supervised.check_batch_size`, each recipe's `device_check`), the model and
+method names (`models.build_model`, `methods.registry`), and each method family's own
+sections (`methods.registry.config_problems`: `methods.coda.checks`,
+`methods.tvn.checks`). The sweep's checks live in `sweep_checks`;
+`eval.protocol.swept_settings` calls them too.
 
-The checks live in modules by section, each returning a list of messages:
-`config_rules` (the shared helpers and the scalar fields), `study_checks` (seeds,
-methods, sources, splits, the data design, profiles), `jump_checks` (`data.jump`),
-`method_checks` (views, TVN, retrieval, training, devices, adapt_on) and `sweep_checks`. This
-module runs them in a fixed order and re-exports the names other modules use.
+The study's checks live in modules by section, each returning a list of messages:
+`jaxadapt.config_rules` (the shared helpers), `scalar_checks` (the scalar fields),
+`study_checks` (seeds, methods, sources, splits, the data design, profiles),
+`jump_checks` (`data.jump`), `method_checks` (retrieval, training, devices, adapt_on)
+and `sweep_checks`. This module runs them in a fixed order.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
+from jaxadapt.config_rules import get, guarded
 from jaxadapt.eval import jump_checks
-from jaxadapt.eval.config_rules import MISSING, UNITS, get, guarded, scalar_problems
-from jaxadapt.eval.method_checks import (CROSS_BATCH_METHODS, adapt_on_problem, device_problems,
-                                         dino_problems, retrieval_problems, train_problems,
-                                         tvn_problems)
+from jaxadapt.eval.method_checks import device_problems, retrieval_problems, train_problems
+from jaxadapt.eval.scalar_checks import scalar_problems
 from jaxadapt.eval.study_checks import data_problems, profile_problems, study_problems
-from jaxadapt.eval.sweep_checks import SWEEP_KEYS, SWEEP_SYNTAX, sweep_problems
+from jaxadapt.eval.sweep_checks import sweep_problems
+from jaxadapt.methods.registry import config_problems
 from jaxadapt.models import build_model
-
-__all__ = ["CROSS_BATCH_METHODS", "MISSING", "SWEEP_KEYS", "SWEEP_SYNTAX", "UNITS", "ConfigError",
-           "adapt_on_problem", "get", "problems", "sweep_problems", "validate"]
 
 
 class ConfigError(ValueError):
@@ -48,7 +47,7 @@ class ConfigError(ValueError):
 
 
 _CHECKS = (scalar_problems, jump_checks.key_problems, study_problems, data_problems,
-           profile_problems, train_problems, dino_problems, tvn_problems, retrieval_problems,
+           profile_problems, train_problems, config_problems, retrieval_problems,
            lambda cfg: guarded(build_model, cfg.model),
            lambda cfg: sweep_problems(get(cfg, "sweep")))
 

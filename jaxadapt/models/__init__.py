@@ -6,16 +6,12 @@ from typing import Any, Callable
 
 import flax.linen as nn
 
-from jaxadapt.models.norm import (
-    BatchNorm,
-    masked_moments,
-    merge_suff,
-    norm_stats_from_suff,
-    stats_from_suff,
-)
 from jaxadapt.models.mlp import MLP
+from jaxadapt.models.norm import (BatchNorm, masked_moments, merge_suff, norm_stats_from_suff,
+                                  stats_from_suff)
 from jaxadapt.models.resnet import ResNet, resnet18, resnet34, resnet50
-from jaxadapt.models.vit import VIT_SIZES, DINOHead, DINOModel, ViT, check_vit_config, vit
+from jaxadapt.models.vit import DINOHead, DINOModel, VIT_SIZES, ViT, check_vit_config, vit
+
 
 __all__ = [
     "BatchNorm", "DINOHead", "DINOModel", "MLP", "ResNet", "ViT", "build_model", "check_vit_config",

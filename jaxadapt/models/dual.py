@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxadapt.models.vit import Block, ViT, _layer_norm, _trunc_normal
+from jaxadapt.models.vit import Block, ViT, layer_norm, trunc_normal
 
 Array = jax.Array
 
@@ -52,11 +52,11 @@ class TaskHead(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> tuple[Array, Array]:
         """Args: x (B, T, D_ext) tokens, CLS first. Returns: (logits (B, K), CLS (B, embed_dim))."""
-        x = nn.Dense(self.embed_dim, kernel_init=_trunc_normal, name="projector")(x)
+        x = nn.Dense(self.embed_dim, kernel_init=trunc_normal, name="projector")(x)
         for i in range(self.depth):
             x = Block(self.num_heads, self.mlp_ratio, 0.0, self.dtype, name=f"block{i}")(x)
-        cls = _layer_norm(x, "norm")[:, 0]
-        return nn.Dense(self.num_classes, kernel_init=_trunc_normal, name="fc")(cls), cls
+        cls = layer_norm(x, "norm")[:, 0]
+        return nn.Dense(self.num_classes, kernel_init=trunc_normal, name="fc")(cls), cls
 
 
 class DualModel(nn.Module):
@@ -96,4 +96,4 @@ class ViTClassifier(nn.Module):
         """
         del norm_mode, stats_mask
         cls = self.backbone(x, train=train)["cls"]
-        return nn.Dense(self.num_classes, kernel_init=_trunc_normal, name="fc")(cls), cls
+        return nn.Dense(self.num_classes, kernel_init=trunc_normal, name="fc")(cls), cls

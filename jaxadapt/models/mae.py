@@ -10,7 +10,7 @@ Written for jaxadapt after the semantics of facebookresearch/mae `models_mae.py`
   exactly as `jaxadapt.models.vit.ViT` does, so a task head built for ViT tokens runs on it.
 - Decoder: Linear to the decoder width -> append mask tokens, unshuffle with
   ``ids_restore`` -> + fixed sin-cos positions -> blocks -> LayerNorm -> Linear to
-  ``p * p * C`` per patch (the element order of `jaxadapt.adapt.mae.patchify`); CLS dropped.
+  ``p * p * C`` per patch (the element order of `jaxadapt.methods.coda.mae.patchify`); CLS dropped.
 
 Parameters: ``{"encoder": {...}, "mask_token": (1, 1, Dd), "decoder": {...}}``; the encoder
 subtree has the ViT names (``patch_embed``, ``cls_token``, ``block{i}``, ``norm``) but no
@@ -118,7 +118,7 @@ def random_masking(noise: Array, mask_ratio: float) -> tuple[Array, Array, Array
     return ids_shuffle[:, :len_keep], mask, ids_restore
 
 
-def _layer_norm(x: Array, name: str) -> Array:
+def layer_norm(x: Array, name: str) -> Array:
     # As vit's: eps 1e-6, exact variance (use_fast_variance=False), float32.
     return nn.LayerNorm(epsilon=_LN_EPS, use_fast_variance=False, dtype=jnp.float32,
                         name=name)(x.astype(jnp.float32))
@@ -166,7 +166,7 @@ class MAEEncoder(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
         for i in range(self.depth):
             x = Block(self.num_heads, self.mlp_ratio, 0.0, self.dtype, name=f"block{i}")(x)
-        return _layer_norm(x, "norm")
+        return layer_norm(x, "norm")
 
     def __call__(self, x: Array) -> dict[str, Array]:
         """Unmasked forward, as `vit.ViT.__call__`.
@@ -231,7 +231,7 @@ class MAEDecoder(nn.Module):
         x = jnp.concatenate([x[:, :1], x_], axis=1) + pos[None]
         for i in range(self.depth):
             x = Block(self.num_heads, self.mlp_ratio, 0.0, self.dtype, name=f"block{i}")(x)
-        x = _layer_norm(x, "norm")
+        x = layer_norm(x, "norm")
         out = self.patch_size ** 2 * self.in_channels
         return nn.Dense(out, dtype=self.dtype, name="pred")(x)[:, 1:].astype(jnp.float32)
 

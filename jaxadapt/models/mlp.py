@@ -5,7 +5,7 @@ Same call signature and variable layout as `jaxadapt.models.resnet.ResNet`:
 ``params`` / ``batch_stats`` collections and every norm layer a `BatchNorm`, so every
 BN-family method (ERM, AdaBN, TENT, BEN, ARM-BN, CS-ARM-BN) runs on profiles unchanged.
 A profile arrives as a 1 x 1 image with D channels ([B, 1, 1, D], as
-`jaxadapt.data.profiles.ProfileSource` serves it) or as [B, D].
+`jaxadapt.data.profiles.tables.ProfileSource` serves it) or as [B, D].
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ call with ``mode``:
   ``batch_stats`` is mutable the running averages are updated. A *float* mask is a
   per-row weight (>= 0): weighted mean and variance, ``sum_b w_b x_b / sum_b w_b``, so
   that e.g. a plate's controls can carry a fixed share of the statistics whatever their
-  number (`jaxadapt.adapt.arm.cs_arm_bn_plate`); weight 0 acts as mask False.
+  number (`jaxadapt.methods.bn.arm.cs_arm_bn_plate`); weight 0 acts as mask False.
 - ``"given"``: mean / variance from the collection ``norm_stats`` at the same tree path
   as ``batch_stats``; a layer without an entry there falls back to ``"batch"``
   statistics (without touching the running averages). This lets a caller fix the

@@ -34,7 +34,7 @@ Array = jax.Array
 
 # DINO's trunc_normal_(std=.02) truncates at +-2 *absolute* (= +-100 std): in effect a
 # plain normal with std .02; flax's `lower`/`upper` are in units of std.
-_trunc_normal = nn.initializers.truncated_normal(0.02, lower=-100.0, upper=100.0)
+trunc_normal = nn.initializers.truncated_normal(0.02, lower=-100.0, upper=100.0)
 # torch's default Linear/Conv init (kaiming_uniform a=sqrt(5)): U(+-1/sqrt(fan_in)).
 _torch_default_kernel = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 _LN_EPS = 1e-6
@@ -47,7 +47,7 @@ def _torch_default_bias(fan_in: int) -> nn.initializers.Initializer:
         key, shape, dtype, -bound, bound)
 
 
-def _layer_norm(x: Array, name: str) -> Array:
+def layer_norm(x: Array, name: str) -> Array:
     """LayerNorm (eps 1e-6) in float32 whatever the compute dtype, as torch autocast does.
 
     use_fast_variance=False: E[x^2]-E[x]^2 is badly wrong for large-mean float32 inputs.
@@ -117,7 +117,7 @@ class Attention(nn.Module):
         hd = d // self.num_heads
 
         def dense(f: int, name: str) -> nn.Dense:
-            return nn.Dense(f, dtype=self.dtype, kernel_init=_trunc_normal, name=name)
+            return nn.Dense(f, dtype=self.dtype, kernel_init=trunc_normal, name=name)
 
         qkv = dense(3 * d, "qkv")(x).reshape(b, n, 3, self.num_heads, hd)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -139,9 +139,9 @@ class Mlp(nn.Module):
     def __call__(self, x: Array) -> Array:
         """Args: x (..., D). Returns: (..., D)."""
         d = x.shape[-1]
-        y = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_trunc_normal, name="fc1")(x)
+        y = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=trunc_normal, name="fc1")(x)
         y = jax.nn.gelu(y, approximate=False)
-        return nn.Dense(d, dtype=self.dtype, kernel_init=_trunc_normal, name="fc2")(y)
+        return nn.Dense(d, dtype=self.dtype, kernel_init=trunc_normal, name="fc2")(y)
 
 
 class Block(nn.Module):
@@ -165,10 +165,10 @@ class Block(nn.Module):
     def __call__(self, x: Array, train: bool = False) -> Array:
         """Args: x (B, N, D); train: applies drop path (needs a "dropout" rng). Returns: x."""
         d = x.shape[-1]
-        y = _layer_norm(x, "norm1").astype(self.dtype)
+        y = layer_norm(x, "norm1").astype(self.dtype)
         y = Attention(self.num_heads, self.dtype, self.attn_implementation, name="attn")(y)
         x = x + self._drop_path(y.astype(x.dtype), train)
-        y = _layer_norm(x, "norm2").astype(self.dtype)
+        y = layer_norm(x, "norm2").astype(self.dtype)
         y = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(y)
         return x + self._drop_path(y.astype(x.dtype), train)
 
@@ -229,16 +229,16 @@ class ViT(nn.Module):
         # The residual stream stays float32 (as under torch autocast); the matmuls and
         # attention run in `dtype`.
         x = x.reshape(b, (h // p) * (w // p), d).astype(jnp.float32)
-        cls = self.param("cls_token", _trunc_normal, (1, 1, d))
+        cls = self.param("cls_token", trunc_normal, (1, 1, d))
         g = self.img_size // p
-        pos = self.param("pos_embed", _trunc_normal, (1, 1 + g * g, d))
+        pos = self.param("pos_embed", trunc_normal, (1, 1 + g * g, d))
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype), x], axis=1)
         x = x + interpolate_pos_embed(pos, (h // p, w // p), g).astype(x.dtype)
         rates = np.linspace(0.0, self.drop_path_rate, self.depth)
         for i in range(self.depth):
             x = Block(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype,
                       self.attn_implementation, name=f"block{i}")(x, train)
-        x = _layer_norm(x, "norm")
+        x = layer_norm(x, "norm")
         return {"cls": x[:, 0], "patches": x[:, 1:]}
 
 
@@ -310,7 +310,7 @@ class DINOHead(nn.Module):
             raise ValueError(f"DINOHead.nlayers={self.nlayers}; use nlayers >= 1")
         widths = [self.hidden_dim] * (self.nlayers - 1) + [self.bottleneck_dim]
         for i, f in enumerate(widths):
-            x = nn.Dense(f, dtype=self.dtype, kernel_init=_trunc_normal, name=f"mlp{i}")(x)
+            x = nn.Dense(f, dtype=self.dtype, kernel_init=trunc_normal, name=f"mlp{i}")(x)
             if i < len(widths) - 1:
                 x = jax.nn.gelu(x, approximate=False)
         x = l2_normalize(x.astype(jnp.float32))

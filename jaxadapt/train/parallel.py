@@ -9,7 +9,7 @@ variances) and the gradients are not multiplied by the device count.
 Multi-host: `make_data_mesh` spans ``jax.devices()`` (all hosts), ordered by process.
 Every process draws the same global index batches (samplers are seeded identically);
 `process_batches` reads only this process's contiguous share of each
-(`jaxadapt.data.samplers.process_share`: columns ``[p B / P, (p + 1) B / P)``) and
+(`jaxadapt.data.sampling.process_share`: columns ``[p B / P, (p + 1) B / P)``) and
 `shard_batch` assembles the global array from the shares with
 ``jax.make_array_from_process_local_data``, so the step sees exactly the global batch
 a one-process run sees: only the reading and decoding of images is split. Every
@@ -25,7 +25,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxadapt.data import samplers
+from jaxadapt.data import sampling as samplers
+
 
 DATA_AXIS = "data"
 
@@ -59,7 +60,6 @@ def local_device_count(mesh: Mesh) -> int:
     """Devices of the mesh that belong to this process. Args: mesh. Returns: the count."""
     pid = jax.process_index()
     return sum(1 for d in mesh.devices.flat if d.process_index == pid)
-
 
 
 def _mesh_first_row(mesh: Mesh, width: int) -> int:

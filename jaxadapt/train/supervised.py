@@ -18,12 +18,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxadapt.data import samplers
+from jaxadapt.data import sampling as samplers
 from jaxadapt.data.schema import NO_LABEL
 from jaxadapt.train import parallel, steps
 from jaxadapt.train.loop import FitConfig, fit
 from jaxadapt.train.state import TrainState, create_train_state, init_opt_state
 from jaxadapt.train.writer import MetricWriter
+
 
 Variables = dict[str, Any]
 
@@ -110,7 +111,7 @@ def make_classifier_trainer(model: nn.Module, config: ml_collections.ConfigDict,
 
     Mixed batches of labelled training images, early stopping on the validation loss,
     checkpoints and exact resume (`loop.fit`); the ERM recipe and CODA's task models
-    (`jaxadapt.train.task_trainer`) are instances.
+    (`jaxadapt.methods.coda.task_trainer`) are instances.
 
     Args:
       model: called ``model(x, norm_mode=..., stats_mask=...) -> (logits, features)``.

@@ -22,7 +22,9 @@ import fsspec
 import numpy as np
 import tifffile
 
-from jaxadapt.data import design, schema
+from jaxadapt.data import schema
+from jaxadapt.data.sim import design
+
 
 SOURCES = ("source_3", "source_8")
 BATCHES = {s: tuple(f"2021_0{i + 1}_0{k}_Batch{k}" for k in range(1, 4))

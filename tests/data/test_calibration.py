@@ -4,11 +4,11 @@ statistics, against direct NumPy restatements."""
 import numpy as np
 import pytest
 
-from jaxadapt.data import calibration, sim_effects, sim_render, simulator
+from jaxadapt.data.sim import design, calibration, effects as sim_effects, render as sim_render, simulator
 
 
 def small_cfg(**biology):
-    cfg = simulator.default_sim_config()
+    cfg = design.default_sim_config()
     cfg.sources = ("source_3",)
     cfg.batches_per_source, cfg.plates_per_batch, cfg.sites_per_well = 3, 2, 2
     cfg.image_size = 48
@@ -74,7 +74,7 @@ def test_sim_heterogeneity_is_calibrated_to_real_cells(wells):
 
 def test_penetrance_sets_the_share_of_responding_cells():
     cfg = small_cfg(penetrance=0.4, penetrance_well_sd=0.0)
-    table = simulator.build_design(cfg)
+    table = design.build_design(cfg)
     tech = sim_effects.technical(table, cfg)
     bio = sim_effects.phenotype(table, cfg, tech["strength"])
     keys = np.asarray(sim_effects.site_key(cfg.seed, table["site_id"]))
@@ -97,7 +97,7 @@ def test_toxic_class_loses_cells_in_proportion_to_penetrance():
         w = calibration.measure_simulator(small_cfg(penetrance=p, penetrance_well_sd=0.0))
         log_count[p] = np.log(w.count[w.compound == "JCP2022_046054"])
     cfg = small_cfg()
-    table = simulator.build_design(cfg)
+    table = design.build_design(cfg)
     fk = table["compound"] == "JCP2022_046054"
     d = sim_effects.phenotype(table, cfg, sim_effects.technical(table, cfg)["strength"])["class"]
     d = d[fk, sim_effects.P["density"]]  # class direction x strength, per FK-866 site
@@ -109,9 +109,9 @@ def test_toxic_class_loses_cells_in_proportion_to_penetrance():
 
 def test_bad_biology_knobs_raise():
     with pytest.raises(ValueError, match="penetrance=1.5"):
-        simulator.build_design(small_cfg(penetrance=1.5))
+        design.build_design(small_cfg(penetrance=1.5))
     with pytest.raises(ValueError, match="cell_size_sd=-0.1"):
-        simulator.build_design(small_cfg(cell_size_sd=-0.1))
+        design.build_design(small_cfg(cell_size_sd=-0.1))
 
 
 def test_calibration_table_has_every_statistic():

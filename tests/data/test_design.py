@@ -1,10 +1,10 @@
-"""Tests of the simulator's experimental design (jaxadapt.data.design)."""
+"""Tests of the simulator's experimental design (jaxadapt.data.sim.design)."""
 
 import numpy as np
 import pytest
 
-from jaxadapt.data import design
 from jaxadapt.data.schema import DMSO, NO_LABEL, SITE_FIELDS
+from jaxadapt.data.sim import design
 
 
 def small_cfg(**kw):

@@ -21,7 +21,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from jaxadapt.data import jump_build, jump_images, schema
+from jaxadapt.data import schema
+from jaxadapt.data.jump import build as jump_build, images as jump_images
+
 
 MINI = os.path.join(os.path.dirname(__file__), "jump_mini")
 S3 = "s3://cellpainting-gallery/"
@@ -215,7 +217,7 @@ def test_unknown_engine_and_policy_raise(tmp_path):
 
 def test_package_imports_and_builds_without_apache_beam(tmp_path):
     code = ("import sys; sys.modules['apache_beam'] = None\n"
-            "from jaxadapt.data import jump_beam, jump_images, jump_shards\n"
+            "from jaxadapt.data.jump import beam, images, shards\n"
             "from tests.data import test_jump_build as t\n"
             f"src, _ = t._build(t._ld('UMINI0101'), {str(tmp_path)!r})\n"
             "print('ok', len(src))")
@@ -376,8 +378,8 @@ def _script():
 def test_build_script_builds_the_store_its_study_opens(tmp_path, caplog):
     # The script takes a study's config and builds exactly the store that study opens:
     # the study then reuses it (one store directory, no second build).
-    from jaxadapt.data import worlds  # pylint: disable=g-import-not-at-top
-    from jaxadapt.eval import cli  # pylint: disable=g-import-not-at-top
+    from jaxadapt.data import worlds
+    from jaxadapt.eval import cli
     from tests.eval.tiny import set_keys  # pylint: disable=g-import-not-at-top
 
     cfg = set_keys(cli.load_config_file("configs/domain_gap.py"), {

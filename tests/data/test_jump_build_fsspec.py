@@ -10,10 +10,11 @@ import os
 import fsspec
 import numpy as np
 import pytest
-
-from jaxadapt.data import jump_build, jump_images
-from jaxadapt.data.jump_load_data import Subset
 from tests.data import test_jump_build as local
+
+from jaxadapt.data.jump import build as jump_build, images as jump_images
+from jaxadapt.data.jump.load_data import Subset
+
 
 MEM = "memory://jaxadapt-mini"
 

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from jaxadapt.data import jump_images, jump_load_data, schema
+from jaxadapt.data import schema
+from jaxadapt.data.jump import images as jump_images, load_data as jump_load_data, sites as jump_sites
+
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 BBBC = "IXMtest_A02_s9.tif"
@@ -113,17 +115,17 @@ def test_read_load_data_joins_compounds_labels_and_files(tmp_path):
 def test_preprocess_matches_numpy_restatement_on_real_16bit_image():
     raw = tifffile.imread(os.path.join(FIXTURES, BBBC))
     assert raw.dtype == np.uint16 and raw.shape == (3, 395, 695)
-    got = jump_images.preprocess(raw)
+    got = jump_sites.preprocess(raw)
     assert got.dtype == np.uint8 and got.shape == (197, 347, 3)  # odd height loses a line
     np.testing.assert_array_equal(got, _restated(raw))
     # Per channel, the clip maps its 99.99th percentile to 255 and its minimum to 0.
     assert (got.reshape(-1, 3).min(0) == 0).all() and (got.reshape(-1, 3).max(0) == 255).all()
-    np.testing.assert_array_equal(jump_images.preprocess(raw.transpose(1, 2, 0), channel_axis=-1), got)
+    np.testing.assert_array_equal(jump_sites.preprocess(raw.transpose(1, 2, 0), channel_axis=-1), got)
 
 
 def test_preprocess_real_8bit_image_and_other_percentile():
     raw = _cp_stack()
-    np.testing.assert_array_equal(jump_images.preprocess(raw, upper_percentile=99.0),
+    np.testing.assert_array_equal(jump_sites.preprocess(raw, upper_percentile=99.0),
                                   _restated(raw, q=99.0))
 
 
@@ -131,12 +133,12 @@ def test_constant_channel_maps_to_zero_and_crop_pad_fix_the_shape():
     raw = tifffile.imread(os.path.join(FIXTURES, BBBC))
     raw[1] = 1234
     with np.errstate(all="raise"):
-        got = jump_images.preprocess(raw)
+        got = jump_sites.preprocess(raw)
     assert (got[..., 1] == 0).all()
     np.testing.assert_array_equal(got[..., 0], _restated(raw[:1])[..., 0])
-    cropped = jump_images.preprocess(raw, image_size=64)
+    cropped = jump_sites.preprocess(raw, image_size=64)
     np.testing.assert_array_equal(cropped, _center(got, 64))
-    padded = jump_images.preprocess(raw, image_size=(256, 300))
+    padded = jump_sites.preprocess(raw, image_size=(256, 300))
     assert padded.shape == (256, 300, 3)
     # 197 rows are zero-padded by 29 above and 30 below; 347 columns centre-cropped to 300.
     np.testing.assert_array_equal(padded[29:29 + 197], got[:, 23:23 + 300])
@@ -165,8 +167,8 @@ def test_store_records_cache_reuse_and_rebuild(tmp_path, monkeypatch):
     marker = os.path.join(cache, root, "COMPLETE.json")
     stamp = os.path.getmtime(marker)
     reads = []
-    real_read = jump_images.read_site
-    monkeypatch.setattr(jump_images, "read_site", lambda *a, **k: reads.append(1) or real_read(*a, **k))
+    real_read = jump_sites.read_site
+    monkeypatch.setattr(jump_sites, "read_site", lambda *a, **k: reads.append(1) or real_read(*a, **k))
     source2, _ = jump_images.build_jump_store(load_data, wells, LABELS, cache, channels=CH3,
                                               image_size=96)
     assert not reads and os.listdir(cache) == [root] and os.path.getmtime(marker) == stamp
@@ -233,7 +235,7 @@ def test_mismatched_channel_shapes_name_the_site(tmp_path):
     _write_csv(load_data, rows)
     sites = jump_load_data.read_load_data(load_data, wells, LABELS, channels=CH3)
     with pytest.raises(ValueError, match=r"P1/A01/1: channels differ in shape.*'ER': \(395, 695\)"):
-        jump_images.read_site(sites.paths[0], sites.frames[0], name="site source_1/B1/P1/A01/1",
+        jump_sites.read_site(sites.paths[0], sites.frames[0], name="site source_1/B1/P1/A01/1",
                               channels=CH3)
     with pytest.raises(ValueError, match="channels differ in shape"):
         jump_images.build_jump_store(load_data, wells, LABELS, str(tmp_path / "c"),

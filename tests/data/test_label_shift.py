@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from jaxadapt.data import samplers, schema
+from jaxadapt.data import sampling as samplers, schema
+
 
 K = 4
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from jaxadapt.data import pipeline, samplers, schema, store, transforms
+from jaxadapt.data import pipeline, sampling as samplers, schema, store, transforms
+
 
 S, C = 40, 5
 

@@ -9,13 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from jaxadapt.data import pipeline, profile_norm, profiles, transforms
+from jaxadapt.data import pipeline, transforms
+from jaxadapt.data.profiles import norm as profile_norm, tables as profiles
+from jaxadapt.data.sim import design
+
 
 DATA = pathlib.Path(__file__).resolve().parent / "profiles"
 MINI = DATA / "mini"
 # The real LINCS plate, unchanged, as the package ships it (see tests/data/profiles/SOURCE.md).
-LINCS_GZ = (pathlib.Path(profiles.__file__).parent / "resources" / "calibration"
-            / "SQ00015054_normalized_feature_select.csv.gz")
+LINCS_GZ = (design.RESOURCES / "calibration" / "SQ00015054_normalized_feature_select.csv.gz")
 LINCS_COLUMNS = {"batch": "Metadata_Batch_Number", "compound": "Metadata_broad_sample"}
 # Two real LINCS compounds (6 wells each) as classes 0 and 1.
 TWO = ("BRD-K92301463-001-05-5", "BRD-A92630576-050-24-1")

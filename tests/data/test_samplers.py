@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from jaxadapt.data import samplers, schema
+from jaxadapt.data import sampling as samplers, schema
 
 
 def make_table(plates=("pA", "pB", "pC"), n_pert=(10, 3, 40), n_ctrl=(6, 2, 0)):

@@ -1,14 +1,14 @@
-"""Tests of the Cell Painting simulator (jaxadapt.data.simulator)."""
+"""Tests of the Cell Painting simulator (jaxadapt.data.sim.simulator)."""
 
 import numpy as np
 import pytest
 
-from jaxadapt.data import sim_effects, simulator
 from jaxadapt.data.schema import check_images
+from jaxadapt.data.sim import design, effects as sim_effects, simulator
 
 
 def cfg_(**kw):
-    cfg = simulator.default_sim_config()
+    cfg = design.default_sim_config()
     cfg.sources = ("source_3",)
     cfg.batches_per_source, cfg.plates_per_batch, cfg.sites_per_well = 2, 1, 2
     cfg.image_size, cfg.chunk_size = 32, 128
@@ -20,7 +20,7 @@ def cfg_(**kw):
 @pytest.fixture(scope="module")
 def study():
     cfg = cfg_()
-    table = simulator.build_design(cfg)
+    table = design.build_design(cfg)
     images, latents = simulator.render_sites(table, cfg)
     return cfg, table, images, latents
 
@@ -42,7 +42,7 @@ def test_shapes_and_dtype(study):
     cfg, table, images, latents = study
     assert images.shape == (len(table), 32, 32, 5) and images.dtype == np.uint8
     check_images(images)
-    assert latents["phenotype"].shape == (len(table), len(simulator.PHENO))
+    assert latents["phenotype"].shape == (len(table), len(sim_effects.PHENO))
     assert latents["gain"].shape == (len(table), 5) and latents["crosstalk"].shape == (len(table), 5, 5)
     assert all(len(v) == len(table) for v in latents.values())
     assert 0 < images.mean() < 128 and latents["n_cells"].mean() > 3
@@ -60,7 +60,7 @@ def test_subset_in_any_order_renders_identical_pixels(study):
 def test_other_study_knobs_do_not_change_a_site(study):
     cfg, table, images, _ = study
     bigger = cfg_(batches_per_source=3, sites_per_well=3)
-    t2 = simulator.build_design(bigger)
+    t2 = design.build_design(bigger)
     row = int(np.flatnonzero(t2["site_id"] == table["site_id"][10])[0])
     img2, _ = simulator.render_sites(t2.take(np.array([row])), bigger)
     np.testing.assert_array_equal(img2[0], images[10])
@@ -104,14 +104,14 @@ def test_severity_zero_removes_batch_effects():
     cfg = cfg_()
     for level in ("source", "batch", "plate", "well"):
         cfg.severity[level] = 0.0
-    lat = sim_effects.technical(simulator.build_design(cfg), cfg)
+    lat = sim_effects.technical(design.build_design(cfg), cfg)
     np.testing.assert_allclose(lat["gain"], 1.0, rtol=1e-6)
     np.testing.assert_allclose(lat["density"], 1.0, rtol=1e-6)
 
 
 def test_bad_inputs_raise():
     cfg = cfg_()
-    table = simulator.build_design(cfg)
+    table = design.build_design(cfg)
     cols = dict(table.columns)
     cols["source"] = np.array(["source_99"] * len(table))
     with pytest.raises(ValueError, match="source_99"):

@@ -6,7 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from jaxadapt.data import schema, store, tfds_sim
+from jaxadapt.data import schema, store
+from jaxadapt.data.sim import builder as tfds_sim
+
 
 S = 32
 
@@ -128,8 +130,8 @@ def test_config_key_changes_with_content_only():
 
 
 def _small_sim_cfg():
-    design = pytest.importorskip("jaxadapt.data.design")
-    pytest.importorskip("jaxadapt.data.simulator")
+    design = pytest.importorskip("jaxadapt.data.sim.design")
+    pytest.importorskip("jaxadapt.data.sim.simulator")
     cfg = design.default_sim_config()
     cfg.batches_per_source, cfg.plates_per_batch = 1, 1
     cfg.sites_per_well, cfg.image_size = 1, 32
@@ -138,7 +140,7 @@ def _small_sim_cfg():
 
 def test_load_simulated_matches_render_and_caches(tmp_path):
     cfg = _small_sim_cfg()
-    from jaxadapt.data import simulator
+    from jaxadapt.data.sim import simulator
     source, table = tfds_sim.load_simulated(cfg, str(tmp_path), chunk_sites=64)
     root = tfds_sim.store_dir(cfg, str(tmp_path))
     rows = np.arange(len(table) - 64, len(table))  # same shape as a build chunk: no recompile
@@ -156,5 +158,5 @@ def test_load_simulated_matches_render_and_caches(tmp_path):
 
 
 def design_table(cfg):
-    from jaxadapt.data import design
+    from jaxadapt.data.sim import design
     return design.build_design(cfg)

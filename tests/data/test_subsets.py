@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-
-from jaxadapt.data import samplers, subsets
 from tests.data.test_splits import make_table
+
+from jaxadapt.data import sampling as samplers, subsets
 
 
 def _source_unit(t):

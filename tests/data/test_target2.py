@@ -1,4 +1,4 @@
-"""Tests of the jump_target2 simulator preset (jaxadapt.data.target2, design, sim_effects)."""
+"""Tests of the jump_target2 simulator preset (jaxadapt.data.sim.target2, design, sim_effects)."""
 
 import collections
 import csv
@@ -6,8 +6,8 @@ import csv
 import numpy as np
 import pytest
 
-from jaxadapt.data import design, sim_effects, simulator, target2
 from jaxadapt.data.schema import DMSO, NO_LABEL, check_images
+from jaxadapt.data.sim import design, effects as sim_effects, simulator, target2
 
 
 def cfg_(**kw):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image  # pillow ships with matplotlib, a declared dependency
 
-from jaxadapt.data import schema, store, views
+from jaxadapt.data import schema, store, transforms, views
 
 C = 5
 CFG = views.ViewsConfig(global_size=32, local_size=16, n_local=4)
@@ -33,13 +33,13 @@ def test_standardize_matches_numpy_and_guards_constant_channels():
     v[..., 2] = 0.3  # a constant stain: centred, not divided by ~0
     x = v.astype(np.float64)
     mean, std = x.mean((0, 1)), x.std((0, 1), ddof=1)
-    ref = (x - mean) / np.maximum(std, views.STD_EPS)
-    out = views.standardize(v)
+    ref = (x - mean) / np.maximum(std, transforms.STD_EPS)
+    out = transforms.standardize(v)
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, ref, atol=1e-5)
     assert np.isfinite(out).all() and np.abs(out[..., 2]).max() < 1e-6
     with pytest.raises(ValueError, match="at least 2 pixels"):
-        views.standardize(v[:1, :1])
+        transforms.standardize(v[:1, :1])
 
 
 def test_crop_box_follows_random_resized_crop():

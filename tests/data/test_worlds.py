@@ -10,10 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tifffile
+from tests.data import jump_gallery as gallery
 
 from jaxadapt import config
-from jaxadapt.data import fileio, jump_images, schema, worlds
-from tests.data import jump_gallery as gallery
+from jaxadapt.data import fileio, schema, worlds
+from jaxadapt.data.jump import sites as jump_sites
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def _site_pixels(root: str, table, i: int) -> np.ndarray:
     stack = np.stack([tifffile.imread(os.path.join(
         root, rel, f"{table['plate'][i]}_{table['well'][i]}_s1_{ch}.tiff"))
         for ch in schema.CHANNELS])
-    return jump_images.preprocess(stack)
+    return jump_sites.preprocess(stack)
 
 
 def test_local_gallery_by_config_has_the_design_labels_and_pixels(local, tmp_path):
@@ -186,7 +187,7 @@ def test_miniature_real_gallery_loads_pixel_exact_and_splits_by_its_real_batches
     first = np.flatnonzero((table["plate"] == row["Metadata_Plate"])
                            & (table["well"] == row["Metadata_Well"])
                            & (table["site"] == int(row["Metadata_Site"])))[0]
-    np.testing.assert_array_equal(source[first]["image"], jump_images.preprocess(raw))
+    np.testing.assert_array_equal(source[first]["image"], jump_sites.preprocess(raw))
     # Splits deal source_1's real batch names; source_2 is the new source.
     rows_of = splits.make_splits(table, train_source="source_1", cfg=cfg.splits)
     batches = {k: set(table["batch"][v].tolist()) for k, v in rows_of.items()}
@@ -228,7 +229,7 @@ def test_bad_sites_from_config_raise_or_are_skipped_and_reported(tmp_path, caplo
     with pytest.raises(ValueError, match=f"1 bad site.*channel RNA: missing TIFF.*"
                                          f"{os.path.basename(gone)}.*on_bad_site='skip'"):
         worlds.load_world(_cfg(root, paths, tmp_path / "a"))
-    caplog.set_level("WARNING", logger="jaxadapt.data.jump_images")
+    caplog.set_level("WARNING", logger="jaxadapt.data.jump.images")
     _, table = worlds.load_world(_cfg(root, paths, tmp_path / "b", on_bad_site="skip"))
     assert len(table) == 119
     report = [r.getMessage() for r in caplog.records if "build_report.json" in r.getMessage()]

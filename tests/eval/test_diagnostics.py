@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxadapt.adapt import bn
 from jaxadapt.data import schema
 from jaxadapt.eval import diagnostics
+from jaxadapt.methods.bn import stats as bn
 from jaxadapt.models.resnet import BasicBlock, ResNet
 
 

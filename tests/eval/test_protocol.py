@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from jaxadapt import config as defaults
-from jaxadapt.adapt.base import Method, adaptation_unit, count_event
 from jaxadapt.data import schema
 from jaxadapt.eval import protocol
+from jaxadapt.methods.base import Method, adaptation_unit, count_event
 
 
 def _cfg():
@@ -71,10 +71,13 @@ def _fake(name, keys=(), ignores=()):
                   ignores=ignores)
 
 
-def test_method_settings_skip_keys_a_method_ignores():
+def test_method_settings_skip_keys_a_method_ignores(monkeypatch):
     sweep = [{"L": L, "N": N} for L in (1, 4) for N in (0, 16)]
     build = {"arm": _fake("arm"), "cs": _fake("cs", ("N",)), "plate": _fake("plate", ignores=("L",))}
-    pairs = protocol.method_settings(["arm", "cs", "plate"], lambda n, s: build[n], sweep)
+    monkeypatch.setattr(protocol.registry, "make_method", lambda n, model, cfg, s: build[n])
+    cfg = _cfg()
+    cfg.methods = ("arm", "cs", "plate")
+    pairs = protocol.method_settings(None, cfg, sweep)
     by = lambda name: [s for s, m in pairs if m.name == name]  # noqa: E731
     assert by("arm") == [{"L": 1}, {"L": 4}]
     assert by("cs") == sweep
@@ -167,18 +170,19 @@ def test_trainer_spec_is_canonical_and_keys_hash_the_overridden_config():
         protocol.trainer_spec(_method(overrides=(("arm.n_control", 1),)), cfg)
 
 
-def test_build_trainers_one_per_spec_with_its_config():
+def test_build_trainers_one_per_spec_with_its_config(monkeypatch):
     cfg = _cfg()
     methods = [({}, _method()), ({"N": 32}, _method(overrides=(("arm.n_controls", 32),))),
                ({"N": 128}, _method(overrides=(("arm.n_controls", 128),))),
                ({"N": 0}, _method("arm_bn", (("arm.n_controls", 0),)))]
     built = []
 
-    def make(c, names):
+    def make(model, c, names):
         built.append((sorted(names), c.arm.n_controls))
         return {n: (n, c.arm.n_controls) for n in names}
 
-    trainers = protocol.build_trainers(methods, cfg, make)
+    monkeypatch.setattr(protocol.registry, "build_trainers", make)
+    trainers = protocol.build_trainers(None, methods, cfg)
     assert sorted(built) == [(["arm_bn"], 32), (["cs_arm_bn"], 32), (["cs_arm_bn"], 128)]
     assert trainers[protocol.TrainerSpec("cs_arm_bn", (("arm.n_controls", 128),))] == ("cs_arm_bn", 128)
 

@@ -46,7 +46,7 @@ def test_write_results_files_agree(tmp_path):
 
 
 def test_pair_splits_make_a_source_matrix_heat_map(tmp_path):
-    from jaxadapt.eval import matrix_plot
+    from jaxadapt.eval import reports as matrix_plot
 
     Row, write_results = reports.Row, reports.write_results
     rows = [Row("oda", "source:source_3->source_3", {}, "accuracy", 0.4, 0.0, 3),

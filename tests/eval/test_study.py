@@ -5,12 +5,12 @@ import os
 
 import numpy as np
 import pytest
+from tests.eval.tiny import tiny_config
 
-from jaxadapt.adapt import registry
 from jaxadapt.eval import metrics, protocol, study
+from jaxadapt.methods import registry
 from jaxadapt.models import build_model
 from jaxadapt.train.supervised import Interrupted
-from tests.eval.tiny import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +108,9 @@ def test_every_method_has_its_training_recipe(tmp_path):
     # e.g. ben trains its own model (controls-only statistics), not ERM's.
     cfg = tiny_config(str(tmp_path))
     model = build_model(cfg.model)
-    methods = {n: registry.make_method(n, model, cfg) for n in registry.available()}
+    methods = {n: registry.make_method(n, model, cfg) for n in registry.method_names()}
     assert methods["ben"].trainer == "ben" and methods["adabn_plate"].trainer == "erm"
-    trainers = study.make_trainers(model, cfg, {m.trainer for m in methods.values()})
+    trainers = registry.build_trainers(model, cfg, {m.trainer for m in methods.values()})
     assert all(callable(t) for t in trainers.values())
 
 

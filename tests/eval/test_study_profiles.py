@@ -6,8 +6,10 @@ import pathlib
 
 import pytest
 
-from jaxadapt.data import profiles, profiles_config, worlds
+from jaxadapt.data import worlds
+from jaxadapt.data.profiles import config as profiles_config, tables as profiles
 from jaxadapt.eval import cli, study, validation
+
 
 CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "domain_gap_profiles.py"
 METHODS = ("erm", "adabn", "tent", "ben", "arm_bn", "cs_arm_bn")

@@ -4,9 +4,9 @@ import json
 import os
 
 import numpy as np
+from tests.eval.tiny import tiny_config
 
 from jaxadapt.eval import protocol, study
-from tests.eval.tiny import tiny_config
 
 
 def _rows(workdir):
@@ -51,7 +51,7 @@ def test_tvn_row_with_map_beside_accuracy(tmp_path, sim_cache, capsys):
 
 def test_tvn_on_a_user_embedding_file(tmp_path, sim_cache):
     """Embeddings from a file: class signal plus a strong per-plate shift and scale."""
-    from jaxadapt.data import tfds_sim
+    from jaxadapt.data.sim import builder as tfds_sim
 
     cfg = tiny_config(sim_cache, **{"methods": ("tvn",), "eval.retrieval": True,
                                     "tvn.extractor": "file", "tvn.head_steps": 200,

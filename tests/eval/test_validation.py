@@ -5,11 +5,11 @@ import os
 
 import ml_collections
 import pytest
+from tests.eval.tiny import set_keys
 
 from jaxadapt import config as defaults
 from jaxadapt.eval import cli, protocol, study, validation
-from jaxadapt.eval.validation import SWEEP_SYNTAX
-from tests.eval.tiny import set_keys
+from jaxadapt.eval.sweep_checks import SWEEP_SYNTAX, sweep_problems
 
 
 def _cfg(**changes):
@@ -101,7 +101,7 @@ def test_fields_that_must_agree_with_the_simulated_design():
 
 
 def test_jump_target2_preset_is_validated_with_its_own_class_count():
-    from jaxadapt.data import design  # pylint: disable=g-import-not-at-top
+    from jaxadapt.data.sim import design
 
     cfg = _cfg()
     cfg.data.sim = design.default_sim_config("jump_target2")
@@ -152,7 +152,7 @@ def test_batches_split_over_devices_only_for_the_trainers_that_split_them():
     (({"M": 3},), "unknown key 'M'; known keys: L"),
 ])
 def test_malformed_sweeps_are_named_with_the_right_syntax(sweep, fix):
-    found = validation.sweep_problems(sweep)
+    found = sweep_problems(sweep)
     assert len(found) == 1 and fix in found[0], found
     assert found[0].startswith("config.sweep")
     if not isinstance(sweep[0], dict):
@@ -161,15 +161,15 @@ def test_malformed_sweeps_are_named_with_the_right_syntax(sweep, fix):
 
 def test_sweep_given_as_string_or_single_dict_shows_syntax():
     for bad in ('({"L": 16},)', {"L": 16}, 16):
-        found = validation.sweep_problems(bad)
+        found = sweep_problems(bad)
         assert len(found) == 1 and SWEEP_SYNTAX in found[0]
 
 
 def test_valid_sweeps_pass_including_config_dict_settings():
     ok = ({"L": 1, "N": 0}, {"alpha": "balanced", "N": 128}, {"alpha": 0.01, "unit": "batch"},
           ml_collections.ConfigDict({"L": 4}), {})
-    assert validation.sweep_problems(ok) == []
-    assert validation.sweep_problems(()) == [] and validation.sweep_problems(None) == []
+    assert sweep_problems(ok) == []
+    assert sweep_problems(()) == [] and sweep_problems(None) == []
     assert protocol.swept_settings(_cfg(sweep=ok))[3] == {"L": 4}
 
 
@@ -179,7 +179,7 @@ def nothing_may_run(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("rendering or training started before the config was validated")
     monkeypatch.setattr(study.worlds, "load_world", forbidden)
-    monkeypatch.setattr(study.trainer_registry, "build_trainers", forbidden)
+    monkeypatch.setattr(study.registry, "build_trainers", forbidden)
 
 
 @pytest.mark.parametrize("changes,match", [

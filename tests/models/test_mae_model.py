@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tests.methods.coda import mae_tiny
 
-from jaxadapt.models.mae import (MAE, MAEDecoder, MAEEncoder, mae, mask_noise,
-                                 random_masking, sincos_pos_embed_2d)
+from jaxadapt.models.mae import (MAE, MAEDecoder, MAEEncoder, mae, mask_noise, random_masking,
+                                 sincos_pos_embed_2d)
 from jaxadapt.models.vit import ViT
-from tests.adapt import mae_tiny
 
 
 def _reference_sincos(dim, g):

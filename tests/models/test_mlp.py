@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from jaxadapt import config as defaults
-from jaxadapt.adapt import bn_plate
-from jaxadapt.models import MLP, build_model
+from jaxadapt.methods.bn import plate_stats as bn_plate
+from jaxadapt.models import build_model
+from jaxadapt.models.mlp import MLP
+
 
 D, K, W = 12, 3, 8
 EPS = 1e-5

@@ -6,13 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxadapt.models.norm import (
-    BatchNorm,
-    masked_moments,
-    merge_suff,
-    norm_stats_from_suff,
-    stats_from_suff,
-)
+from jaxadapt.models.norm import (BatchNorm, masked_moments, merge_suff, norm_stats_from_suff,
+                                  stats_from_suff)
+
 
 EPS = 1e-5
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from jaxadapt.models import build_model
-from jaxadapt.models.vit import (
-    DINOHead, DINOModel, Mlp, ViT, WeightNormDense, bicubic_matrix, check_vit_config,
-    crop_groups, interpolate_pos_embed, vit,
-)
+from jaxadapt.models.pos_embed import bicubic_matrix, interpolate_pos_embed
+from jaxadapt.models.vit import (DINOHead, DINOModel, Mlp, ViT, WeightNormDense, check_vit_config,
+                                 crop_groups, vit)
+
 
 # XLA:CPU compiles threefry-based initializers ~7x slower than the "rbg" generator.
 KEY = jax.random.key(0, impl="rbg")

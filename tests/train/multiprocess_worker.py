@@ -37,14 +37,16 @@ if NPROC > 1:
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxadapt import config as defaults  # noqa: E402
-from jaxadapt.adapt import registry  # noqa: E402
-from jaxadapt.data import samplers, schema, transforms  # noqa: E402
-from jaxadapt.eval import protocol, study  # noqa: E402
-from jaxadapt.eval.units import DataView  # noqa: E402
-from jaxadapt.models.resnet import BasicBlock, ResNet  # noqa: E402
-from jaxadapt.adapt.base import UnlabelledImages  # noqa: E402
-from jaxadapt.train import dino_trainer, episodic, online, supervised  # noqa: E402
+from jaxadapt import config as defaults
+from jaxadapt.methods import registry
+from jaxadapt.data import sampling as samplers, schema, transforms
+from jaxadapt.eval import protocol, study
+from jaxadapt.data.pipeline import DataView
+from jaxadapt.models.resnet import BasicBlock, ResNet
+from jaxadapt.methods.base import UnlabelledImages
+from jaxadapt.methods.coda import dino_trainer, online
+from jaxadapt.methods.bn import episodic
+from jaxadapt.train import supervised
 
 S, CROP, K = 20, 16, 3
 MODEL = ResNet(stage_sizes=(1,), block_cls=BasicBlock, width=4, stem="small", num_classes=K,
