@@ -18,6 +18,11 @@ unit. Methods, as in CODA's table 2:
   ttt_mae     an MAE-pretrained ViT under the same task transformer, its encoder adapted
               on each test image alone (20 SGD steps on copies of it, reset per image);
               in the GPU variant only (on CPU add it to --config.methods).
+Step 1 (the DINO extractors) runs CODA's own recipe, not DINO's (`coda_step1`:
+params/settings/self-supervised-coda-step-1.json and the JUMP_TARGET augmentation
+strategy of cfredinh/coda): AdamW lr 1e-4 without batch scaling, weight decay cosine
+1e-5 -> 1e-4, global gradient clip 1.0, plain random crops (no resizing) with flips and
+CODA's small brightness jitter. `configs/dino_pretrain.py` keeps DINO's recipe.
 Add `--config.train_sources='("source_3","source_5","source_8","source_11")'` and
 `--config.eval_splits` from `jaxadapt.data.splits.source_matrix` for the full matrix.
 """
@@ -46,9 +51,23 @@ def get_config(variant: str = "cpu"):
     c.model.name = "vit_cpu"  # 64-dim, 4 blocks, 4 heads, patch 8, 48 px
     c.model.num_classes = design.num_classes("jump_target2")
     c.model.drop_path_rate = 0.1  # the DINO student's stochastic depth
+    coda_step1(c)
     if variant == "gpu":
         gpu_sizes(c)
     return c
+
+
+def coda_step1(c):
+    """CODA's step-1 DINO recipe (the reference's self-supervised-coda-step-1.json).
+
+    AdamW at lr 1e-4 with no batch scaling, weight decay cosine 1e-5 -> 1e-4, the global
+    gradient norm clipped at 1.0; plain random crops (RandomCrop, no RandomResizedCrop),
+    flips and the small brightness jitter (the `dino.views` defaults). Args: c, in place.
+    """
+    c.dino.base_lr, c.dino.lr_scaling = 1e-4, "none"
+    c.dino.weight_decay, c.dino.weight_decay_end = 1e-5, 1e-4
+    c.dino.clip_grad, c.dino.global_clip = 1.0, True
+    c.dino.views.crop_mode = "plain"
 
 
 def gpu_sizes(c):
@@ -63,7 +82,8 @@ def gpu_sizes(c):
     c.dino.out_dim, c.dino.hidden_dim, c.dino.bottleneck_dim = 4096, 2048, 256
     c.dino.epochs, c.dino.batch_size, c.dino.warmup_epochs = 300, 128, 10
     c.dino.warmup_teacher_temp_epochs = 30
-    c.dino.global_clip, c.dino.clip_grad = True, 1.0
+    # CODA centre-crops 448 px of the 1080 px field; the simulator's 256 px field is about
+    # that centre at half resolution, so the views come from the whole field.
     c.dino.views.global_size, c.dino.views.local_size = 224, 96
     c.coda.task.embed_dim, c.coda.task.depth, c.coda.task.num_heads = 384, 12, 6
     c.coda.task.num_epochs, c.coda.task.patience, c.coda.task.batch_size = 50, 50, 128

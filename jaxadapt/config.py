@@ -224,7 +224,8 @@ def _dino() -> ml_collections.ConfigDict:
     d.norm_last_layer = True
     d.epochs = 10  # (DINO 100, CODA 300)
     d.batch_size = 32  # global batch, over every device and host (DINO 1024)
-    d.base_lr = 5e-4  # lr = base_lr * batch_size / 256, linear warm-up then cosine
+    d.base_lr = 5e-4  # lr = base_lr * batch_size / 256 (lr_scaling), warm-up then cosine
+    d.lr_scaling = "linear"  # DINO's lr = base_lr * B / 256; "none": lr = base_lr (CODA)
     d.min_lr = 1e-6
     d.warmup_epochs = 2  # (10)
     d.weight_decay = 0.04  # cosine to weight_decay_end; not on biases and 1-D tensors
@@ -255,6 +256,8 @@ def _dino() -> ml_collections.ConfigDict:
     v.intensity_shift = 0.005
     v.intensity_gamma = 0.005
     v.standardize = True
+    v.crop_mode = "resized"  # DINO's RandomResizedCrop; "plain": CODA's RandomCrop
+    v.centre_crop = 0  # side of the image's centre the views come from (CODA 448); 0: all
     d.views = v
     return d
 
@@ -301,6 +304,9 @@ def _coda() -> ml_collections.ConfigDict:
     a.clip_grad = 1.0
     a.global_clip = True
     a.seed = 0  # views and pairs of the adaptation, with the unit's name
+    # The DINO centre the adaptation starts from: "zero", as the reference's step 3 (it
+    # loads only the encoders); "pretrained" carries the pretraining's centre over.
+    a.centre = "zero"
     c.adapt = a
     return c
 

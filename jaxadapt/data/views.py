@@ -1,11 +1,14 @@
 """Multi-crop views for DINO / CODA on C-channel fluorescence images (NumPy, no JAX).
 
-One sample gives 2 global views and `n_local` local views. Per view, in this order:
+One sample gives 2 global views and `n_local` local views, cut from the image's central
+`centre_crop` pixels (CODA's CenterCrop; 0: the whole image). Per view, in this order:
 
-1. random resized crop with torchvision's `RandomResizedCrop` semantics: area fraction
+1. with `crop_mode="plain"` (CODA's recipe), a plain random crop of the view size, taken
+   as it is (no resampling: cells keep their size); with `crop_mode="resized"` (DINO's),
+   a random resized crop with torchvision's `RandomResizedCrop` semantics: area fraction
    drawn from `scale`, aspect ratio log-uniform in `ratio`, 10 tries then a centred
    fallback (DINO: global (0.4, 1), local (0.05, 0.4));
-2. resize to the view size by separable bilinear interpolation (half-pixel centres;
+2. (resized mode) resize to the view size by separable bilinear interpolation (half-pixel centres;
    when shrinking, the triangle filter widens by the shrink factor: antialiasing as
    PIL / torchvision `antialias=True`). DINO resizes bicubically; bilinear is cheaper and
    has no overshoot, which matters for dim fluorescence channels;
@@ -149,22 +152,76 @@ def intensity_augment(view: np.ndarray, rng: np.random.Generator,
     return np.clip(out ** gamma.astype(np.float32), 0.0, 1.0)
 
 
+def plain_crop(image: np.ndarray, top: int, left: int, size: int, *, flip_h: bool = False,
+               flip_v: bool = False) -> np.ndarray:
+    """The size x size window at (top, left), as it is (no resampling), optionally flipped.
+
+    Args:
+      image: [H, W, C], uint8 (0-255, scaled to 0-1) or float (taken as 0-1 already).
+      top, left: the window's corner.
+      size: its side.
+      flip_h, flip_v: mirror left-right / up-down.
+
+    Returns:
+      float32 [size, size, C] on the 0-1 scale: exactly the image's pixels there.
+    """
+    window = image[top:top + size, left:left + size]
+    window = window[::-1] if flip_v else window
+    window = window[:, ::-1] if flip_h else window
+    if image.dtype == np.uint8:
+        return window.astype(np.float32) / np.float32(255)
+    return window.astype(np.float32)
+
+
+def centre_crop(image: np.ndarray, size: int, name: str = "image") -> np.ndarray:
+    """The central size x size part of `image` (CODA's CenterCrop before its random crops).
+
+    Args:
+      image: [H, W, C].
+      size: the side kept; 0 keeps the whole image.
+      name: the image's name in messages.
+
+    Returns:
+      [size, size, C] (a view of `image`, no copy), or `image` itself for size 0.
+
+    Raises:
+      ValueError: `size` larger than the image, naming both sizes.
+    """
+    if size == 0:
+        return image
+    h, w = image.shape[:2]
+    if size > min(h, w):
+        raise ValueError(f"ViewsConfig.centre_crop={size} exceeds the {name} size {h}x{w}; "
+                         f"lower centre_crop to <= {min(h, w)} (0 keeps the whole image)")
+    top, left = (h - size) // 2, (w - size) // 2
+    return image[top:top + size, left:left + size]
+
+
 def _view(image: np.ndarray, rng: np.random.Generator, size: int,
           scale: tuple[float, float], cfg: ViewsConfig) -> np.ndarray:
-    box = crop_box(rng, image.shape[0], image.shape[1], scale, cfg.ratio)
+    if cfg.crop_mode == "plain":  # CODA's RandomCrop: cells keep their size in every view
+        top = int(rng.integers(image.shape[0] - size + 1))
+        left = int(rng.integers(image.shape[1] - size + 1))
+    else:
+        box = crop_box(rng, image.shape[0], image.shape[1], scale, cfg.ratio)
     flip_h, flip_v = rng.integers(2, size=2) if cfg.flips else (0, 0)
-    view = resized_crop(image, box, size, flip_h=bool(flip_h), flip_v=bool(flip_v))
+    if cfg.crop_mode == "plain":
+        view = plain_crop(image, top, left, size, flip_h=bool(flip_h), flip_v=bool(flip_v))
+    else:
+        view = resized_crop(image, box, size, flip_h=bool(flip_h), flip_v=bool(flip_v))
     view = intensity_augment(view, rng, cfg)
     return standardize(view) if cfg.standardize else view
 
 
 def _check_image(image: np.ndarray, name: str, cfg: ViewsConfig) -> None:
+    """`image` (after the centre crop) holds views of both sizes."""
     if image.ndim != 3:
         raise ValueError(f"{name} must be one HWC image [H, W, C], got shape {image.shape}")
     h, w = image.shape[:2]
+    what = f"centre-cropped {name}" if cfg.centre_crop else name
     for field in ("global_size", "local_size"):
         if getattr(cfg, field) > min(h, w):
-            raise ValueError(f"ViewsConfig.{field}={getattr(cfg, field)} exceeds the {name} "
+            raise ValueError(f"ViewsConfig.{field}={getattr(cfg, field)} exceeds the {what} "
                              f"size {h}x{w}; lower {field} to <= {min(h, w)}")
 
 
@@ -193,6 +250,9 @@ def make_views(image_a: np.ndarray, image_b: np.ndarray, rng: np.random.Generato
     same = image_b is None or image_b is image_a
     image_a = np.asarray(image_a)
     image_b = image_a if same else np.asarray(image_b)
+    if image_a.ndim == 3:
+        image_a = centre_crop(image_a, cfg.centre_crop, "image_a")
+        image_b = image_a if same else centre_crop(image_b, cfg.centre_crop, "image_b")
     _check_image(image_a, "image_a", cfg)
     if not same:
         _check_image(image_b, "image_b", cfg)
@@ -329,6 +389,12 @@ class ViewsConfig(NamedTuple):
       intensity_shift: std of the per-channel additive shift (0-1 scale).
       intensity_gamma: std (and clip half-width) of the per-channel gamma around 1.
       standardize: per-view per-channel z-score with the unbiased std.
+      crop_mode: "resized" (DINO's RandomResizedCrop: `*_scale` and `ratio`, then a
+        bilinear resize to the view size) or "plain" (CODA's RandomCrop: a window of the
+        view size taken as it is, so cells keep their size in every view; `*_scale` and
+        `ratio` are unused).
+      centre_crop: side of the image's centre kept before any view is cut (CODA: 448 of
+        the 1080 px field); 0 keeps the whole image.
     """
 
     global_size: int = 96
@@ -342,6 +408,12 @@ class ViewsConfig(NamedTuple):
     intensity_shift: float = 0.005
     intensity_gamma: float = 0.005
     standardize: bool = True
+    crop_mode: str = "resized"
+    centre_crop: int = 0
+
+
+#: How views are cut (`ViewsConfig.crop_mode`).
+CROP_MODES = ("resized", "plain")
 
 
 def views_config(section: Any) -> ViewsConfig:
@@ -395,6 +467,12 @@ def _problems(cfg: ViewsConfig, where: str) -> list[str]:
             out.append(f"{where}.{name}={v!r} must be a number in [0, {high:g}] ({fix})")
     out += [f"{where}.{name}={getattr(cfg, name)!r} must be True or False"
             for name in ("flips", "standardize") if not isinstance(getattr(cfg, name), bool)]
+    if cfg.crop_mode not in CROP_MODES:
+        out.append(f"{where}.crop_mode={cfg.crop_mode!r} is not one of {list(CROP_MODES)}; "
+                   "use 'resized' (DINO) or 'plain' (CODA)")
+    if not (_is_int(cfg.centre_crop) and cfg.centre_crop >= 0):
+        out.append(f"{where}.centre_crop={cfg.centre_crop!r} must be an int >= 0 (pixels; "
+                   "0 keeps the whole image)")
     return out
 
 
@@ -423,9 +501,15 @@ def check_views_config(cfg_views: Any, image_size: int | tuple[int, int] | None,
                    f"to each image; use an even n_local such as {cfg.n_local + 1}")
     if not out and image_size is not None:
         h, w = (image_size, image_size) if np.ndim(image_size) == 0 else image_size
-        for name in ("global_size", "local_size"):
+        if cfg.centre_crop > min(h, w):
+            out.append(f"{where}.centre_crop={cfg.centre_crop} exceeds the image size {h}x{w}; "
+                       f"lower centre_crop to <= {min(h, w)} (0 keeps the whole image)")
+        elif cfg.centre_crop:
+            h = w = cfg.centre_crop
+        what = "centre-cropped image" if cfg.centre_crop else "image"
+        for name in () if out else ("global_size", "local_size"):
             if getattr(cfg, name) > min(h, w):
-                out.append(f"{where}.{name}={getattr(cfg, name)} exceeds the image size "
+                out.append(f"{where}.{name}={getattr(cfg, name)} exceeds the {what} size "
                            f"{h}x{w}; lower {name} to <= {min(h, w)}")
     if not out and patch_size is not None:
         for name in ("global_size", "local_size"):

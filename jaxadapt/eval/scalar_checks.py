@@ -66,6 +66,8 @@ _CHOICES = {
     "adapt.on_missing_controls": ("raise", "perturbed_only"),
     "adapt.on_short_controls": ("raise", "resample"),
     "dino.pair_level": ("plate", "batch"),
+    "dino.lr_scaling": ("linear", "none"),
+    "coda.adapt.centre": ("zero", "pretrained"),
     "data.normalization": ("dataset", "per_image"),
     "data.source": tuple(worlds.LOADERS),
     "data.profiles.normalization": profiles.NORMALIZATIONS,

@@ -268,3 +268,57 @@ def test_view_batches_bad_input():
     plain = list(views.view_batches(src, table, [[[0, 0], [1, 1]]], seed=0, epoch=0,
                                     cfg=CFG._replace(n_local=3)))
     assert plain[0]["local"].shape == (2, 3, 16, 16, C)
+
+
+PLAIN = RAW._replace(crop_mode="plain", flips=False)
+
+
+def _find(window, image):
+    """(top, left) where `window` (0-1 float) sits in uint8 `image` exactly, else None."""
+    s = window.shape[0]
+    target = np.rint(window * 255).astype(np.uint8)
+    for top in range(image.shape[0] - s + 1):
+        for left in range(image.shape[1] - s + 1):
+            if np.array_equal(image[top:top + s, left:left + s], target):
+                # exact on the 0-1 scale too, not only after rounding
+                np.testing.assert_array_equal(
+                    window, image[top:top + s, left:left + s].astype(np.float32) / 255)
+                return top, left
+    return None
+
+
+def test_plain_crops_are_exact_sub_arrays_of_the_image():
+    img = _image(3)
+    out = views.make_views(img, None, views.view_rng(0, 0, 1, 1), PLAIN)
+    corners = [_find(v, img) for v in [*out["global"], *out["local"]]]
+    assert None not in corners
+    assert len(set(corners)) > 1  # random positions, not one fixed window
+    # With flips the window is a mirrored sub-array.
+    flipped = views.plain_crop(img, 5, 7, 16, flip_h=True, flip_v=True)
+    np.testing.assert_array_equal(flipped, img[5:21, 7:23][::-1, ::-1].astype(np.float32) / 255)
+
+
+def test_centre_crop_keeps_the_centre_before_any_view_is_cut():
+    img = _image(4, 60, 52)
+    np.testing.assert_array_equal(views.centre_crop(img, 40), img[10:50, 6:46])
+    assert views.centre_crop(img, 0) is img
+    cfg = PLAIN._replace(centre_crop=40)
+    out = views.make_views(img, None, views.view_rng(0, 0, 1, 1), cfg)
+    centre = img[10:50, 6:46]
+    assert all(_find(v, centre) is not None for v in [*out["global"], *out["local"]])
+
+
+def test_plain_and_centre_crop_bad_input_names_sizes_and_choices():
+    with pytest.raises(ValueError, match=r"centre_crop=64 exceeds the image_a size 48x48"):
+        views.make_views(_image(0), None, np.random.default_rng(0), PLAIN._replace(centre_crop=64))
+    with pytest.raises(ValueError, match=r"global_size=32 exceeds the centre-cropped image_a "
+                                         r"size 24x24"):
+        views.make_views(_image(0), None, np.random.default_rng(0), PLAIN._replace(centre_crop=24))
+    with pytest.raises(ValueError, match=r"crop_mode='random' is not one of \['resized', 'plain'\]"):
+        views.make_views(_image(0), None, np.random.default_rng(0), PLAIN._replace(crop_mode="random"))
+    with pytest.raises(ValueError, match=r"config.dino.views.global_size=32 exceeds the "
+                                         r"centre-cropped image size 24x24"):
+        views.check_views_config({"global_size": 32, "local_size": 16, "centre_crop": 24}, 48,
+                                 where="config.dino.views")
+    with pytest.raises(ValueError, match=r"centre_crop=96 exceeds the image size 48x48"):
+        views.check_views_config({"centre_crop": 96}, 48)

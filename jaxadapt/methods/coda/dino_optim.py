@@ -121,17 +121,20 @@ def make_dino_schedules(
     teacher_temp: float = 0.07,
     warmup_teacher_temp_epochs: int = 30,
     freeze_last_layer: int = 1,
+    scale_lr: bool = True,
 ) -> DinoSchedules:
     """All DINO schedules as the reference builds them (defaults: the DINO paper's).
 
     Args:
       epochs, niter_per_ep: training length.
-      batch_size: global batch size (all devices and hosts); lr = base_lr * batch / 256.
+      batch_size: global batch size (all devices and hosts); lr = base_lr * batch / 256
+        when `scale_lr` (DINO), else lr = base_lr (CODA's step 1 and step 3).
       base_lr, min_lr, warmup_epochs: lr warm-up from 0, then cosine to ``min_lr``.
       weight_decay, weight_decay_end: cosine weight-decay schedule.
       momentum_teacher: teacher EMA momentum, cosine to 1.
       warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs: teacher temperature.
       freeze_last_layer: epochs during which the last layer does not move.
+      scale_lr: scale the peak rate by batch / 256 (DINO's linear scaling rule).
 
     Returns:
       `DinoSchedules`.
@@ -142,7 +145,8 @@ def make_dino_schedules(
     if not 0 <= warmup_teacher_temp_epochs <= epochs:
         raise ValueError(f"make_dino_schedules: warmup_teacher_temp_epochs="
                          f"{warmup_teacher_temp_epochs} must lie in [0, epochs={epochs}]")
-    lr = cosine_schedule(base_lr * batch_size / 256.0, min_lr, epochs, niter_per_ep,
+    peak = base_lr * batch_size / 256.0 if scale_lr else base_lr
+    lr = cosine_schedule(peak, min_lr, epochs, niter_per_ep,
                          warmup_epochs=warmup_epochs)
     wd = cosine_schedule(weight_decay, weight_decay_end, epochs, niter_per_ep)
     mom = cosine_schedule(momentum_teacher, 1.0, epochs, niter_per_ep)

@@ -143,7 +143,7 @@ def _schedules(d: ml_collections.ConfigDict, n_iter: int) -> dino_optim.DinoSche
         weight_decay_end=d.weight_decay_end, momentum_teacher=d.momentum_teacher,
         warmup_teacher_temp=d.warmup_teacher_temp, teacher_temp=d.teacher_temp,
         warmup_teacher_temp_epochs=d.warmup_teacher_temp_epochs,
-        freeze_last_layer=d.freeze_last_layer)
+        freeze_last_layer=d.freeze_last_layer, scale_lr=d.lr_scaling == "linear")
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,7 +1,7 @@
 """ODA and CODA: online DINO adaptation of the extractor under a frozen task model.
 
 For each target unit (plate, batch or source; or the subset `eval.adapt_on` names) the
-pretraining's DINO state -- student, teacher and centre of the `dual_dino` / `dual_cb`
+pretraining's DINO state -- student and teacher of the `dual_dino` / `dual_cb`
 recipe -- continues training on the unit's unlabelled images with the reference's
 step-3 settings (`config.coda.adapt`); the adapted *teacher* backbone then replaces the
 dual model's extractor, and the frozen task transformer classifies every scored image
@@ -14,10 +14,12 @@ The loop is the pretraining's data-parallel DINO step (`dino_trainer.compiled_st
 ``shard_map`` over every device of every host, gradients and centre averaged across
 them); each process builds the views of its own share of every batch of pairs, as in
 pretraining. The methods are collectives (`Method.spans_processes`): on several hosts
-every process runs every unit, together. Differences from the reference, on purpose: the adaptation
-optimizer is DINO's AdamW, which exempts biases and 1-D tensors from the weight decay
-(the reference decays them too, at 1e-5 -> 1e-4); the images of a unit are its scored
-samples and its DMSO controls.
+every process runs every unit, together. As in the reference, the adaptation's AdamW
+decays weights at 1e-5 -> 1e-4 and exempts biases and 1-D tensors (the reference's second
+parameter group has decay 0), its rate is `coda.adapt.lr` without batch scaling, and the
+DINO centre starts at zero (`coda.adapt.centre="zero"`: the reference's step 3 loads only
+the encoders; "pretrained" carries the pretraining's centre over). The images of a unit
+are its scored samples and its DMSO controls.
 """
 
 from __future__ import annotations
@@ -53,11 +55,11 @@ def adaptation_dino_config(config: ml_collections.ConfigDict,
       batch_size: the adaptation's global batch (a small unit may use fewer images).
 
     Returns:
-      A DINO section for `dino_trainer.compiled_step`; its ``base_lr`` is set so that
-      DINO's batch scaling (base_lr * batch / 256) yields exactly ``coda.adapt.lr``.
+      A DINO section for `dino_trainer.compiled_step`; its rate is ``coda.adapt.lr``
+      itself, without DINO's batch scaling (the reference's step 3).
     """
     a, d = config.coda.adapt, config.dino.to_dict()
-    d.update(epochs=a.epochs, batch_size=batch_size, base_lr=a.lr * 256.0 / batch_size,
+    d.update(epochs=a.epochs, batch_size=batch_size, base_lr=a.lr, lr_scaling="none",
              min_lr=a.min_lr, warmup_epochs=a.warmup_epochs, weight_decay=a.weight_decay,
              weight_decay_end=a.weight_decay_end, momentum_teacher=a.momentum_teacher,
              warmup_teacher_temp=a.warmup_teacher_temp, teacher_temp=a.teacher_temp,
@@ -65,6 +67,28 @@ def adaptation_dino_config(config: ml_collections.ConfigDict,
              freeze_last_layer=a.freeze_last_layer, clip_grad=a.clip_grad,
              global_clip=a.global_clip)
     return ml_collections.ConfigDict(d)
+
+
+def adaptation_centre(state: Variables, mode: str) -> jax.Array:
+    """The DINO centre an adaptation starts from.
+
+    Args:
+      state: the pretraining's DINO state ({"student", "teacher", "centre"}).
+      mode: `coda.adapt.centre`: "zero" (the reference's step 3 loads only the encoders,
+        so its centre starts at zero) or "pretrained" (the pretraining's centre).
+
+    Returns:
+      [1, K] float32.
+
+    Raises:
+      ValueError: an unknown mode, naming the choices.
+    """
+    centre = jnp.asarray(state["centre"], jnp.float32)
+    if mode == "zero":
+        return jnp.zeros_like(centre)
+    if mode == "pretrained":
+        return centre
+    raise ValueError(f"config.coda.adapt.centre={mode!r} is not one of ['zero', 'pretrained']")
 
 
 def unit_batch_size(n_images: int, batch_size: int, n_devices: int, unit: str) -> int:
@@ -118,7 +142,7 @@ def make_online_adapter(config: ml_collections.ConfigDict, *, pairs: str, mesh=N
             model, json.dumps(d.to_dict(), sort_keys=True), n_iter, mesh, stochastic)
         s = dino.create_dino_state(state["student"], optimizer, jax.random.PRNGKey(seed),
                                    config.dino.out_dim)
-        s = s.replace(teacher=state["teacher"], centre=jnp.asarray(state["centre"]))
+        s = s.replace(teacher=state["teacher"], centre=adaptation_centre(state, a.centre))
         s = parallel.replicate(s, mesh)
         for epoch in range(a.epochs):
             index, counts = dino_trainer.epoch_pairs(images.table, images.rows, bs, level=pairs,

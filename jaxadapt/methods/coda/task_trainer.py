@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from jaxadapt.methods.base import Method, collect_logits
-from jaxadapt.methods.coda import dino_trainer
+from jaxadapt.methods.coda import dino_optim, dino_trainer
 from jaxadapt.models import build_model
 from jaxadapt.models.dual import DualModel, TaskHead, ViTClassifier
 from jaxadapt.train.supervised import make_classifier_trainer
@@ -38,6 +38,9 @@ Variables = dict[str, Any]
 def task_optimizer(t: ml_collections.ConfigDict, steps_per_epoch: int,
                    frozen: tuple[str, ...] = ()) -> optax.GradientTransformation:
     """The reference's step-2 optimizer: global-norm clip, AdamW, linear warm-up then constant.
+
+    Weight decay applies to kernels and embeddings only: biases and LayerNorm scales and
+    offsets (every 1-D parameter) are exempt, as in the reference's parameter groups.
 
     Args:
       t: `config.coda.task` (learning_rate, weight_decay, warmup_epochs, clip_grad).
@@ -53,8 +56,10 @@ def task_optimizer(t: ml_collections.ConfigDict, steps_per_epoch: int,
     lr = (lambda step: base_lr * jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / warmup)
           ) if warmup else base_lr
     parts = [optax.clip_by_global_norm(t.clip_grad)] if t.clip_grad > 0 else []
+    # As the reference, no decay on biases and LayerNorm (1-D) parameters.
     tx = optax.chain(*parts, optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8,
-                                         weight_decay=t.weight_decay))
+                                         weight_decay=t.weight_decay,
+                                         mask=dino_optim.decay_mask))
     if not frozen:
         return tx
     labels = lambda params: {k: ("frozen" if k in frozen else "train") for k in params}  # noqa: E731

@@ -259,6 +259,7 @@ def test_monitor_numbers_and_collapse_warning():
     assert float(flat["kl"]) == pytest.approx(float(np.mean(ce)) - math.log(K), rel=1e-5)
     msg = dino.collapse_warning({**flat, "step": 7}, out_dim=K)
     assert "uniform" in msg and f"{math.log(K):.4g}" in msg and "step=7" in msg
+    assert "has not left the uniform regime at step 7" in msg
     # One dimension dominates: the teacher puts all mass on output 3.
     t = np.zeros((2 * b, K), np.float32)
     t[:, 3] = 5.0
