@@ -29,3 +29,25 @@ def test_each_face_exports_what_research_code_uses(module):
     assert set(face.__all__) >= set(_FACES[module]), "each face lists its names in __all__"
     for name in getattr(face, "__all__", ()):
         assert hasattr(face, name), f"{module}.__all__ names {name!r}, which it lacks"
+
+
+def test_faces_are_lazy_so_pure_modules_import_with_jax_and_flax_alone():
+    """A machine with only jax/flax/optax (a lent accelerator) imports the pure functions."""
+    import subprocess
+    import sys
+    code = ("import sys\n"
+            "for m in ('grain', 'tensorflow_datasets', 'array_record', 'pandas'):\n"
+            "    sys.modules[m] = None  # importing any of them now fails\n"
+            "import jaxadapt.data.sim.simulator, jaxadapt.methods.coda.dino\n"
+            "import jaxadapt.methods.bn.stats, jaxadapt.models.vit, jaxadapt.train.parallel\n"
+            "from jaxadapt.methods.bn import context_stats\n"
+            "from jaxadapt.methods.coda import make_dino_step\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_a_face_names_a_missing_attribute():
+    import jaxadapt.methods.bn as bn
+    with pytest.raises(AttributeError, match="'jaxadapt.methods.bn' has no attribute 'nope'"):
+        bn.nope  # noqa: B018

@@ -9,9 +9,15 @@ built-in simulator), `jump` (JUMP-CP images from the Cell Painting Gallery), `pr
 the only module that reaches into them.
 """
 
-from jaxadapt.data.pipeline import DataView
-from jaxadapt.data.schema import CHANNELS, DMSO, NO_LABEL, SiteTable
-from jaxadapt.data.splits import make_splits
-from jaxadapt.data.worlds import load_world
+from jaxadapt._faces import lazy_face
 
-__all__ = ["CHANNELS", "DMSO", "DataView", "NO_LABEL", "SiteTable", "load_world", "make_splits"]
+_EXPORTS = {
+    "CHANNELS": "jaxadapt.data.schema",
+    "DMSO": "jaxadapt.data.schema",
+    "DataView": "jaxadapt.data.pipeline",
+    "NO_LABEL": "jaxadapt.data.schema",
+    "SiteTable": "jaxadapt.data.schema",
+    "load_world": "jaxadapt.data.worlds",
+    "make_splits": "jaxadapt.data.splits",
+}
+__getattr__, __dir__, __all__ = lazy_face(__name__, _EXPORTS)

@@ -15,13 +15,8 @@ import grain
 import numpy as np
 
 from jaxadapt.data import schema
+from jaxadapt.data.sampling import seed_words
 from jaxadapt.data.transforms import ChannelStats, Transform, integer_sums, stats_from_sums
-
-
-def seed_words(seed) -> list[int]:
-    """An int or a tuple of ints (e.g. (seed, epoch)) as a list of non-negative ints."""
-    words = [seed] if np.isscalar(seed) else list(seed)
-    return [int(w) for w in words]
 
 
 def read_records(source: Any, rows: np.ndarray, table: schema.SiteTable,

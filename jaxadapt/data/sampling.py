@@ -18,7 +18,6 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from jaxadapt.data import schema
-from jaxadapt.data.pipeline import seed_words
 
 
 __all__ = [
@@ -357,6 +356,12 @@ def as_rows(rows) -> np.ndarray:
         raise ValueError(f"rows must be a 1-D integer index array, got dtype {rows.dtype} "
                          f"shape {rows.shape}; pass np.flatnonzero(mask) for a boolean mask")
     return rows.astype(np.int64)
+
+
+def seed_words(seed) -> list[int]:
+    """An int or a tuple of ints (e.g. (seed, epoch)) as a list of non-negative ints."""
+    words = [seed] if np.ndim(seed) == 0 else list(seed)
+    return [int(w) for w in words]
 
 
 def group_rows(table: schema.SiteTable, rows: np.ndarray, field: str,

@@ -43,7 +43,8 @@ import grain
 import numpy as np
 
 from jaxadapt.data import schema
-from jaxadapt.data.pipeline import read_records, seed_words
+from jaxadapt.data.pipeline import read_records
+from jaxadapt.data.sampling import seed_words
 from jaxadapt.data.transforms import standardize
 
 

@@ -5,11 +5,20 @@ method plugs into), `validation` (every problem of a config, before anything run
 `metrics`, `retrieval` (copairs mAP), `reports` (tables and plots), `diagnostics`.
 """
 
-from jaxadapt.eval.metrics import accuracy, confusion_matrix, macro_f1
-from jaxadapt.eval.reports import aggregate, markdown_table
-from jaxadapt.eval.study import StudyPlan, load_replicate, plan_study, run_study
-from jaxadapt.eval.validation import ConfigError, problems, validate
+from jaxadapt._faces import lazy_face
 
-__all__ = ["ConfigError", "StudyPlan", "accuracy", "aggregate", "confusion_matrix",
-           "load_replicate", "macro_f1", "markdown_table", "plan_study", "problems", "run_study",
-           "validate"]
+_EXPORTS = {
+    "ConfigError": "jaxadapt.eval.validation",
+    "StudyPlan": "jaxadapt.eval.study",
+    "accuracy": "jaxadapt.eval.metrics",
+    "aggregate": "jaxadapt.eval.reports",
+    "confusion_matrix": "jaxadapt.eval.metrics",
+    "load_replicate": "jaxadapt.eval.study",
+    "macro_f1": "jaxadapt.eval.metrics",
+    "markdown_table": "jaxadapt.eval.reports",
+    "plan_study": "jaxadapt.eval.study",
+    "problems": "jaxadapt.eval.validation",
+    "run_study": "jaxadapt.eval.study",
+    "validate": "jaxadapt.eval.validation",
+}
+__getattr__, __dir__, __all__ = lazy_face(__name__, _EXPORTS)

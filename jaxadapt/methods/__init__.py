@@ -9,10 +9,19 @@ unit. `registry` lists every method and training recipe in two tables; `recipe` 
 a recipe and its checkpoint key. Families never import each other.
 """
 
-from jaxadapt.methods.base import Method, Unit, UnitBatch, UnitEmbeddings, Variables
-from jaxadapt.methods.recipe import Trainer
-from jaxadapt.methods.registry import (METHODS, TRAINERS, make_method, method_names,
-                                       trainer_names)
+from jaxadapt._faces import lazy_face
 
-__all__ = ["METHODS", "Method", "TRAINERS", "Trainer", "Unit", "UnitBatch", "UnitEmbeddings",
-           "Variables", "make_method", "method_names", "trainer_names"]
+_EXPORTS = {
+    "METHODS": "jaxadapt.methods.registry",
+    "Method": "jaxadapt.methods.base",
+    "TRAINERS": "jaxadapt.methods.registry",
+    "Trainer": "jaxadapt.methods.recipe",
+    "Unit": "jaxadapt.methods.base",
+    "UnitBatch": "jaxadapt.methods.base",
+    "UnitEmbeddings": "jaxadapt.methods.base",
+    "Variables": "jaxadapt.methods.base",
+    "make_method": "jaxadapt.methods.registry",
+    "method_names": "jaxadapt.methods.registry",
+    "trainer_names": "jaxadapt.methods.registry",
+}
+__getattr__, __dir__, __all__ = lazy_face(__name__, _EXPORTS)

@@ -6,14 +6,21 @@ device and host (`parallel`), the epoch loop with early stopping and exact resum
 generic classifier trainer (`supervised`).
 """
 
-from jaxadapt.train.checkpoint import Checkpointer
-from jaxadapt.train.loop import FitConfig, FitResult, fit
-from jaxadapt.train.parallel import make_data_mesh, replicate, shard_batch
-from jaxadapt.train.state import TrainState, create_train_state
-from jaxadapt.train.steps import make_eval_step, make_train_step
-from jaxadapt.train.supervised import make_classifier_trainer
-from jaxadapt.train.writer import MetricWriter
+from jaxadapt._faces import lazy_face
 
-__all__ = ["Checkpointer", "FitConfig", "FitResult", "MetricWriter", "TrainState",
-           "create_train_state", "fit", "make_classifier_trainer", "make_data_mesh",
-           "make_eval_step", "make_train_step", "replicate", "shard_batch"]
+_EXPORTS = {
+    "Checkpointer": "jaxadapt.train.checkpoint",
+    "FitConfig": "jaxadapt.train.loop",
+    "FitResult": "jaxadapt.train.loop",
+    "MetricWriter": "jaxadapt.train.writer",
+    "TrainState": "jaxadapt.train.state",
+    "create_train_state": "jaxadapt.train.state",
+    "fit": "jaxadapt.train.loop",
+    "make_classifier_trainer": "jaxadapt.train.supervised",
+    "make_data_mesh": "jaxadapt.train.parallel",
+    "make_eval_step": "jaxadapt.train.steps",
+    "make_train_step": "jaxadapt.train.steps",
+    "replicate": "jaxadapt.train.parallel",
+    "shard_batch": "jaxadapt.train.parallel",
+}
+__getattr__, __dir__, __all__ = lazy_face(__name__, _EXPORTS)

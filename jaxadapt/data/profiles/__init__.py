@@ -5,8 +5,12 @@ matrix; `norm` normalizes each plate against its DMSO wells; `config` checks the
 `config.data.profiles` section.
 """
 
-from jaxadapt.data.profiles.config import section_problems
-from jaxadapt.data.profiles.norm import METHODS as NORMALIZATIONS
-from jaxadapt.data.profiles.tables import NONFINITE_POLICIES, UNLABELLED_POLICIES
+from jaxadapt._faces import lazy_face
 
-__all__ = ["NONFINITE_POLICIES", "NORMALIZATIONS", "UNLABELLED_POLICIES", "section_problems"]
+_EXPORTS = {
+    "NONFINITE_POLICIES": "jaxadapt.data.profiles.tables",
+    "NORMALIZATIONS": "jaxadapt.data.profiles.norm:METHODS",
+    "UNLABELLED_POLICIES": "jaxadapt.data.profiles.tables",
+    "section_problems": "jaxadapt.data.profiles.config",
+}
+__getattr__, __dir__, __all__ = lazy_face(__name__, _EXPORTS)

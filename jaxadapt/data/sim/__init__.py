@@ -7,7 +7,13 @@ renders a design; `builder.load_simulated` renders it once into a cached TFDS
 array_record store. `calibration` measures the simulator against real profiles.
 """
 
-from jaxadapt.data.sim.design import (PRESETS, build_design, check_config, default_sim_config,
-                                      num_classes)
+from jaxadapt._faces import lazy_face
 
-__all__ = ["PRESETS", "build_design", "check_config", "default_sim_config", "num_classes"]
+_EXPORTS = {
+    "PRESETS": "jaxadapt.data.sim.design",
+    "build_design": "jaxadapt.data.sim.design",
+    "check_config": "jaxadapt.data.sim.design",
+    "default_sim_config": "jaxadapt.data.sim.design",
+    "num_classes": "jaxadapt.data.sim.design",
+}
+__getattr__, __dir__, __all__ = lazy_face(__name__, _EXPORTS)

@@ -7,15 +7,24 @@ its DMSO controls), the plate predictor (`predictor`) and the episodic trainer
 (`episodic`). The names below are what research code composes.
 """
 
-from jaxadapt.methods.bn.arm import episode_forward, episode_loss, make_episodic_train_step
-from jaxadapt.methods.bn.ben import control_stats_forward
-from jaxadapt.methods.bn.plate_stats import plate_stats
-from jaxadapt.methods.bn.predictor import PlatePredictor, PlateState
-from jaxadapt.methods.bn.stats import (Chunk, NormStats, apply_with_context, apply_with_stats,
-                                       context_stats, features_with_stats, running_norm_stats)
-from jaxadapt.methods.bn.tent import TentAdapter, tent_adapter
+from jaxadapt._faces import lazy_face
 
-__all__ = ["Chunk", "NormStats", "PlatePredictor", "PlateState", "TentAdapter",
-           "apply_with_context", "apply_with_stats", "context_stats", "control_stats_forward",
-           "episode_forward", "episode_loss", "features_with_stats", "make_episodic_train_step",
-           "plate_stats", "running_norm_stats", "tent_adapter"]
+_EXPORTS = {
+    "Chunk": "jaxadapt.methods.bn.stats",
+    "NormStats": "jaxadapt.methods.bn.stats",
+    "PlatePredictor": "jaxadapt.methods.bn.predictor",
+    "PlateState": "jaxadapt.methods.bn.predictor",
+    "TentAdapter": "jaxadapt.methods.bn.tent",
+    "apply_with_context": "jaxadapt.methods.bn.stats",
+    "apply_with_stats": "jaxadapt.methods.bn.stats",
+    "context_stats": "jaxadapt.methods.bn.stats",
+    "control_stats_forward": "jaxadapt.methods.bn.ben",
+    "episode_forward": "jaxadapt.methods.bn.arm",
+    "episode_loss": "jaxadapt.methods.bn.arm",
+    "features_with_stats": "jaxadapt.methods.bn.stats",
+    "make_episodic_train_step": "jaxadapt.methods.bn.arm",
+    "plate_stats": "jaxadapt.methods.bn.plate_stats",
+    "running_norm_stats": "jaxadapt.methods.bn.stats",
+    "tent_adapter": "jaxadapt.methods.bn.tent",
+}
+__getattr__, __dir__, __all__ = lazy_face(__name__, _EXPORTS)

@@ -8,16 +8,26 @@ baselines (`mae`, `mae_trainer`, `ttt_mae`). The names below are what research c
 composes.
 """
 
-from jaxadapt.methods.coda.dino import (DinoState, create_dino_state, dino_loss, ema_update,
-                                        make_dino_step, parallel_dino_step, update_centre)
-from jaxadapt.methods.coda.dino_optim import (DinoSchedules, make_dino_optimizer,
-                                              make_dino_schedules)
-from jaxadapt.methods.coda.knn import knn_votes, make_bank
-from jaxadapt.methods.coda.mae import create_mae_state, mae_loss, make_mae_step
-from jaxadapt.methods.coda.online import make_online_adapter
-from jaxadapt.methods.coda.ttt_mae import make_ttt_adapt, make_ttt_predict
+from jaxadapt._faces import lazy_face
 
-__all__ = ["DinoSchedules", "DinoState", "create_dino_state", "create_mae_state", "dino_loss",
-           "ema_update", "knn_votes", "mae_loss", "make_bank", "make_dino_optimizer",
-           "make_dino_schedules", "make_dino_step", "make_mae_step", "make_online_adapter",
-           "make_ttt_adapt", "make_ttt_predict", "parallel_dino_step", "update_centre"]
+_EXPORTS = {
+    "DinoSchedules": "jaxadapt.methods.coda.dino_optim",
+    "DinoState": "jaxadapt.methods.coda.dino",
+    "create_dino_state": "jaxadapt.methods.coda.dino",
+    "create_mae_state": "jaxadapt.methods.coda.mae",
+    "dino_loss": "jaxadapt.methods.coda.dino",
+    "ema_update": "jaxadapt.methods.coda.dino",
+    "knn_votes": "jaxadapt.methods.coda.knn",
+    "mae_loss": "jaxadapt.methods.coda.mae",
+    "make_bank": "jaxadapt.methods.coda.knn",
+    "make_dino_optimizer": "jaxadapt.methods.coda.dino_optim",
+    "make_dino_schedules": "jaxadapt.methods.coda.dino_optim",
+    "make_dino_step": "jaxadapt.methods.coda.dino",
+    "make_mae_step": "jaxadapt.methods.coda.mae",
+    "make_online_adapter": "jaxadapt.methods.coda.online",
+    "make_ttt_adapt": "jaxadapt.methods.coda.ttt_mae",
+    "make_ttt_predict": "jaxadapt.methods.coda.ttt_mae",
+    "parallel_dino_step": "jaxadapt.methods.coda.dino",
+    "update_centre": "jaxadapt.methods.coda.dino",
+}
+__getattr__, __dir__, __all__ = lazy_face(__name__, _EXPORTS)

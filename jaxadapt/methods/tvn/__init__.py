@@ -5,8 +5,15 @@ aligns each unit on its own controls and classifies with a linear head; `trainer
 training recipe on another recipe's frozen extractor.
 """
 
-from jaxadapt.methods.tvn.head import TransformConfig, TVNHead, fit_head_pipeline
-from jaxadapt.methods.tvn.tvn import TVNState, apply_tvn, coral, fit_tvn
+from jaxadapt._faces import lazy_face
 
-__all__ = ["TVNHead", "TVNState", "TransformConfig", "apply_tvn", "coral", "fit_head_pipeline",
-           "fit_tvn"]
+_EXPORTS = {
+    "TVNHead": "jaxadapt.methods.tvn.head",
+    "TVNState": "jaxadapt.methods.tvn.tvn",
+    "TransformConfig": "jaxadapt.methods.tvn.head",
+    "apply_tvn": "jaxadapt.methods.tvn.tvn",
+    "coral": "jaxadapt.methods.tvn.tvn",
+    "fit_head_pipeline": "jaxadapt.methods.tvn.head",
+    "fit_tvn": "jaxadapt.methods.tvn.tvn",
+}
+__getattr__, __dir__, __all__ = lazy_face(__name__, _EXPORTS)
