@@ -175,12 +175,12 @@ def compiled_step(model: DINOModel, dino_json: str, n_iter: int, mesh,
 
 
 def _collapse_check(last: dict, out_dim: int) -> None:
-    """Warns (log) when the last step's monitor shows a collapsed teacher."""
+    """Warns (log) when the last step's monitor shows a collapsed or still-uniform teacher."""
     if last:
         msg = dino.collapse_warning({k: float(v) for k, v in jax.device_get(last).items()},
                                     out_dim=out_dim)
         if msg:
-            log.warning("DINO collapse: %s", msg)
+            log.warning("%s", msg)
 
 
 def make_dino_trainer(config: ml_collections.ConfigDict, *, pairs: str = "none"):
@@ -240,7 +240,7 @@ def make_dino_trainer(config: ml_collections.ConfigDict, *, pairs: str = "none")
         probe = make_knn_probe(feature_fn, view, rows, config, seed, mesh)
 
         def validate(s) -> dict[str, float]:
-            _collapse_check(last, d.out_dim)
+            _collapse_check({**last, "step": s.step} if last else last, d.out_dim)
             out = probe(s.teacher)
             acc = out["knn_accuracy"]
             return {"loss": 1.0 - acc if acc == acc else float("nan"), **out}
