@@ -201,6 +201,40 @@ def test_interrupted_build_resumes_without_redoing_finished_shards(tmp_path, mon
           f"{report['shards_reused']}, built {report['shards_built']} ({len(calls)} sites read)")
 
 
+def test_a_part_damaged_while_the_build_waited_is_rewritten(tmp_path, monkeypatch):
+    # A finished shard's part is trusted on resume only if its checksum still matches: a
+    # part damaged in place (same size and mtime) is rewritten, not sealed into the store.
+    from jaxadapt.data import store  # pylint: disable=g-import-not-at-top
+    from tests.data.damage import flip_bytes  # pylint: disable=g-import-not-at-top
+    ld = _ld("UMINI0101")
+    real, calls = jump_build.load_site, []
+
+    def dies_after_9(plan, i):
+        calls.append(i)
+        if len(calls) > 9:
+            raise RuntimeError("killed")
+        return real(plan, i)
+
+    monkeypatch.setattr(jump_build, "load_site", dies_after_9)
+    with pytest.raises(RuntimeError, match="killed"):
+        _build(ld, tmp_path, shard_sites=4)
+    (parts,) = [d for d in os.listdir(tmp_path) if d.endswith(".parts")]
+    flip_bytes(str(tmp_path / parts / "part-00000.array_record"), restore_mtime=True)
+    calls.clear()
+    monkeypatch.setattr(jump_build, "load_site", lambda plan, i: calls.append(i) or real(plan, i))
+    source, _ = _build(ld, tmp_path, shard_sites=4)
+    assert sorted(calls) == [*range(0, 4), *range(8, 16)]  # part 0 again, part 1 reused
+    (root,) = [tmp_path / d for d in os.listdir(tmp_path) if "." not in d]
+    with open(root / jump_build.REPORT) as f:
+        assert json.load(f)["shards_reused"] == 1
+    with open(root / "COMPLETE.json") as f:  # the parts' checksums became the store's
+        checksums = json.load(f)["checksums"]
+    assert all(store.file_digest(str(root / rel)) == d for rel, d in checksums.items())
+    rows = _rows(ld)
+    for i in range(16):
+        np.testing.assert_array_equal(source[i]["image"], _expected(rows[i], MINI, False))
+
+
 def test_progress_logs_rate_and_eta(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger=jump_build.__name__):
         _build(_ld("UMINI0101"), tmp_path, shard_sites=8, progress_every_s=0.0)

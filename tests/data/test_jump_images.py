@@ -6,6 +6,7 @@ BBBC022 (one 3-plane TIFF: DNA, ER, RNA) and a real 8-bit CellProfiler ExampleHu
 """
 
 import csv
+import json
 import logging
 import os
 import shutil
@@ -14,8 +15,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from jaxadapt.data import schema
+from jaxadapt.data import schema, store
 from jaxadapt.data.jump import images as jump_images, load_data as jump_load_data, sites as jump_sites
+from jaxadapt.eval import cli
+from tests.data.damage import flip_bytes
 
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -186,6 +189,60 @@ def test_store_without_image_size_keeps_the_downsampled_shape(tmp_path):
     source, _ = jump_images.build_jump_store(load_data, wells, LABELS, str(tmp_path / "c"),
                                              channels=CH3)
     assert source[0]["image"].shape == (256, 256, 3)
+
+
+@pytest.mark.parametrize("damage", ["flipped", "no_manifest", "old_manifest"])
+def test_unusable_store_is_refused_in_one_line_naming_the_fix(tmp_path, monkeypatch, capsys,
+                                                               damage):
+    # A real-data store is not rebuilt behind the user's back (hours of TIFF reads): the
+    # run stops before any record is read, naming the store, the file and the rebuild.
+    load_data, wells = _inputs(tmp_path)
+    cache = str(tmp_path / "cache")
+
+    def build():
+        return jump_images.build_jump_store(load_data, wells, LABELS, cache, channels=CH3,
+                                            image_size=96, num_workers=1)
+
+    clean, _ = build()
+    clean_images = [clean[i]["image"] for i in range(4)]
+    (name,) = os.listdir(cache)
+    root = os.path.join(cache, name)
+    marker = os.path.join(root, "COMPLETE.json")
+    if damage == "flipped":  # same size, same mtime, seen by a new process (fresh cache)
+        vdir = store.version_dir(root)
+        shard = os.path.join(vdir, next(f for f in os.listdir(vdir) if ".array_record" in f))
+        flip_bytes(shard, restore_mtime=True)
+        monkeypatch.setattr(store, "_VERIFIED", set())
+        rel = os.path.relpath(shard, root)
+    elif damage == "no_manifest":
+        os.remove(marker)
+        rel = "COMPLETE.json"
+    else:  # the manifest the code before checksums wrote: no version, no checksums
+        with open(marker) as f:
+            m = json.load(f)
+        with open(marker, "w") as f:
+            json.dump({k: v for k, v in m.items()
+                       if k not in ("manifest_version", "hash", "checksums")}, f)
+        rel = "COMPLETE.json"
+    with pytest.raises(ValueError) as err:
+        build()
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"JUMP image store {root} is unusable: ")
+    assert rel in msg
+    assert f"rm -r {root}" in msg and "experiments/build_jump_store.py" in msg
+    assert ("older jaxadapt" in msg) == (damage != "flipped")
+    assert os.path.isdir(root)  # left as it was: nothing deleted, nothing rebuilt
+
+    with pytest.raises(SystemExit):  # what a study or the build script prints: one line
+        cli.report_errors(build)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error: {msg}"]
+    print(lines[0])
+
+    shutil.rmtree(root)  # the fix the message names
+    rebuilt, _ = build()
+    for i in range(4):
+        np.testing.assert_array_equal(rebuilt[i]["image"], clean_images[i])
 
 
 # ----------------------------------------------------------------------------- errors

@@ -1,13 +1,17 @@
 """Tests of the TFDS array_record store and the simulated-study cache."""
 
 import json
+import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from jaxadapt.data import schema, store
 from jaxadapt.data.sim import builder as tfds_sim
+from tests.data.damage import flip_bytes
 
 
 S = 32
@@ -99,6 +103,12 @@ def test_record_count_mismatch_is_detected(tmp_path):
     info["splits"][0]["shardLengths"] = ["21"]
     with open(info_path, "w") as f:
         json.dump(info, f)
+    rel = os.path.relpath(info_path, root)
+    assert store.check_store(root, key="k1").file == rel  # its checksum changed first
+    # A writer that sealed a wrong count with a matching checksum: the count check finds it.
+    marker = _manifest(root)
+    marker["checksums"][rel] = store.file_digest(info_path)
+    _write_manifest(root, marker)
     assert "21" in store.store_problem(root, key="k1")
 
 
@@ -160,3 +170,149 @@ def test_load_simulated_matches_render_and_caches(tmp_path):
 def design_table(cfg):
     from jaxadapt.data.sim import design
     return design.build_design(cfg)
+
+
+# ------------------------------------------------------------------ checksums (issue 17)
+
+
+def _manifest(root):
+    with open(os.path.join(root, "COMPLETE.json")) as f:
+        return json.load(f)
+
+
+def _write_manifest(root, marker):
+    with open(os.path.join(root, "COMPLETE.json"), "w") as f:
+        json.dump(marker, f)
+
+
+def test_manifest_records_a_checksum_of_every_file(tmp_path):
+    root = str(tmp_path / "st")
+    _ensure(root)
+    marker = _manifest(root)
+    assert marker["manifest_version"] == store.MANIFEST_VERSION and marker["hash"] == "sha256"
+    shard = os.path.relpath(_record_file(root), root)
+    assert shard in marker["checksums"] and "table.npz" in marker["checksums"]
+    for rel, digest in marker["checksums"].items():
+        assert store.file_digest(os.path.join(root, rel)) == digest
+    import hashlib  # pylint: disable=g-import-not-at-top
+    with open(_record_file(root), "rb") as f:
+        assert marker["checksums"][shard] == hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.mark.parametrize("restore_mtime", [True, False])
+def test_flipped_bytes_are_named_and_the_store_rerendered(tmp_path, monkeypatch, caplog,
+                                                          restore_mtime):
+    root, calls = str(tmp_path / "st"), []
+    _ensure(root, counter=calls)
+    shard = _record_file(root)
+    flip_bytes(shard, restore_mtime=restore_mtime)
+    if restore_mtime:  # same size and mtime: invisible to this process's cache, so the
+        monkeypatch.setattr(store, "_VERIFIED", set())  # next process (a fresh cache) finds it
+    # Unchecked, array_record ends the run mid-read with its raw error (the old failure).
+    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+    reader = array_record_module.ArrayRecordReader(shard)
+    with pytest.raises(RuntimeError, match="Corrupted|hash mismatch|checksum"):
+        reader.read_all()
+    reader.close()
+
+    rel = os.path.relpath(shard, root)
+    problem = store.check_store(root, key="k1")
+    assert (problem.kind, problem.file) == ("damaged", rel) and "sha256" in problem.detail
+    with pytest.raises(ValueError, match=f"image store {root} is unusable: {rel}:"):
+        store.open_store(root)  # a direct reader is refused too, in one line
+    with caplog.at_level(logging.WARNING, logger=store.__name__):
+        source, table, built = _ensure(root, counter=calls)
+    assert built and len(calls) == 2
+    assert root in caplog.text and rel in caplog.text and "rebuilding" in caplog.text
+    clean = np.concatenate([im for _, im in _chunks(table)])
+    assert all(source[i]["image"].tobytes() == clean[i].tobytes() for i in range(20))
+    assert store.check_store(root, key="k1") is None
+
+
+@pytest.mark.parametrize("damage", ["table", "marker_bytes"])
+def test_other_damaged_files_are_named(tmp_path, damage):
+    root = str(tmp_path / "st")
+    _ensure(root)
+    if damage == "table":
+        flip_bytes(os.path.join(root, "table.npz"), restore_mtime=False, n=4)
+        assert store.check_store(root, key="k1").file == "table.npz"
+    else:
+        with open(os.path.join(root, "COMPLETE.json"), "r+b") as f:
+            f.write(b"#")
+        problem = store.check_store(root, key="k1")
+        assert (problem.kind, problem.file) == ("damaged", "COMPLETE.json")
+
+
+@pytest.mark.parametrize("manifest", ["missing", "old_format"])
+def test_missing_or_old_manifest_is_named_and_rebuilt(tmp_path, caplog, manifest):
+    root, calls = str(tmp_path / "st"), []
+    _ensure(root, counter=calls)
+    if manifest == "missing":
+        os.remove(os.path.join(root, "COMPLETE.json"))
+        kind, text = "no_manifest", "no manifest COMPLETE.json"
+    else:  # exactly what the code before checksums wrote: no version, no checksums
+        marker = _manifest(root)
+        for k in ("manifest_version", "hash", "checksums"):
+            del marker[k]
+        _write_manifest(root, marker)
+        kind, text = "old_manifest", "cannot be verified, and it needs a rebuild"
+    assert store.check_store(root, key="k1").kind == kind
+    with caplog.at_level(logging.WARNING, logger=store.__name__):
+        _, _, built = _ensure(root, counter=calls)
+    assert built and len(calls) == 2 and root in caplog.text and text in caplog.text
+    assert _manifest(root)["manifest_version"] == store.MANIFEST_VERSION
+
+
+def test_each_file_is_hashed_once_per_process(tmp_path, monkeypatch):
+    hashed, real = [], store.file_digest
+    monkeypatch.setattr(store, "file_digest", lambda p: hashed.append(p) or real(p))
+    root = str(tmp_path / "st")
+    _ensure(root)
+    n_files = len(_manifest(root)["checksums"])
+    assert len(hashed) == n_files  # once, when written: not again on the first open
+    for _ in range(3):
+        _ensure(root)
+        store.open_store(root)
+    assert len(hashed) == n_files
+    monkeypatch.setattr(store, "_VERIFIED", set())  # a new process
+    for _ in range(3):
+        _ensure(root)
+    assert len(hashed) == 2 * n_files
+    shard = _record_file(root)  # a file whose mtime moved is hashed again, alone
+    os.utime(shard, ns=(os.stat(shard).st_atime_ns, os.stat(shard).st_mtime_ns + 10**9))
+    _ensure(root)
+    _ensure(root)
+    assert len(hashed) == 2 * n_files + 1 and hashed[-1] == os.path.abspath(shard)
+
+
+@pytest.mark.slow
+def test_damaged_store_rerenders_and_the_study_prints_the_same_table(tmp_path):
+    """Must-show of issue 17: a tiny study on a clean simulator store, then a shard's
+    bytes flipped (mtime restored) and the same study re-run in a new process: the damage
+    is named, the store re-rendered, and results.json holds the same rows."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cache = str(tmp_path / "cache")
+    code = ("import sys, logging; logging.basicConfig(level=logging.WARNING)\n"
+            "from tests.eval.tiny import tiny_config\n"
+            "from jaxadapt.eval import study\n"
+            "study.run_study(tiny_config(sys.argv[1]), sys.argv[2])\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
+
+    def run(out):
+        done = subprocess.run([sys.executable, "-c", code, cache, str(tmp_path / out)],
+                              cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        with open(tmp_path / out / "results.json") as f:
+            return json.load(f)["rows"], done.stderr
+
+    clean, _ = run("clean")
+    (name,) = [d for d in os.listdir(cache) if d.startswith("sim_") and "." not in d]
+    shard = _record_file(os.path.join(cache, name))
+    flip_bytes(shard, restore_mtime=True)
+    again, log_text = run("damaged")
+    rel = os.path.relpath(shard, os.path.join(cache, name))
+    assert f"image store {os.path.join(cache, name)} is unusable ({rel}: sha256" in log_text
+    assert "Corrupted" not in log_text
+    assert again == clean
+    (warning,) = [line for line in log_text.splitlines() if "is unusable" in line]
+    print(f"{warning}\n-> re-rendered; {len(again)} results.json rows equal the clean run's")

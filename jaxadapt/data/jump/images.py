@@ -17,6 +17,8 @@ Three steps, each usable alone:
    every image file's path/size/mtime, all options), so a re-run reuses the store and
    any change builds a new one. Engines: "local" (`jump_shards`: threads, resumable
    shards) or "beam" (`jump_beam`: Apache Beam through TFDS, DirectRunner or a cluster).
+   A store of this key that fails `store.check_store` (a file damaged on disk, no or an
+   older manifest) stops the run with one line naming it and the fix (`refusal`).
 
 Tables and images are local files, or URLs read through fsspec (`jaxadapt.data.fileio`):
 download the images (e.g. from the Cell Painting Gallery) and map the `s3://` prefixes of
@@ -30,7 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 
 
@@ -77,6 +78,33 @@ def store_key(sites, inputs: Sequence[str], options: Mapping) -> str:
                "options": options}
     text = json.dumps(content, sort_keys=True, default=repr)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+#: How to rebuild a refused store (see `refusal`).
+REBUILD = ("python experiments/build_jump_store.py with the study's flags (or rerun the "
+           "study)")
+
+
+def refusal(root: str, problem: store.Problem) -> str:
+    """The one-line error for an unusable JUMP store: the store, the file, the rebuild.
+
+    A real-data store is not rebuilt on the spot, unlike the simulator's: a rebuild reads
+    every TIFF again (hours for a study, on a Beam cluster for a large one, from inputs that
+    may be remote), the wrong thing to start unannounced inside a training run, and bytes
+    that changed on disk point at a failing disk or copy the user needs to know about. So
+    a study stops before reading a record, and the user rebuilds once, on purpose.
+
+    Args:
+      root: the store directory.
+      problem: from `store.check_store` (not "missing").
+
+    Returns:
+      The message: store, problem (naming the file), and the command that rebuilds it.
+    """
+    old = (" (stores written before checksums, by an older jaxadapt, need this once)"
+           if problem.kind in ("old_manifest", "no_manifest") else "")
+    return (f"JUMP image store {root} is unusable: {problem}; it is not rebuilt "
+            f"automatically{old}: delete it (rm -r {root}) and rebuild it: {REBUILD}")
 
 
 def build_jump_store(load_data_csv: str | Sequence[str], well_csv: str,
@@ -131,6 +159,11 @@ def build_jump_store(load_data_csv: str | Sequence[str], well_csv: str,
     Returns:
       (source, table): `source[i]` -> {"image": uint8 [h, w, C], "row": i} and the
       SiteTable whose row i describes record i.
+
+    Raises:
+      ValueError: the store of these inputs exists but is unusable (a file damaged on
+        disk, no or an older manifest): one line naming the store, the file and the
+        rebuild command (`refusal`); it is not rebuilt behind the caller's back.
     """
     if engine not in ("local", "beam"):
         raise ValueError(f"engine={engine!r}: use 'local' or 'beam'")
@@ -154,12 +187,11 @@ def build_jump_store(load_data_csv: str | Sequence[str], well_csv: str,
     inputs = [*tables, well_csv] + ([plate_csv] if plate_csv else []) + illum_files
     key = store_key(plan, inputs, options)
     root = os.path.join(data_dir, f"jump_{key}")
-    problem = store.store_problem(root, key=key)
+    problem = store.check_store(root, key=key)
+    if problem is not None and problem.kind != "missing":
+        raise ValueError(refusal(root, problem))
     if problem is not None:
         store.remove_stale_temps(root)
-        if problem != "missing":
-            log.warning("image store %s is unusable (%s); rebuilding it", root, problem)
-            shutil.rmtree(root, ignore_errors=True)
         if engine == "local":
             jump_shards.build_local(plan, root, key=key, shard_sites=shard_sites,
                                     num_workers=num_workers, progress_every_s=progress_every_s)

@@ -2,11 +2,14 @@
 
 Shard g holds rows [g * shard_sites, (g + 1) * shard_sites) of the plan's table, written
 under `<root>.parts/` as `part-<g>.array_record` (temp name, then rename) and then
-described by `part-<g>.json` (rows, count, bytes, store key). A shard counts as finished
-only when its manifest exists, names this key and row range, and the record file has
-the recorded size: a build killed midway leaves the finished shards, and the restarted
-build (same inputs, hence same key and same parts directory) writes only the others.
-When every shard exists they are moved into `root` as the TFDS split's shard files.
+described by `part-<g>.json` (rows, count, bytes, checksum, store key). A shard counts as
+finished only when its manifest exists, names this key and row range, and the record file
+has the recorded size and checksum: a build killed midway leaves the finished shards, and
+the restarted build (same inputs, hence same key and same parts directory) writes only the
+others. When every shard exists they are moved into `root` as the TFDS split's shard files,
+and the checksums taken when each was written become the store manifest's (so a part
+damaged while it waited is rewritten, not sealed into the store, and no shard is read
+twice at the end).
 """
 
 from __future__ import annotations
@@ -32,18 +35,24 @@ def _part(parts: str, g: int, ext: str) -> str:
     return os.path.join(parts, f"part-{g:05d}.{ext}")
 
 
-def _finished(parts: str, g: int, rows: tuple[int, int], key: str) -> bool:
+def _finished(parts: str, g: int, rows: tuple[int, int], key: str) -> str | None:
+    """The checksum of shard g when it is finished and intact, else None (rewrite it)."""
     try:
         with open(_part(parts, g, "json")) as f:
             m = json.load(f)
-        return (m["key"] == key and tuple(m["rows"]) == rows
-                and os.path.getsize(_part(parts, g, "array_record")) == m["bytes"])
+        path = _part(parts, g, "array_record")
+        # A part manifest without a checksum (an older build's) cannot be trusted: rewrite.
+        if (m["key"] == key and tuple(m["rows"]) == rows and os.path.getsize(path) == m["bytes"]
+                and m.get("hash") == store.HASH and store.file_digest(path) == m["checksum"]):
+            return m["checksum"]
     except (OSError, ValueError, KeyError):
-        return False
+        pass
+    return None
 
 
 def _write_shard(plan: jump_build.BuildPlan, parts: str, g: int, rows: tuple[int, int],
-                 key: str, pool, progress: jump_build.Progress) -> None:
+                 key: str, pool, progress: jump_build.Progress) -> str:
+    """Writes shard g (temp file, then rename, then its manifest); returns its checksum."""
     feats = store.site_features(plan.shape)
     serializer = example_serializer.ExampleSerializer(feats.get_serialized_info())
     tmp = _part(parts, g, f"array_record.tmp-{uuid.uuid4().hex[:8]}")
@@ -57,17 +66,19 @@ def _write_shard(plan: jump_build.BuildPlan, parts: str, g: int, rows: tuple[int
     finally:
         writer.close()
     final = _part(parts, g, "array_record")
+    digest = store.file_digest(tmp)
     os.replace(tmp, final)
     manifest = {"key": key, "rows": list(rows), "count": rows[1] - rows[0],
-                "bytes": os.path.getsize(final)}
+                "bytes": os.path.getsize(final), "hash": store.HASH, "checksum": digest}
     with open(_part(parts, g, "json.tmp"), "w") as f:
         json.dump(manifest, f)
     os.replace(_part(parts, g, "json.tmp"), _part(parts, g, "json"))  # the shard is finished
+    return digest
 
 
 def _assemble(plan: jump_build.BuildPlan, parts: str, root: str, lengths: list[int],
-              key: str, report: dict) -> None:
-    """Moves the finished shards into a TFDS data set at `root` (atomic rename)."""
+              key: str, report: dict, digests: list[str]) -> None:
+    """Moves the finished shards (checksums `digests`) into a TFDS data set at `root`."""
     tmp = f"{root}.tmp-{uuid.uuid4().hex[:8]}"
     vdir = store.version_dir(tmp)
     os.makedirs(vdir)
@@ -78,17 +89,19 @@ def _assemble(plan: jump_build.BuildPlan, parts: str, root: str, lengths: list[i
         template = naming.ShardedFileTemplate(
             data_dir=builder.data_path, dataset_name=builder.name, split="train",
             filetype_suffix="array_record")
-        total = 0
+        total, known = 0, {}
         for g in range(len(lengths)):
-            dest = template.sharded_filepath(shard_index=g, num_shards=len(lengths))
+            dest = os.fspath(template.sharded_filepath(shard_index=g, num_shards=len(lengths)))
             total += os.path.getsize(_part(parts, g, "array_record"))
-            os.replace(_part(parts, g, "array_record"), os.fspath(dest))
+            os.replace(_part(parts, g, "array_record"), dest)  # a rename: same bytes
+            known[os.path.relpath(dest, tmp)] = digests[g]
         builder.info.set_splits(splits_lib.SplitDict([splits_lib.SplitInfo(
             name="train", shard_lengths=lengths, num_bytes=total, filename_template=template)]))
         builder.info.write_to_directory(vdir)
         with open(os.path.join(tmp, jump_build.REPORT), "w") as f:
             json.dump(report, f, indent=1)
-        store.finish_store(tmp, root, plan.table, image_shape=plan.shape, key=key)
+        store.finish_store(tmp, root, plan.table, image_shape=plan.shape, key=key,
+                           digests=known)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(parts, ignore_errors=True)
@@ -118,14 +131,17 @@ def build_local(plan: jump_build.BuildPlan, root: str, *, key: str, shard_sites:
     bounds = [(s, min(s + int(shard_sites), n)) for s in range(0, n, int(shard_sites))]
     progress = jump_build.Progress(n, progress_every_s)
     built = reused = 0
+    digests = []
     with concurrent.futures.ThreadPoolExecutor(max(1, int(num_workers))) as pool:
         for g, rows in enumerate(bounds):
-            if _finished(parts, g, rows, key):
+            digest = _finished(parts, g, rows, key)
+            if digest is not None:
                 reused += 1
                 progress.update(rows[1] - rows[0], reused=True)
-                continue
-            _write_shard(plan, parts, g, rows, key, pool, progress)
-            built += 1
+            else:
+                digest = _write_shard(plan, parts, g, rows, key, pool, progress)
+                built += 1
+            digests.append(digest)
     progress.update(0, force=True)
     report = {"engine": "local", "key": key, "sites": n, "shards": len(bounds),
               "shards_built": built, "shards_reused": reused,
@@ -133,5 +149,5 @@ def build_local(plan: jump_build.BuildPlan, root: str, *, key: str, shard_sites:
               "skipped": [b.as_dict() for b in plan.skipped]}
     log.info("JUMP store %s: %d shards built, %d reused (finished by an earlier run), "
              "%d sites skipped", root, built, reused, len(plan.skipped))
-    _assemble(plan, parts, root, [b - a for a, b in bounds], key, report)
+    _assemble(plan, parts, root, [b - a for a, b in bounds], key, report, digests)
     return report
