@@ -28,6 +28,11 @@ Add `--config.train_sources='("source_3","source_5","source_8","source_11")'` an
 """
 
 from jaxadapt import config as defaults
+
+#: Where the :gpu variant reads CODA's initialization, ImageNet DeiT-S (facebookresearch/deit
+#: release deit_small_patch16_224-cd65a155.pth); nothing is downloaded: put the file there or
+#: pass --config.model.init=<path> (or =random).
+DEIT_S = "~/.cache/jaxadapt/weights/deit_small_patch16_224-cd65a155.pth"
 from jaxadapt.data import splits
 from jaxadapt.data.sim import design, target2
 
@@ -79,6 +84,7 @@ def gpu_sizes(c):
     c.data.crop_size = 224
     c.data.num_threads = 16
     c.model.name = "vit_small"
+    c.model.init = DEIT_S  # as the reference: every extractor starts from ImageNet DeiT-S
     c.dino.out_dim, c.dino.hidden_dim, c.dino.bottleneck_dim = 4096, 2048, 256
     c.dino.epochs, c.dino.batch_size, c.dino.warmup_epochs = 300, 128, 10
     c.dino.warmup_teacher_temp_epochs = 30

@@ -147,6 +147,13 @@ def _model() -> ml_collections.ConfigDict:
     m.num_classes = 8  # the 8 JUMP positive controls
     m.in_channels = 5  # DNA, ER, RNA, AGP, Mito (profiles: the number of features)
     m.mlp_hidden_layers = 2  # model.name="mlp": Dense-BN-ReLU blocks of `width` units
+    # ViT initialization: "random", or a local DeiT/timm/DINO checkpoint (.pth, .safetensors,
+    # .npz) imported into the backbone (`jaxadapt.models.pretrained`), its RGB patch filters
+    # mapped to the C channels by `init_channel_rule`: "cycle" (the reference's
+    # modify_first_layer) or "select" (RGB onto `init_select_channels`, the rest zero).
+    m.init = "random"
+    m.init_channel_rule = "cycle"
+    m.init_select_channels = (0, 1, 2)
     return m
 
 

@@ -12,6 +12,7 @@ from jaxadapt.config_rules import MISSING, UNITS, bad, get, guarded, is_int, is_
 from jaxadapt.data import splits, subsets, worlds
 from jaxadapt.data import profiles
 from jaxadapt.methods.tvn import head as tvn_head
+from jaxadapt.models import pretrained
 from jaxadapt.models.mae import MAE_SIZES
 from jaxadapt.models.resnet import STEMS
 
@@ -76,8 +77,9 @@ _CHOICES = {
     "eval.matrix_diagonal": splits.DIAGONALS,
     "mae.size": tuple(MAE_SIZES),
     "tvn.extractor": tvn_head.EXTRACTORS,
+    "model.init_channel_rule": pretrained.CHANNEL_RULES,
 }
-_STRINGS = ("study", "checkpoint_dir", "data.cache_dir")
+_STRINGS = ("study", "checkpoint_dir", "data.cache_dir", "model.init")
 
 
 def scalar_problems(cfg: Any) -> list[str]:

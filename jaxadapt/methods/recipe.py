@@ -114,7 +114,8 @@ def unused_data_keys(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
     real-data study's not on the simulator's or on how fast its store is built. The model
     part: a ResNet's weights do not depend on the MLP's depth. Leaving them out also keeps
     the training keys, hence the checkpoints, that simulator studies had before real data
-    and profiles existed.
+    and profiles existed; likewise a randomly initialized model's keys leave out the
+    pretrained-import settings.
 
     Args:
       cfg: the study config.
@@ -123,8 +124,11 @@ def unused_data_keys(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
       Dotted keys.
     """
     out = worlds.inert_keys(cfg)
-    if cfg.get("model", {}).get("name") != "mlp":
+    model = cfg.get("model", {})
+    if model.get("name") != "mlp":
         out += ("model.mlp_hidden_layers",)
+    if model.get("init", "random") == "random":  # keys of randomly initialized models stay
+        out += ("model.init", "model.init_channel_rule", "model.init_select_channels")
     return out
 
 

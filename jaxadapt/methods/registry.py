@@ -127,8 +127,8 @@ TRAINERS: dict[str, Trainer] = {t.name: check_sections(t) for t in (
 )}
 
 #: Each family's checks of its own config sections (run by `jaxadapt.eval.validation`).
-CONFIG_CHECKS: tuple[Callable[[Any], list[str]], ...] = (coda_checks.dino_problems,
-                                                          tvn_checks.tvn_problems)
+CONFIG_CHECKS: tuple[Callable[[Any], list[str]], ...] = (
+    coda_checks.dino_problems, coda_checks.init_problems, tvn_checks.tvn_problems)
 
 
 def method_names() -> list[str]:

@@ -54,11 +54,13 @@ def test_existing_checkpoint_keys_are_unchanged(trainer):
 
 
 def _before_profiles(cfg):
-    """The config as it was before data.source / data.jump / data.profiles / mlp_hidden_layers."""
+    """The config as it was before data.source / data.jump / data.profiles / mlp_hidden_layers
+    and the pretrained-import fields (model.init*)."""
     plain = cfg.to_dict()
     plain["data"] = {k: v for k, v in plain["data"].items()
                      if k not in ("source", "profiles", "jump")}
-    plain["model"] = {k: v for k, v in plain["model"].items() if k != "mlp_hidden_layers"}
+    plain["model"] = {k: v for k, v in plain["model"].items()
+                      if k != "mlp_hidden_layers" and not k.startswith("init")}
     return ml_collections.ConfigDict(plain)
 
 
@@ -76,10 +78,12 @@ def test_profile_keys_enter_only_profile_studies_training_keys():
 def test_unused_data_keys_are_the_data_sources_own_inert_keys(source):
     cfg = defaults.get_defaults()
     cfg.data.source = source
-    assert registry.unused_data_keys(cfg) == worlds.inert_keys(cfg) + ("model.mlp_hidden_layers",)
+    init = ("model.init", "model.init_channel_rule", "model.init_select_channels")
+    assert registry.unused_data_keys(cfg) == (worlds.inert_keys(cfg) + ("model.mlp_hidden_layers",)
+                                              + init)
     assert worlds.inert_keys(cfg) == worlds.INERT_KEYS[source]
     cfg.model.name = "mlp"
-    assert registry.unused_data_keys(cfg) == worlds.INERT_KEYS[source]
+    assert registry.unused_data_keys(cfg) == worlds.INERT_KEYS[source] + init
     # A data source reads neither of the others' sections.
     others = {"sim": "data.sim", "jump": "data.jump", "jump_profiles": "data.profiles"}
     assert {v for k, v in others.items() if k != source} <= set(worlds.INERT_KEYS[source])
@@ -169,3 +173,12 @@ def test_register_method_adds_one_for_research_code_and_rejects_a_taken_name(mon
         registry.register_method("erm", lambda model, cfg, setting: None)
     with pytest.raises(ValueError, match=r"unknown method 'nope'; available: \[.*'tvn'"):
         registry.make_method("nope", None, None)
+
+
+def test_a_pretrained_init_enters_the_training_key_and_random_init_keeps_the_old_one():
+    a = defaults.get_defaults()
+    b = defaults.get_defaults()
+    b.model.init_channel_rule = "select"  # ignored while init is random
+    assert registry.checkpoint_key(a, "dino") == registry.checkpoint_key(b, "dino")
+    b.model.init = "/weights/deit_small_patch16_224.pth"
+    assert registry.checkpoint_key(a, "dino") != registry.checkpoint_key(b, "dino")

@@ -16,6 +16,31 @@ from jaxadapt.models.vit import VIT_SIZES
 CROSS_BATCH_METHODS = ("dino_cb", "dual_cb", "coda")
 
 
+def init_problems(cfg: Any) -> list[str]:
+    """`model.init`: a pretrained checkpoint fits only a ViT (the file is read at training).
+
+    Args:
+      cfg: the study config.
+
+    Returns:
+      One message per problem, naming the key, the value and the fix.
+    """
+    init, name = get(cfg, "model.init"), get(cfg, "model.name")
+    if init in (MISSING, "random") or not isinstance(init, str):
+        return []
+    if not (isinstance(name, str) and name in VIT_SIZES):
+        return [f"config.model.init={init!r} imports a ViT checkpoint, but config.model.name="
+                f"{name!r} is not a ViT; use --config.model.init=random or a vit_* model"]
+    sel = get(cfg, "model.init_select_channels")
+    channels = get(cfg, "model.in_channels")
+    if get(cfg, "model.init_channel_rule") == "select" and not (
+            isinstance(sel, (tuple, list)) and len(sel) == 3 and len(set(sel)) == 3
+            and all(is_int(i) and 0 <= i < channels for i in sel)):
+        return [f"config.model.init_select_channels={sel!r} must be 3 distinct channel indices "
+                f"in [0, {channels}) for init_channel_rule='select'; e.g. (0, 1, 2)"]
+    return []
+
+
 def dino_problems(cfg: Any) -> list[str]:
     """The DINO views against the image and the ViT's patch size (only for ViT models).
 

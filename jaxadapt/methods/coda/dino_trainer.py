@@ -30,7 +30,7 @@ import numpy as np
 from jaxadapt.data import pairs as pairs_lib, sampling as samplers, schema, views
 from jaxadapt.methods.coda import dino, dino_optim
 from jaxadapt.methods.coda.dino_probe import knn_variables, make_feature_fn, make_knn_probe
-from jaxadapt.models import build_model
+from jaxadapt.models import build_model, pretrained
 from jaxadapt.models.vit import DINOHead, DINOModel
 from jaxadapt.train import parallel
 from jaxadapt.train.loop import FitConfig, fit
@@ -118,17 +118,36 @@ def init_params(model: DINOModel, config: ml_collections.ConfigDict, seed: int) 
 
     Args:
       model: the DINOModel.
-      config: the study config (dino.views sizes, model.in_channels).
+      config: the study config (dino.views sizes, model.in_channels, model.init: "random"
+        or a ViT checkpoint for the backbone).
       seed: replicate seed.
 
     Returns:
       The params pytree.
+
+    Raises:
+      ValueError: `model.init` names no file, or a checkpoint that does not fit the ViT
+        (`jaxadapt.models.pretrained`).
     """
     v, c = views_of(config), config.model.in_channels
     crops = [jnp.zeros((1, v.global_size, v.global_size, c)),
              jnp.zeros((1, v.local_size, v.local_size, c))]
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
-    return _init_fn(model)(key, crops)
+    params = _init_fn(model)(key, crops)
+    m = config.model
+    if m.init == "random":
+        return params
+    # The backbone from a pretrained checkpoint (CODA starts from ImageNet DeiT-S); the
+    # head keeps its seeded random init.
+    path = os.path.expanduser(m.init)
+    if not os.path.isfile(path):
+        raise ValueError(f"config.model.init={m.init!r} is not a file; download the checkpoint "
+                         "(e.g. DeiT-S: deit_small_patch16_224-cd65a155.pth) to that path, or "
+                         "set --config.model.init=random")
+    backbone = pretrained.load_pretrained_vit(
+        path, model.backbone, in_channels=c, channel_rule=m.init_channel_rule,
+        channels=tuple(m.init_select_channels) if m.init_channel_rule == "select" else None)
+    return {**params, "backbone": backbone}
 
 
 @functools.lru_cache(maxsize=None)
