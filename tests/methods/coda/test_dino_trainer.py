@@ -111,3 +111,35 @@ def test_local_pairs_on_one_process_are_the_global_batch_and_bad_sizes_raise():
     np.testing.assert_array_equal(dino_trainer.local_pairs(pairs, mesh), pairs)
     with pytest.raises(ValueError, match="config.dino.batch_size=12"):
         dino_trainer.local_pairs(pairs[:, :12], mesh)
+
+
+FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                       "models", "fixtures", "vit_tiny.pth")
+
+
+def test_model_init_imports_the_backbone_and_keeps_a_seeded_head(tmp_path):
+    """model.init: the DINO student's backbone is the checkpoint's (CODA starts from DeiT)."""
+    from jaxadapt.models import pretrained
+    cfg = dino_config(str(tmp_path), **{"model.embed_dim": 32, "model.init": FIXTURE})
+    model = dino_trainer.build_dino_model(cfg)
+    params = dino_trainer.init_params(model, cfg, seed=0)
+    want = pretrained.load_pretrained_vit(FIXTURE, model.backbone, in_channels=5)
+    jax.tree.map(np.testing.assert_array_equal, params["backbone"], want)
+    cfg.model.init = "random"
+    random = dino_trainer.init_params(model, cfg, seed=0)
+    jax.tree.map(np.testing.assert_array_equal, params["head"], random["head"])
+    assert not np.array_equal(params["backbone"]["pos_embed"], random["backbone"]["pos_embed"])
+
+
+def test_model_init_bad_input(tmp_path):
+    cfg = dino_config(str(tmp_path), **{"model.embed_dim": 32,
+                                        "model.init": str(tmp_path / "deit.pth")})
+    with pytest.raises(ValueError, match=r"config.model.init='.*deit.pth' is not a file"):
+        dino_trainer.init_params(dino_trainer.build_dino_model(cfg), cfg, seed=0)
+    cfg.model.init = FIXTURE
+    cfg.model.embed_dim = 16  # the checkpoint's width is 32
+    with pytest.raises(ValueError, match="shape"):
+        dino_trainer.init_params(dino_trainer.build_dino_model(cfg), cfg, seed=0)
+    from jaxadapt.eval import validation
+    bad = dino_config(str(tmp_path), **{"model.init": FIXTURE, "model.name": "resnet18"})
+    assert any("is not a ViT" in p for p in validation.problems(bad))
