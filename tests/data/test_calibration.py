@@ -78,7 +78,7 @@ def test_penetrance_sets_the_share_of_responding_cells():
     tech = sim_effects.technical(table, cfg)
     bio = sim_effects.phenotype(table, cfg, tech["strength"])
     keys = np.asarray(sim_effects.site_key(cfg.seed, table["site_id"]))
-    kernel = sim_render.make_feature_kernel(48, int(cfg.max_cells), simulator._bio_items(cfg))
+    kernel = sim_render.make_feature_kernel(48, int(cfg.max_cells), simulator.bio_items(cfg))
     f32 = lambda a: np.asarray(a, np.float32)
     _, on, resp = kernel(keys, {k: f32(v) for k, v in bio.items()}, {k: f32(v) for k, v in tech.items()})
     on, resp = np.asarray(on) > 0, np.asarray(resp) > 0
