@@ -166,11 +166,16 @@ def test_bad_illumination_function_names_the_file(tmp_path):
         _build(ld, tmp_path / "c", root)
 
 
-def test_interrupted_build_resumes_without_redoing_finished_shards(tmp_path, monkeypatch):
+def _build_killed_at_site_10(tmp_path, monkeypatch):
+    """A 4-shard build whose reader fails at the 10th site (row 9, shard 2).
+
+    Returns:
+      (load_data, the real reader, the rows read so far, the parts folder's name).
+    """
     ld = _ld("UMINI0101")
     real, calls = jump_build.load_site, []
 
-    def dies_after_9(plan, i):  # a reader that fails at the 10th site (row 9, shard 2)
+    def dies_after_9(plan, i):
         calls.append(i)
         if len(calls) > 9:
             raise RuntimeError("killed")
@@ -180,6 +185,11 @@ def test_interrupted_build_resumes_without_redoing_finished_shards(tmp_path, mon
     with pytest.raises(RuntimeError, match="killed"):
         _build(ld, tmp_path, shard_sites=4)
     (parts,) = [d for d in os.listdir(tmp_path) if d.endswith(".parts")]
+    return ld, real, calls, parts
+
+
+def test_interrupted_build_resumes_without_redoing_finished_shards(tmp_path, monkeypatch):
+    ld, real, calls, parts = _build_killed_at_site_10(tmp_path, monkeypatch)
     finished = sorted(f for f in os.listdir(tmp_path / parts) if f.endswith(".json"))
     assert finished == ["part-00000.json", "part-00001.json"]  # shards of rows 0..7
     assert not [d for d in os.listdir(tmp_path) if d.startswith("jump_") and "." not in d]
@@ -206,19 +216,7 @@ def test_a_part_damaged_while_the_build_waited_is_rewritten(tmp_path, monkeypatc
     # part damaged in place (same size and mtime) is rewritten, not sealed into the store.
     from jaxadapt.data import store  # pylint: disable=g-import-not-at-top
     from tests.data.damage import flip_bytes  # pylint: disable=g-import-not-at-top
-    ld = _ld("UMINI0101")
-    real, calls = jump_build.load_site, []
-
-    def dies_after_9(plan, i):
-        calls.append(i)
-        if len(calls) > 9:
-            raise RuntimeError("killed")
-        return real(plan, i)
-
-    monkeypatch.setattr(jump_build, "load_site", dies_after_9)
-    with pytest.raises(RuntimeError, match="killed"):
-        _build(ld, tmp_path, shard_sites=4)
-    (parts,) = [d for d in os.listdir(tmp_path) if d.endswith(".parts")]
+    ld, real, calls, parts = _build_killed_at_site_10(tmp_path, monkeypatch)
     flip_bytes(str(tmp_path / parts / "part-00000.array_record"), restore_mtime=True)
     calls.clear()
     monkeypatch.setattr(jump_build, "load_site", lambda plan, i: calls.append(i) or real(plan, i))
